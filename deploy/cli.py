@@ -1,0 +1,117 @@
+"""The `meshserve` command.
+
+    meshserve up [--model DIR] [--tp N] [--pp N] [--replicas N] [--port 50051] [--redis-url URL]
+    meshserve generate [--gateway HOST:PORT] [--max-tokens N] [--temperature T] [--seed S] PROMPT
+    meshserve gateway|scheduler|worker ...     one service each, as the Helm chart runs them
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+
+def cmd_up(argv: list[str]) -> int:
+    from deploy.launcher import LocalMesh, MeshSpec
+    from deploy.redis_server import RedisNotFound
+
+    p = argparse.ArgumentParser(prog="meshserve up", description="A whole mesh on this machine.")
+    p.add_argument("--model", default="", help="HF-format model folder (default: tiny model)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages per replica")
+    p.add_argument("--replicas", type=int, default=1, help="data-parallel replicas")
+    p.add_argument("--port", type=int, default=50051, help="the gateway's port")
+    p.add_argument("--redis-url", default="", help="use this Redis instead of a private one")
+    p.add_argument("--api-keys", default="", help="comma-separated keys the gateway accepts")
+    a = p.parse_args(argv)
+    gateway_args = ("--api-keys", a.api_keys) if a.api_keys else ()
+    spec = MeshSpec(a.model, a.tp, a.pp, a.replicas, a.port, a.redis_url,
+                    gateway_args=gateway_args)
+    mesh = LocalMesh(spec)
+    print(f"starting meshserve: tp={a.tp} pp={a.pp} replicas={a.replicas}", flush=True)
+    try:
+        mesh.start()
+    except RedisNotFound as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"error: the mesh did not start:\n{exc}", file=sys.stderr)
+        return 1
+    print(f"gateway listening on {mesh.gateway_address} (logs in {mesh.log_dir}); "
+          "Ctrl-C stops everything", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        while True:
+            signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        mesh.stop()
+        print("meshserve stopped", flush=True)
+    return 0
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_generate(argv: list[str]) -> int:
+    import grpc
+
+    from meshserve.v1 import generation_pb2 as pb
+    from meshserve.v1 import generation_pb2_grpc as pb_grpc
+
+    p = argparse.ArgumentParser(prog="meshserve generate", description="Stream an answer.")
+    p.add_argument("prompt")
+    p.add_argument("--gateway", default="127.0.0.1:50051")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--api-key", default=os.environ.get("MESHSERVE_API_KEY", ""))
+    a = p.parse_args(argv)
+    sampling = pb.SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature,
+                                 top_p=a.top_p, seed=a.seed)
+    metadata = [("authorization", f"Bearer {a.api_key}")] if a.api_key else None
+    with grpc.insecure_channel(a.gateway) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        try:
+            for msg in stub.Generate(pb.GenerateRequest(prompt=a.prompt, sampling=sampling),
+                                     metadata=metadata):
+                sys.stdout.write(msg.text)
+                sys.stdout.flush()
+                if msg.finish_reason:
+                    u = msg.usage
+                    print(f"\n[{pb.FinishReason.Name(msg.finish_reason)}: {u.prompt_tokens} "
+                          f"prompt + {u.completion_tokens} generated tokens]", file=sys.stderr)
+        except grpc.RpcError as exc:
+            print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = ("up", "generate", "gateway", "scheduler", "worker")
+    if not argv or argv[0] not in commands:
+        print(__doc__, file=sys.stderr)
+        return 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "up":
+        return cmd_up(rest)
+    if cmd == "generate":
+        return cmd_generate(rest)
+    if cmd == "gateway":
+        from gateway.server import main as run
+    elif cmd == "scheduler":
+        from services.scheduler.server import main as run
+    else:
+        from services.worker.server import main as run
+    run(rest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""A whole mesh on one machine: Redis, workers, schedulers and a gateway as child processes.
+
+    redis-server (private, unless a URL is given)
+    replica r:  worker (pp s, tp t) ... ──► scheduler r ──► registers in Redis
+    gateway  ──► discovers the replicas through Redis
+
+Used by `meshserve up` and by the integration tests (the same code path users run).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from deploy.redis_server import RedisServer
+from meshserve.v1 import generation_pb2, generation_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class MeshSpec:
+    model: str = ""  # "" = the default tiny model
+    tp: int = 1
+    pp: int = 1
+    replicas: int = 1
+    port: int = 50051  # the gateway's; 0 = any free port
+    redis_url: str = ""  # "" = start a private redis-server
+    worker_args: tuple[str, ...] = ()  # extra flags for every worker
+    scheduler_args: tuple[str, ...] = ()  # extra flags for every scheduler
+    gateway_args: tuple[str, ...] = ()
+    heartbeat_ttl_s: float = 5.0
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    log: Path
+
+
+@dataclass
+class LocalMesh:
+    spec: MeshSpec
+    log_dir: Path | None = None
+    children: list[Child] = field(default_factory=list)
+    redis: RedisServer | None = None
+    redis_url: str = ""
+    gateway_port: int = 0
+
+    def start(self, timeout_s: float = 120.0) -> LocalMesh:
+        self.log_dir = self.log_dir or Path(tempfile.mkdtemp(prefix="meshserve-"))
+        try:
+            self._start_redis()
+            for r in range(self.spec.replicas):
+                self.start_replica(f"replica-{r}")
+            self.gateway_port = self.spec.port or free_port()
+            self._spawn("gateway", ["gateway", "--redis-url", self.redis_url,
+                                    "--port", str(self.gateway_port), "--model", self.spec.model,
+                                    *self.spec.gateway_args])
+            self.wait_ready(self.spec.replicas, timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_redis(self) -> None:
+        if self.spec.redis_url:
+            self.redis_url = self.spec.redis_url
+            return
+        self.redis = RedisServer()
+        self.redis.start()
+        self.redis_url = self.redis.url
+
+    def start_replica(self, replica_id: str) -> list[Child]:
+        """Spawns one replica's workers and scheduler; returns them (scheduler last)."""
+        s = self.spec
+        started, addresses = [], []
+        for stage in range(s.pp):
+            dist_init = f"tcp://127.0.0.1:{free_port()}"
+            for rank in range(s.tp):
+                port = free_port()
+                addresses.append(f"127.0.0.1:{port}")
+                started.append(self._spawn(
+                    f"{replica_id}-worker-pp{stage}-tp{rank}",
+                    ["worker", "--model", s.model, "--tp-rank", str(rank), "--tp-size", str(s.tp),
+                     "--pp-rank", str(stage), "--pp-size", str(s.pp), "--dist-init", dist_init,
+                     "--port", str(port), *s.worker_args]))
+        started.append(self._spawn(
+            f"{replica_id}-scheduler",
+            ["scheduler", "--workers", ",".join(addresses), "--redis-url", self.redis_url,
+             "--replica-id", replica_id, "--heartbeat-ttl", str(s.heartbeat_ttl_s),
+             *s.scheduler_args]))
+        return started
+
+    def _spawn(self, name: str, args: list[str]) -> Child:
+        log = self.log_dir / f"{name}.log"
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", *args], stdout=out,
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        child = Child(name, proc, log)
+        self.children.append(child)
+        return child
+
+    @property
+    def gateway_address(self) -> str:
+        return f"127.0.0.1:{self.gateway_port}"
+
+    def wait_ready(self, num_replicas: int, timeout_s: float) -> None:
+        """Until the gateway lists the model with num_replicas live replicas."""
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.gateway_address) as channel:
+            stub = generation_pb2_grpc.GenerationStub(channel)
+            while True:
+                self._check_alive()
+                try:
+                    models = stub.ListModels(generation_pb2.ListModelsRequest(), timeout=2).models
+                    if models and models[0].num_replicas >= num_replicas:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"mesh not ready after {timeout_s:.0f} s\n{self.log_tails()}")
+                time.sleep(0.2)
+
+    def _check_alive(self) -> None:
+        dead = [c for c in self.children if c.proc.poll() is not None]
+        if dead:
+            raise RuntimeError(f"{dead[0].name} exited with {dead[0].proc.returncode}\n"
+                               f"{self.log_tails()}")
+
+    def log_tails(self, num_lines: int = 15) -> str:
+        parts = []
+        for c in self.children:
+            lines = c.log.read_text(errors="replace").splitlines()[-num_lines:] if c.log.exists() else []
+            parts.append(f"--- {c.name} ---\n" + "\n".join(lines))
+        return "\n".join(parts)
+
+    def kill(self, child: Child, sig: int = signal.SIGKILL) -> None:
+        if child.proc.poll() is None:
+            os.killpg(child.proc.pid, sig)
+        child.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        for child in reversed(self.children):  # gateway first, workers last
+            if child.proc.poll() is None:
+                try:
+                    os.killpg(child.proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 10
+        for child in self.children:
+            try:
+                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(child.proc.pid, signal.SIGKILL)
+                child.proc.wait()
+        self.children.clear()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+    def __enter__(self) -> LocalMesh:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

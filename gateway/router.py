@@ -1,0 +1,114 @@
+"""Which replica serves a request: longest cached prefix first, then least load.
+
+The replica table is re-read from Redis in the background (never per token); each request
+costs at most one Redis pipeline, to ask which replicas hold its prompt's leading blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from meshserve.internal.v1 import scheduler_pb2_grpc
+from services.registry import Registry, ReplicaRecord
+from services.registry.block_hash import extra_key, prefix_block_hashes
+
+log = logging.getLogger("meshserve.gateway")
+
+SUSPECT_S = 10.0  # a replica that failed a call is avoided this long
+
+
+@dataclass
+class ReplicaHandle:
+    record: ReplicaRecord
+    stub: scheduler_pb2_grpc.SchedulerStub
+    channel: grpc.aio.Channel
+    num_inflight: int = 0  # this gateway's requests on it now
+    suspect_until: float = 0.0
+
+    @property
+    def load(self) -> float:
+        """Sequences per KV capacity: what the replica reported plus what we sent since."""
+        r = self.record
+        busy = r.num_running + r.num_waiting + self.num_inflight
+        return busy / max(1, r.num_kv_blocks)
+
+
+@dataclass
+class Router:
+    registry: Registry
+    refresh_period_s: float = 0.5
+    replicas: dict[str, ReplicaHandle] = field(default_factory=dict)
+    _task: asyncio.Task | None = None
+    _first: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._refresh_loop())
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+        for handle in self.replicas.values():
+            await handle.channel.close()
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            try:
+                self._update(await self.registry.list_replicas())
+            except Exception as exc:  # keep the last table while Redis is away
+                log.warning("replica refresh failed: %s", exc)
+            self._first.set()
+            await asyncio.sleep(self.refresh_period_s)
+
+    def _update(self, records: list[ReplicaRecord]) -> None:
+        live = {r.replica_id: r for r in records if not r.draining}
+        for gone in set(self.replicas) - set(live):
+            handle = self.replicas.pop(gone)
+            asyncio.ensure_future(handle.channel.close(grace=30.0))
+        for rid, record in live.items():
+            handle = self.replicas.get(rid)
+            if handle is None or handle.record.address != record.address:
+                channel = grpc.aio.insecure_channel(record.address)
+                self.replicas[rid] = ReplicaHandle(record, scheduler_pb2_grpc.SchedulerStub(channel),
+                                                   channel)
+            else:
+                handle.record = record
+
+    async def wait_ready(self, timeout_s: float = 5.0) -> None:
+        await asyncio.wait_for(self._first.wait(), timeout_s)
+
+    def models(self) -> dict[str, list[ReplicaRecord]]:
+        out: dict[str, list[ReplicaRecord]] = {}
+        for handle in self.replicas.values():
+            out.setdefault(handle.record.model, []).append(handle.record)
+        return out
+
+    async def pick(self, model: str, prompt_ids: list[int], cache_salt: str,
+                   exclude: set[str]) -> ReplicaHandle | None:
+        now = time.monotonic()
+        candidates = [h for h in self.replicas.values()
+                      if h.record.model == model and h.record.replica_id not in exclude
+                      and h.suspect_until <= now]
+        if len(candidates) <= 1:
+            return candidates[0] if candidates else None
+        hits = await self._prefix_hits(candidates, prompt_ids, extra_key(model, cache_salt))
+        return max(candidates, key=lambda h: (hits.get(h.record.replica_id, 0), -h.load))
+
+    async def _prefix_hits(self, candidates, prompt_ids, key: bytes) -> dict[str, int]:
+        block_size = candidates[0].record.block_size
+        hashes = prefix_block_hashes(prompt_ids, block_size, key)
+        if not hashes:
+            return {}
+        try:
+            return await self.registry.longest_prefix([h.record.replica_id for h in candidates],
+                                                      hashes)
+        except Exception as exc:  # routing by load alone is still correct
+            log.warning("prefix lookup failed: %s", exc)
+            return {}
+
+    def mark_suspect(self, handle: ReplicaHandle) -> None:
+        handle.suspect_until = time.monotonic() + SUSPECT_S

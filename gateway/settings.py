@@ -1,0 +1,36 @@
+"""Settings of the gateway, built once in main from flags and environment."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    redis_url: str
+    model: str = ""  # HF folder whose tokenizer the gateway uses; "" = the default model
+    host: str = "127.0.0.1"
+    port: int = 50051
+    api_keys: tuple[str, ...] = ()  # empty = no auth
+    max_inflight_requests: int = 256  # more are refused with RESOURCE_EXHAUSTED
+    refresh_period_s: float = 0.5  # how often the replica table is re-read from Redis
+    max_attempts: int = 3  # replicas tried for one request before it fails
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None) -> GatewaySettings:
+        p = argparse.ArgumentParser(prog="meshserve gateway", description="The public door.")
+        p.add_argument("--redis-url", required=True)
+        p.add_argument("--model", default="", help="HF-format model folder (default: tiny model)")
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, default=50051)
+        p.add_argument("--api-keys", default=os.environ.get("MESHSERVE_API_KEYS", ""),
+                       help="comma-separated keys (or env MESHSERVE_API_KEYS); none = no auth")
+        p.add_argument("--max-inflight-requests", type=int, default=256)
+        p.add_argument("--refresh-period", type=float, default=0.5)
+        p.add_argument("--max-attempts", type=int, default=3)
+        a = p.parse_args(argv)
+        keys = tuple(k.strip() for k in a.api_keys.split(",") if k.strip())
+        return cls(a.redis_url, a.model, a.host, a.port, keys, a.max_inflight_requests,
+                   a.refresh_period, a.max_attempts)

@@ -1,0 +1,197 @@
+"""Paged attention in plain torch.
+
+KV cache of one layer, on one rank:
+
+    kv_cache [2, num_blocks, block_size, num_kv_heads_per_rank, head_dim]
+              ^ 0 = K, 1 = V
+    flat slot s = block_id * block_size + offset    (K of slot s: kv_cache[0].view(-1, kvh, d)[s])
+
+    sequence with block_table [7, 2, 9], block_size 4, seq_len 10:
+      positions  0 1 2 3 | 4 5 6 7 | 8 9
+      block      7       | 2       | 9
+      slot       28..31  | 8..11   | 36 37
+
+Tokens of a batch are flattened sequence after sequence; sequence i owns tokens
+[query_start_loc[i], query_start_loc[i+1]) and those are the LAST query_len positions of its
+seq_lens[i] context positions (cached + new). Each token attends to every position of its sequence
+up to and including its own: causal with offset seq_len - query_len.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from services.model.config import ModelConfig
+from services.model.parallel import ParallelContext, kv_heads_per_rank
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] long: where this step's K/V go
+    query_start_loc: torch.Tensor  # [num_seqs + 1] long: cumulative query lengths
+    seq_lens: list[int]  # context length of each sequence after this step (cached + new)
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] long, padded with 0
+    block_size: int
+    query_starts: list[int] = field(init=False)  # query_start_loc on the host
+    seq_lens_tensor: torch.Tensor = field(init=False)  # [num_seqs] on the device
+
+    def __post_init__(self) -> None:
+        self.query_starts = self.query_start_loc.tolist()
+        self.seq_lens_tensor = torch.tensor(self.seq_lens, device=self.block_tables.device)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.query_starts[-1]
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.num_tokens == self.num_seqs
+
+    def last_token_indices(self) -> torch.Tensor:
+        """[num_seqs]: the token index of each sequence's last query token (where to sample)."""
+        return self.query_start_loc[1:] - 1
+
+
+def build_attention_metadata(
+    query_lens: Sequence[int],
+    seq_lens: Sequence[int],
+    block_tables: Sequence[Sequence[int]],
+    block_size: int,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, AttentionMetadata]:
+    """Builds (positions [num_tokens], metadata) for one step from per-sequence host lists.
+
+    query_lens[i] new tokens of sequence i are at positions [seq_lens[i] - query_lens[i], seq_lens[i]).
+    """
+    q_lens = torch.tensor(query_lens, dtype=torch.long)
+    s_lens = torch.tensor(seq_lens, dtype=torch.long)
+    if bool((q_lens < 1).any()) or bool((q_lens > s_lens).any()):
+        raise ValueError(f"need 1 <= query_len <= seq_len per sequence, got {list(query_lens)} / {list(seq_lens)}")
+    query_start_loc = F.pad(torch.cumsum(q_lens, 0), (1, 0))  # [num_seqs + 1]
+    table = _pad_block_tables(block_tables)  # [num_seqs, max_blocks]
+    seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), q_lens)  # [num_tokens]
+    offset_in_query = torch.arange(int(q_lens.sum())) - query_start_loc[seq_of_token]
+    positions = (s_lens - q_lens)[seq_of_token] + offset_in_query  # [num_tokens]
+    blocks = table[seq_of_token, positions // block_size]
+    slot_mapping = blocks * block_size + positions % block_size  # [num_tokens]
+    meta = AttentionMetadata(
+        slot_mapping=slot_mapping.to(device),
+        query_start_loc=query_start_loc.to(device),
+        seq_lens=list(seq_lens),
+        block_tables=table.to(device),
+        block_size=block_size,
+    )
+    return positions.to(device), meta
+
+
+def _pad_block_tables(block_tables: Sequence[Sequence[int]]) -> torch.Tensor:
+    width = max(len(row) for row in block_tables)
+    return torch.tensor([list(row) + [0] * (width - len(row)) for row in block_tables], dtype=torch.long)
+
+
+def paged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+) -> torch.Tensor:
+    """q [n, heads, d], k/v [n, kv_heads, d] of this step -> [n, heads, d].
+
+    Writes k/v into the cache at meta.slot_mapping, then attends over the cache.
+    """
+    write_kv(kv_cache, k, v, meta.slot_mapping)
+    scale = q.shape[-1] ** -0.5
+    if meta.is_decode_only:
+        return _decode_attention(q, kv_cache, meta, scale)
+    return _prefill_attention(q, kv_cache, meta, scale)
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    num_kv_heads, head_dim = kv_cache.shape[-2:]
+    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)  # [num_slots, kvh, d]
+    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def _gather_context(kv_cache: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """blocks [..., nb] -> keys, values [..., nb * block_size, kv_heads, d] (block order kept)."""
+    keys, values = kv_cache[0][blocks], kv_cache[1][blocks]  # [..., nb, block_size, kvh, d]
+    return keys.flatten(-4, -3), values.flatten(-4, -3)
+
+
+def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """One query per sequence: pad every context to the longest and mask, in one SDPA call."""
+    num_blocks = math.ceil(max(meta.seq_lens) / meta.block_size)
+    keys, values = _gather_context(kv_cache, meta.block_tables[:, :num_blocks])  # [B, L, kvh, d]
+    max_len = keys.shape[1]
+    valid = torch.arange(max_len, device=q.device)[None, :] < meta.seq_lens_tensor[:, None]  # [B, L]
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2),  # [B, heads, 1, d]
+        keys.transpose(1, 2),  # [B, kvh, L, d]
+        values.transpose(1, 2),
+        attn_mask=valid[:, None, None, :],  # [B, 1, 1, L]
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.squeeze(2)  # [B, heads, d]
+
+
+def _prefill_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Any mix of prefill chunks and decodes: one SDPA call per sequence."""
+    outputs = []
+    for i, seq_len in enumerate(meta.seq_lens):
+        start, end = meta.query_starts[i], meta.query_starts[i + 1]
+        num_blocks = math.ceil(seq_len / meta.block_size)
+        keys, values = _gather_context(kv_cache, meta.block_tables[i, :num_blocks])
+        out = _causal_sdpa(q[start:end], keys[:seq_len], values[:seq_len], scale)
+        outputs.append(out)
+    return torch.cat(outputs)
+
+
+def _causal_sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [q_len, heads, d], keys/values [seq_len, kvh, d]; query j sits at seq_len - q_len + j."""
+    q_len, seq_len = q.shape[0], keys.shape[0]
+    mask = None
+    if q_len != seq_len:
+        query_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]  # [q_len, 1]
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= query_pos  # [q_len, seq_len]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1),  # [heads, q_len, d]
+        keys.transpose(0, 1),  # [kvh, seq_len, d]
+        values.transpose(0, 1),
+        attn_mask=mask,
+        is_causal=mask is None,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.transpose(0, 1)  # [q_len, heads, d]
+
+
+def allocate_kv_caches(
+    config: ModelConfig,
+    ctx: ParallelContext,
+    num_layers_in_stage: int,
+    num_blocks: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> list[torch.Tensor]:
+    """One zeroed [2, num_blocks, block_size, num_kv_heads_per_rank, head_dim] per layer of the stage."""
+    shape = (2, num_blocks, block_size, kv_heads_per_rank(config.num_key_value_heads, ctx.tp_size), config.head_dim)
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers_in_stage)]
+
+
+def kv_bytes_per_block(
+    config: ModelConfig, ctx: ParallelContext, num_layers_in_stage: int, block_size: int, dtype: torch.dtype
+) -> int:
+    """Bytes one KV block costs on this rank, over all layers of its stage (K and V)."""
+    num_kv_heads = kv_heads_per_rank(config.num_key_value_heads, ctx.tp_size)
+    element_size = torch.empty((), dtype=dtype).element_size()
+    return 2 * num_layers_in_stage * block_size * num_kv_heads * config.head_dim * element_size

@@ -1,0 +1,239 @@
+"""Continuous batching: which sequences run in the next step, and with how many tokens.
+
+One rule for prefill and decode (a sequence's computed tokens catch up with its tokens):
+each step takes the running sequences first (decodes and unfinished prompt chunks, oldest
+first), then admits waiting ones, all under a per-step token budget. A long prompt is thus
+prefilled in chunks while the others keep decoding. When KV blocks run out, the newest
+running sequence is preempted: its blocks are freed and it is recomputed later from its
+prompt and the tokens it already produced, so its output does not change.
+
+Pure logic: no I/O, no torch. The engine (engine.py) drives it from the event loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass
+
+from services.scheduler.block_manager import BlockManager
+from services.scheduler.sequence import FinishReason, Sequence
+from services.worker.plan import ScheduledSeq, StepPlan
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64  # sequences in one step
+    max_num_batched_tokens: int = 512  # token budget of one step (prefill chunk size)
+    enable_chunked_prefill: bool = True
+    # The workers keep each sequence's last sampled token, so a decode can be planned before
+    # that token reaches the scheduler (PP = 1). With PP > 1 stage 0 cannot see the last
+    # stage's sample: a sequence then waits for its result before its next step.
+    workers_keep_last_token: bool = True
+    eos_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class SeqUpdate:
+    """What one result did to a sequence: new tokens and, when it ended, why."""
+
+    seq: Sequence
+    new_token_ids: list[int]
+    finished: FinishReason | None
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager):
+        self.config = config
+        self.blocks = blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.seqs: dict[int, Sequence] = {}
+        self._step_ids = itertools.count()
+        self._finished_to_announce: list[int] = []
+        self.num_preemptions = 0
+        self.max_batch_size_seen = 0
+        self.num_prefix_hit_tokens = 0
+
+    # -- requests in and out ---------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        self.seqs[seq.seq_id] = seq
+        self.waiting.append(seq)
+
+    def abort(self, seq_id: int) -> Sequence | None:
+        """Cancels a sequence; its blocks return once no step in flight still uses them."""
+        seq = self.seqs.get(seq_id)
+        if seq is not None and not seq.is_finished:
+            self._finish(seq, FinishReason.CANCELLED)
+        return seq
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(self._can_run(s) for s in self.running)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # -- planning ----------------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan | None:
+        """The next step, or None when nothing can run now."""
+        budget = self.config.max_num_batched_tokens
+        planned: list[tuple[Sequence, int]] = []
+        index = 0  # preemption removes sequences behind this point only
+        while index < len(self.running) and budget and len(planned) < self.config.max_num_seqs:
+            seq = self.running[index]
+            num_new = min(self._num_runnable_tokens(seq), budget)
+            if num_new and self._reserve(seq, num_new):
+                planned.append((seq, num_new))
+                budget -= num_new
+            index += 1
+        budget = self._admit(planned, budget)
+        if not planned:
+            return None
+        self.max_batch_size_seen = max(self.max_batch_size_seen, len(planned))
+        finished, self._finished_to_announce = tuple(self._finished_to_announce), []
+        return StepPlan(next(self._step_ids), tuple(self._plan_seq(s, n) for s, n in planned),
+                        finished_seq_ids=finished)
+
+    def _can_run(self, seq: Sequence) -> bool:
+        return self._num_runnable_tokens(seq) > 0
+
+    def _num_runnable_tokens(self, seq: Sequence) -> int:
+        """Tokens of seq the workers could compute now (0 if it must wait)."""
+        if seq.is_finished or seq.preempt_pending:
+            return 0
+        if seq.num_inflight_steps and not self.config.workers_keep_last_token:
+            return 0
+        known_left = seq.num_known_tokens - seq.num_computed_tokens
+        if known_left > 0:
+            return known_left
+        # Everything known is computed: the next input is the token being sampled now.
+        if seq.num_inflight_samples == 1 and seq.wants_more_samples:
+            return 1
+        return 0
+
+    def _reserve(self, seq: Sequence, num_new: int) -> bool:
+        """Blocks for seq's next num_new tokens, preempting newer sequences if needed."""
+        while not self.blocks.allocate(seq.seq_id, seq.num_computed_tokens + num_new):
+            # The newest running sequence goes first; those ahead of seq are planned already.
+            victim = next(v for v in reversed(self.running) if not v.preempt_pending)
+            if victim is seq:
+                return False
+            if victim.num_inflight_steps:
+                victim.preempt_pending = True  # preempted when its steps return
+                return False
+            self._preempt(victim)
+        return True
+
+    def _admit(self, planned: list[tuple[Sequence, int]], budget: int) -> int:
+        while (self.waiting and budget > 0
+               and len(planned) < self.config.max_num_seqs
+               and not any(s.preempt_pending for s in self.running)):
+            seq = self.waiting[0]
+            if seq.num_computed_tokens == 0:
+                cached = self.blocks.allocate_prefix(seq.seq_id, seq.token_ids, seq.extra_key)
+                seq.num_computed_tokens = cached
+                if not seq.output_ids:
+                    seq.num_cached_prompt_tokens = cached
+            num_new = seq.num_known_tokens - seq.num_computed_tokens
+            if self.config.enable_chunked_prefill:
+                num_new = min(num_new, budget)
+            elif num_new > budget and planned:
+                break  # unchunked: a prompt goes whole, alone if it exceeds the budget
+            if not self.blocks.allocate(seq.seq_id, seq.num_computed_tokens + num_new):
+                self.blocks.free(seq.seq_id)  # drops the prefix refs; tried again next step
+                seq.num_computed_tokens = 0
+                break
+            self.num_prefix_hit_tokens += seq.num_cached_prompt_tokens if not seq.output_ids else 0
+            self.waiting.popleft()
+            self.running.append(seq)
+            planned.append((seq, num_new))
+            budget = max(0, budget - num_new)
+        return budget
+
+    def _plan_seq(self, seq: Sequence, num_new: int) -> ScheduledSeq:
+        start = seq.num_computed_tokens
+        known_end = min(start + num_new, seq.num_known_tokens)
+        token_ids = tuple(seq.token_ids[start:known_end])
+        append_last = len(token_ids) < num_new
+        sample = start + num_new >= seq.num_known_tokens and seq.wants_more_samples
+        seq.num_computed_tokens += num_new
+        seq.num_inflight_steps += 1
+        seq.num_inflight_samples += int(sample)
+        return ScheduledSeq(seq.seq_id, token_ids, start, tuple(self.blocks.block_table(seq.seq_id)),
+                            sample, seq.params.sampling, append_last)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Frees seq's blocks; it is recomputed from its known tokens when admitted again."""
+        self.blocks.free(seq.seq_id)
+        self.running.remove(seq)
+        seq.num_computed_tokens = 0
+        seq.preempt_pending = False
+        self.waiting.appendleft(seq)
+        self._finished_to_announce.append(seq.seq_id)  # workers drop its last token
+        self.num_preemptions += 1
+
+    # -- results -----------------------------------------------------------------------------
+
+    def on_result(self, plan: StepPlan, seq_ids, token_ids) -> list[SeqUpdate]:
+        """Applies one step's sampled tokens; returns what changed for each sequence."""
+        sampled = dict(zip(seq_ids, token_ids))
+        updates = []
+        for item in plan.seqs:
+            seq = self.seqs.get(item.seq_id)
+            if seq is None:
+                continue
+            seq.num_inflight_steps -= 1
+            if not seq.is_finished:
+                # Blocks whose every token's KV is computed or ahead in the step order.
+                self.blocks.commit(seq.seq_id, seq.token_ids[:seq.num_computed_tokens],
+                                   seq.extra_key)
+            if item.sample:
+                seq.num_inflight_samples -= 1
+                token = sampled.get(item.seq_id)
+                if token is not None and not seq.is_finished:
+                    updates.append(self._append_token(seq, token))
+            self._settle(seq)
+        return updates
+
+    def _append_token(self, seq: Sequence, token: int) -> SeqUpdate:
+        seq.output_ids.append(token)
+        if token in self.config.eos_token_ids and not seq.params.ignore_eos:
+            self._finish(seq, FinishReason.EOS)
+        elif len(seq.output_ids) >= seq.params.max_tokens:
+            self._finish(seq, FinishReason.LENGTH)
+        return SeqUpdate(seq, [token], seq.finish_reason)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.finish_reason = reason
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        self._settle(seq)
+
+    def _settle(self, seq: Sequence) -> None:
+        """Frees a finished or preempt-pending sequence once no step in flight uses it."""
+        if seq.num_inflight_steps:
+            return
+        if seq.is_finished:
+            self.blocks.free(seq.seq_id)
+            if seq in self.running:
+                self.running.remove(seq)
+            self.seqs.pop(seq.seq_id, None)
+            self._finished_to_announce.append(seq.seq_id)
+        elif seq.preempt_pending:
+            self._preempt(seq)
+
+    def fail_all(self) -> list[Sequence]:
+        """Ends every sequence with ERROR (the workers are gone); returns them."""
+        failed = list(self.seqs.values())
+        for seq in failed:
+            seq.finish_reason = FinishReason.ERROR
+            seq.num_inflight_steps = 0
+            self.blocks.free(seq.seq_id)
+        self.seqs.clear()
+        self.waiting.clear()
+        self.running.clear()
+        return failed

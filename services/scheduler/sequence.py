@@ -1,0 +1,67 @@
+"""A request as the scheduler sees it: token ids, progress counters, and how it ends.
+
+Progress of one sequence (positions are token indices):
+
+    known tokens   |<------------ prompt ------------>|<--- output --->|
+    KV computed    |<------ num_computed_tokens ------------->|
+    in flight      sampled by steps not yet returned: num_inflight_samples
+
+Invariant: num_computed_tokens <= num_known_tokens + num_inflight_samples, and a step only
+asks for tokens the workers can supply (known ids, or the one they sampled last).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from services.worker.plan import SamplingOptions
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"
+    EOS = "eos"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class RequestParams:
+    """What the scheduler needs of a request's sampling parameters."""
+
+    max_tokens: int
+    sampling: SamplingOptions
+    ignore_eos: bool = False
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request_id: str
+    prompt_ids: list[int]
+    params: RequestParams
+    extra_key: bytes = b""
+    output_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_inflight_steps: int = 0
+    num_inflight_samples: int = 0
+    num_cached_prompt_tokens: int = 0
+    finish_reason: FinishReason | None = None
+    preempt_pending: bool = False
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_known_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def wants_more_samples(self) -> bool:
+        """False once every token up to max_tokens is sampled or being sampled."""
+        return len(self.output_ids) + self.num_inflight_samples < self.params.max_tokens

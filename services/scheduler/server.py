@@ -1,0 +1,242 @@
+"""The scheduler service of one replica: gRPC for the gateway, streams to the workers,
+heartbeats and prefix-index updates to Redis.
+
+    meshserve scheduler --workers host:port[,host:port...] --redis-url URL [--port N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import itertools
+import logging
+import random
+import signal
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+
+from meshserve.internal.v1 import scheduler_pb2 as pb
+from meshserve.internal.v1 import scheduler_pb2_grpc as pb_grpc
+from meshserve.v1 import generation_pb2 as public_pb
+from services.registry import Registry, ReplicaRecord
+from services.registry.block_hash import extra_key
+from services.scheduler.block_manager import BlockManager
+from services.scheduler.engine import Engine
+from services.scheduler.scheduler import Scheduler, SchedulerConfig
+from services.scheduler.sequence import FinishReason, RequestParams, Sequence
+from services.scheduler.workers import ReplicaShape, WorkerGroup
+from services.worker.plan import SamplingOptions
+
+log = logging.getLogger("meshserve.scheduler")
+
+FINISH_TO_PB = {
+    FinishReason.LENGTH: public_pb.FINISH_REASON_LENGTH,
+    FinishReason.EOS: public_pb.FINISH_REASON_EOS,
+    FinishReason.CANCELLED: public_pb.FINISH_REASON_CANCELLED,
+}
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    workers: tuple[str, ...]
+    redis_url: str
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 = any free port
+    advertise_host: str = ""  # the address the gateway dials; default: host
+    replica_id: str = ""
+    model_name: str = ""  # default: the workers' model name
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    heartbeat_ttl_s: float = 5.0
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None) -> SchedulerSettings:
+        p = argparse.ArgumentParser(prog="meshserve scheduler", description=__doc__.splitlines()[0])
+        p.add_argument("--workers", required=True,
+                       help="comma-separated host:port of every worker of this replica")
+        p.add_argument("--redis-url", required=True)
+        p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+        p.add_argument("--port", type=int, default=0)
+        p.add_argument("--advertise-host", default="", help="address the gateway should dial")
+        p.add_argument("--replica-id", default="")
+        p.add_argument("--model-name", default="")
+        p.add_argument("--max-num-seqs", type=int, default=64)
+        p.add_argument("--max-num-batched-tokens", type=int, default=512)
+        p.add_argument("--no-chunked-prefill", action="store_true")
+        p.add_argument("--no-prefix-caching", action="store_true")
+        p.add_argument("--heartbeat-ttl", type=float, default=5.0)
+        a = p.parse_args(argv)
+        return cls(tuple(w for w in a.workers.split(",") if w), a.redis_url, a.host, a.port,
+                   a.advertise_host, a.replica_id, a.model_name, a.max_num_seqs,
+                   a.max_num_batched_tokens, not a.no_chunked_prefill, not a.no_prefix_caching,
+                   a.heartbeat_ttl)
+
+
+class SchedulerServicer(pb_grpc.SchedulerServicer):
+    """Converts protobuf to scheduler types at the edge; streams each request's tokens."""
+
+    def __init__(self, engine: Engine, shape: ReplicaShape, model_name: str, replica_id: str):
+        self.engine = engine
+        self.shape = shape
+        self.model_name = model_name
+        self.replica_id = replica_id
+        self._seq_ids = itertools.count(1)
+        self._by_request: dict[str, int] = {}
+
+    async def Submit(self, request: pb.SubmitRequest, context):
+        seq = self._to_sequence(request)
+        if request.request_id in self._by_request:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                f"request {request.request_id!r} is already running here")
+        await self._check_fits(seq, context)
+        self._by_request[seq.request_id] = seq.seq_id
+        queue = self.engine.submit(seq)
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                tokens = list(out.token_ids)
+                while out.finish_reason is None and not queue.empty():
+                    out = queue.get_nowait()  # coalesce what piled up since the last send
+                    tokens += out.token_ids
+                finished = out.finish_reason is not None
+                if out.finish_reason is FinishReason.ERROR:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                        "the replica's workers failed; retry elsewhere")
+                yield pb.SubmitResponse(token_ids=tokens,
+                                        finish_reason=FINISH_TO_PB.get(out.finish_reason, 0),
+                                        num_cached_prompt_tokens=out.num_cached_prompt_tokens)
+        finally:
+            self._by_request.pop(seq.request_id, None)
+            if not finished:  # the caller went away: free its blocks now
+                self.engine.cancel(seq.seq_id)
+
+    def _to_sequence(self, request: pb.SubmitRequest) -> Sequence:
+        s = request.sampling
+        seed = s.seed if s.HasField("seed") else random.getrandbits(63)  # same on every TP rank
+        options = SamplingOptions(s.temperature, s.top_p or 1.0, s.top_k, seed)
+        params = RequestParams(s.max_tokens, options, s.ignore_eos)
+        return Sequence(next(self._seq_ids), request.request_id or uuid.uuid4().hex,
+                        list(request.prompt_token_ids), params,
+                        extra_key(self.model_name, request.cache_salt))
+
+    async def _check_fits(self, seq: Sequence, context) -> None:
+        total = len(seq.prompt_ids) + seq.params.max_tokens
+        if not seq.prompt_ids or seq.params.max_tokens < 1:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "need a non-empty prompt and max_tokens >= 1")
+        if total > self.shape.max_model_len:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"prompt ({len(seq.prompt_ids)}) + max_tokens "
+                                f"({seq.params.max_tokens}) exceeds the context of "
+                                f"{self.shape.max_model_len} tokens")
+        blocks_needed = -(-total // self.shape.block_size)
+        if blocks_needed > self.shape.num_kv_blocks:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"the request needs {blocks_needed} KV blocks; this replica "
+                                f"has {self.shape.num_kv_blocks}")
+
+    async def Cancel(self, request: pb.CancelRequest, context) -> pb.CancelResponse:
+        seq_id = self._by_request.get(request.request_id)
+        return pb.CancelResponse(found=seq_id is not None and self.engine.cancel(seq_id))
+
+    async def GetStats(self, request, context) -> pb.ReplicaStats:
+        sched = self.engine.scheduler
+        return pb.ReplicaStats(
+            replica_id=self.replica_id, num_running=len(sched.running),
+            num_waiting=len(sched.waiting), num_kv_blocks=self.shape.num_kv_blocks,
+            num_free_kv_blocks=sched.blocks.num_free_blocks,
+            max_batch_size_seen=sched.max_batch_size_seen, num_steps=self.engine.num_steps,
+            num_preemptions=sched.num_preemptions, block_size=self.shape.block_size,
+            num_prefix_hit_tokens=sched.num_prefix_hit_tokens)
+
+
+def build_engine(settings: SchedulerSettings, shape: ReplicaShape, workers: WorkerGroup) -> Engine:
+    config = SchedulerConfig(
+        max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        enable_chunked_prefill=settings.enable_chunked_prefill,
+        workers_keep_last_token=shape.pp_size == 1,
+        eos_token_ids=shape.eos_token_ids)
+    blocks = BlockManager(shape.num_kv_blocks, shape.block_size, settings.enable_prefix_caching)
+    # PP = 1: the next plan waits at the workers while they run this one. PP = P: one
+    # micro-batch per stage, plus one queued.
+    return Engine(Scheduler(config, blocks), workers, max_inflight_steps=shape.pp_size + 1)
+
+
+async def heartbeat_loop(registry: Registry, servicer: SchedulerServicer, record: ReplicaRecord,
+                         period_s: float) -> None:
+    """Keeps the replica's record and prefix set alive; batches prefix-index updates."""
+    blocks = servicer.engine.scheduler.blocks
+    while True:
+        stats = await servicer.GetStats(None, None)
+        record = dataclasses.replace(record, num_free_kv_blocks=stats.num_free_kv_blocks,
+                                     num_running=stats.num_running,
+                                     num_waiting=stats.num_waiting)
+        added, removed = blocks.drain_events()
+        try:
+            if added or removed:
+                await registry.publish_prefix(record.replica_id, added, removed)
+            if not await registry.heartbeat(record):
+                # The record had expired (Redis restarted, or we stalled): so had the prefix
+                # set. Publish everything the cache holds again.
+                await registry.publish_prefix(record.replica_id, blocks.cached_hashes(), [])
+        except Exception as exc:  # Redis hiccup: try again next period
+            log.warning("heartbeat failed: %s", exc)
+        await asyncio.sleep(period_s)
+
+
+async def serve(settings: SchedulerSettings, stop: asyncio.Event | None = None) -> None:
+    workers = WorkerGroup(list(settings.workers))
+    shape = await workers.describe()
+    model_name = settings.model_name or shape.model
+    replica_id = settings.replica_id or f"replica-{uuid.uuid4().hex[:8]}"
+    engine = build_engine(settings, shape, workers)
+    servicer = SchedulerServicer(engine, shape, model_name, replica_id)
+    server = grpc.aio.server()
+    pb_grpc.add_SchedulerServicer_to_server(servicer, server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    await server.start()
+    address = f"{settings.advertise_host or settings.host}:{port}"
+    log.info("replica %s serving %s (tp=%d pp=%d, %d KV blocks) at %s", replica_id, model_name,
+             shape.tp_size, shape.pp_size, shape.num_kv_blocks, address)
+    registry = Registry(settings.redis_url, ttl_s=settings.heartbeat_ttl_s)
+    record = ReplicaRecord(replica_id, address, model_name, shape.tp_size, shape.pp_size,
+                           shape.block_size, shape.num_kv_blocks, shape.num_kv_blocks, 0, 0,
+                           started_at=time.time(), max_model_len=shape.max_model_len)
+    await registry.register(record)
+    tasks = [asyncio.create_task(engine.run()),
+             asyncio.create_task(heartbeat_loop(registry, servicer, record,
+                                                settings.heartbeat_ttl_s / 3))]
+    stop = stop or asyncio.Event()
+    waiter = asyncio.create_task(stop.wait())
+    await asyncio.wait([*tasks, waiter], return_when=asyncio.FIRST_COMPLETED)
+    await registry.deregister(replica_id)
+    await registry.close()
+    await server.stop(grace=1.0)
+    for task in [*tasks, waiter]:
+        task.cancel()
+    await workers.close()
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception():
+            raise task.exception()
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    settings = SchedulerSettings.from_args(argv)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop)
+
+    asyncio.run(run())

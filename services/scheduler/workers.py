@@ -1,0 +1,145 @@
+"""The scheduler's side of the worker API: one long-lived Execute stream per worker.
+
+Every worker of the replica (all TP ranks of all PP stages) receives every plan; only the
+sampling worker (TP rank 0 of the last stage) streams results back. A worker that fails
+breaks the replica: `next_result` then raises WorkerGroupError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import grpc
+
+from meshserve.internal.v1 import worker_pb2 as pb
+from meshserve.internal.v1 import worker_pb2_grpc as pb_grpc
+from services.worker.plan import StepPlan, StepResult
+
+log = logging.getLogger(__name__)
+
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20),
+                   ("grpc.max_receive_message_length", 64 << 20)]
+
+
+class WorkerGroupError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ReplicaShape:
+    """What the workers reported, checked for agreement."""
+
+    model: str
+    tp_size: int
+    pp_size: int
+    num_kv_blocks: int  # the smallest of all workers
+    block_size: int
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+    vocab_size: int
+
+
+class WorkerGroup:
+    def __init__(self, addresses: list[str]):
+        self.addresses = addresses
+        self._channels = [grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS) for a in addresses]
+        self._stubs = [pb_grpc.WorkerStub(c) for c in self._channels]
+        self._calls: list[grpc.aio.StreamStreamCall] = []
+        self._queues: list[asyncio.Queue] = []
+        self._sampler: grpc.aio.StreamStreamCall | None = None
+        self._watchers: list[asyncio.Task] = []
+        self._failure: asyncio.Future | None = None
+
+    async def describe(self, timeout_s: float = 120.0) -> ReplicaShape:
+        """Waits for every worker to answer Describe, then joins their stage links."""
+        infos = await asyncio.gather(*(self._describe_one(s, timeout_s) for s in self._stubs))
+        shape = _check_shape(infos)
+        await self._connect_stages(infos)
+        self._open_streams(infos)
+        return shape
+
+    async def _describe_one(self, stub, timeout_s: float) -> pb.DescribeResponse:
+        return await stub.Describe(pb.DescribeRequest(), wait_for_ready=True, timeout=timeout_s)
+
+    async def _connect_stages(self, infos: list[pb.DescribeResponse]) -> None:
+        by_place = {(i.pp_rank, i.tp_rank): stub for i, stub in zip(infos, self._stubs)}
+        calls = []
+        for info, stub in zip(infos, self._stubs):
+            nxt = next((i for i in infos
+                        if i.pp_rank == info.pp_rank + 1 and i.tp_rank == info.tp_rank), None)
+            if nxt is not None:
+                req = pb.ConnectStageRequest(next_stage_address=nxt.stage_link_address)
+                calls.append(by_place[(info.pp_rank, info.tp_rank)].ConnectStage(req, timeout=60))
+        await asyncio.gather(*calls)
+
+    def _open_streams(self, infos: list[pb.DescribeResponse]) -> None:
+        self._failure = asyncio.get_running_loop().create_future()
+        for info, stub, addr in zip(infos, self._stubs, self.addresses):
+            queue: asyncio.Queue[pb.StepPlan] = asyncio.Queue()
+            call = stub.Execute(_drain(queue))
+            self._queues.append(queue)
+            self._calls.append(call)
+            if info.pp_rank == info.pp_size - 1 and info.tp_rank == 0:
+                self._sampler = call
+            else:
+                self._watchers.append(asyncio.create_task(self._watch(call, addr)))
+
+    async def _watch(self, call, addr: str) -> None:
+        """A non-sampling worker sends nothing; its stream ending early means it failed."""
+        try:
+            async for _ in call:
+                pass
+            err = WorkerGroupError(f"worker {addr} closed its step stream")
+        except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
+            err = WorkerGroupError(f"worker {addr} failed: {exc}")
+        if self._failure is not None and not self._failure.done():
+            self._failure.set_exception(err)
+
+    def send(self, plan: StepPlan) -> None:
+        """Queues plan for every worker; grpc writes each stream in order, off this call."""
+        msg = plan.to_pb()
+        for queue in self._queues:
+            queue.put_nowait(msg)
+
+    async def next_result(self) -> StepResult:
+        read = asyncio.ensure_future(self._sampler.read())
+        done, _ = await asyncio.wait({read, self._failure}, return_when=asyncio.FIRST_COMPLETED)
+        if self._failure in done:
+            read.cancel()
+            self._failure.result()
+        try:
+            msg = read.result()
+        except grpc.aio.AioRpcError as exc:
+            raise WorkerGroupError(f"sampling worker failed: {exc.details()}") from exc
+        if msg is grpc.aio.EOF:
+            raise WorkerGroupError("sampling worker closed its step stream")
+        return StepResult.from_pb(msg)
+
+    async def close(self) -> None:
+        for task in self._watchers:
+            task.cancel()
+        for call in self._calls:
+            call.cancel()
+        for channel in self._channels:
+            await channel.close()
+
+
+async def _drain(queue: asyncio.Queue):
+    while True:
+        yield await queue.get()
+
+
+def _check_shape(infos: list[pb.DescribeResponse]) -> ReplicaShape:
+    first = infos[0]
+    places = sorted((i.pp_rank, i.tp_rank) for i in infos)
+    expected = [(p, t) for p in range(first.pp_size) for t in range(first.tp_size)]
+    if places != expected:
+        raise WorkerGroupError(f"workers report places {places}, expected {expected} "
+                               f"for tp={first.tp_size} pp={first.pp_size}")
+    if len({(i.model, i.block_size) for i in infos}) != 1:
+        raise WorkerGroupError("workers disagree on model or block size")
+    return ReplicaShape(first.model, first.tp_size, first.pp_size,
+                        min(i.num_kv_blocks for i in infos), first.block_size,
+                        first.max_model_len, tuple(first.eos_token_ids), first.vocab_size)

@@ -1,0 +1,115 @@
+"""The worker service: one process, one TP shard of one PP stage.
+
+    meshserve worker --model DIR --tp-rank R --tp-size T --pp-rank S --pp-size P \
+                     --dist-init tcp://HOST:PORT --port N
+
+Plans arrive on the Execute stream; the model step runs on its own thread so the event loop
+keeps receiving plans and moving activations over the stage link while a step computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import torch
+
+from meshserve.internal.v1 import worker_pb2 as pb
+from meshserve.internal.v1 import worker_pb2_grpc as pb_grpc
+from services.worker.plan import StepPlan, StepResult
+from services.worker.settings import WorkerSettings
+from services.worker.shard import WorkerShard
+
+log = logging.getLogger("meshserve.worker")
+
+
+class WorkerServicer(pb_grpc.WorkerServicer):
+    def __init__(self, shard: WorkerShard):
+        self.shard = shard
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._busy = asyncio.Lock()
+
+    async def Describe(self, request, context) -> pb.DescribeResponse:
+        return self.shard.describe()
+
+    async def ConnectStage(self, request, context) -> pb.ConnectStageResponse:
+        await self.shard.connect_next_stage(request.next_stage_address)
+        return pb.ConnectStageResponse()
+
+    async def Execute(self, request_iterator, context):
+        if self._busy.locked():
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this worker already serves a scheduler's step stream")
+        async with self._busy:
+            plans: asyncio.Queue = asyncio.Queue()
+            reader = asyncio.create_task(_read_into(request_iterator, plans))
+            try:
+                while True:
+                    msg = await plans.get()
+                    if msg is None:
+                        return
+                    result = await self._run(StepPlan.from_pb(msg))
+                    if result is not None:
+                        yield result.to_pb()
+            finally:
+                reader.cancel()
+
+    async def _run(self, plan: StepPlan) -> StepResult | None:
+        shard = self.shard
+        hidden = await shard.receive_activations(plan) if not shard.is_first_stage else None
+        loop = asyncio.get_running_loop()
+        out = await loop.run_in_executor(self._thread, shard.runner.execute, plan, hidden)
+        if not shard.is_last_stage:
+            await shard.send_activations(plan, out)
+            return None
+        if not shard.is_sampler:
+            return None
+        return StepResult(plan.step_id, tuple(plan.sampled_seq_ids), tuple(out), plan.micro_batch)
+
+
+async def _read_into(request_iterator, queue: asyncio.Queue) -> None:
+    try:
+        async for msg in request_iterator:
+            queue.put_nowait(msg)
+    finally:
+        queue.put_nowait(None)
+
+
+async def serve(settings: WorkerSettings, stop: asyncio.Event | None = None,
+                ready: asyncio.Event | None = None) -> None:
+    loop = asyncio.get_running_loop()
+    # Joining the TP group blocks until every rank has come: keep the loop free meanwhile.
+    shard = await loop.run_in_executor(None, WorkerShard.load, settings)
+    await shard.start_stage_link()
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
+                                      ("grpc.max_send_message_length", 64 << 20)])
+    pb_grpc.add_WorkerServicer_to_server(WorkerServicer(shard), server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    await server.start()
+    log.info("worker tp=%d/%d pp=%d/%d on %s:%d (%s, %d KV blocks)", settings.tp_rank,
+             settings.tp_size, settings.pp_rank, settings.pp_size, settings.host, port,
+             shard.device, shard.num_kv_blocks)
+    if ready is not None:
+        ready.set()
+    stop = stop or asyncio.Event()
+    await stop.wait()
+    await server.stop(grace=1.0)
+    await shard.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    settings = WorkerSettings.from_args(argv)
+    torch.set_num_threads(settings.num_threads)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop)
+
+    asyncio.run(run())

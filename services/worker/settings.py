@@ -1,0 +1,66 @@
+"""Settings of one worker process, built once in main from flags (the Helm values map 1:1)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    model: str  # HF-format folder; "" = the built-in default model
+    tp_rank: int = 0
+    tp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
+    dist_init: str = ""  # torch.distributed init method of this stage's TP group (tcp://h:p)
+    host: str = "127.0.0.1"
+    port: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on GPU
+    block_size: int = 16
+    num_kv_blocks: int = 0  # 0 = from kv_cache_memory_gb
+    kv_cache_memory_gb: float = 0.0  # 0 = 0.0625 GB on CPU, 85 % of free memory on GPU
+    layer_split: tuple[int, ...] = ()  # layers per stage; () = balanced
+    max_model_len: int = 0  # 0 = the model's max_position_embeddings
+    num_threads: int = 1  # torch threads on CPU
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None) -> WorkerSettings:
+        p = argparse.ArgumentParser(prog="meshserve worker",
+                                    description="One worker: a TP shard of one PP stage.")
+        p.add_argument("--model", default="", help="HF-format model folder (default: tiny model)")
+        p.add_argument("--tp-rank", type=int, default=0)
+        p.add_argument("--tp-size", type=int, default=1)
+        p.add_argument("--pp-rank", type=int, default=0)
+        p.add_argument("--pp-size", type=int, default=1)
+        p.add_argument("--dist-init", default="",
+                       help="init method of this stage's TP group, e.g. tcp://10.0.0.1:29500")
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, default=0)
+        p.add_argument("--device", default="auto")
+        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+        p.add_argument("--block-size", type=int, default=16)
+        p.add_argument("--num-kv-blocks", type=int, default=0)
+        p.add_argument("--kv-cache-memory-gb", type=float, default=0.0)
+        p.add_argument("--layer-split", default="", help="layers per stage, e.g. 10,12,10")
+        p.add_argument("--max-model-len", type=int, default=0)
+        p.add_argument("--num-threads", type=int, default=1)
+        a = p.parse_args(argv)
+        split = tuple(int(x) for x in a.layer_split.split(",") if x)
+        settings = cls(a.model, a.tp_rank, a.tp_size, a.pp_rank, a.pp_size, a.dist_init, a.host,
+                       a.port, a.device, a.dtype, a.block_size, a.num_kv_blocks,
+                       a.kv_cache_memory_gb, split, a.max_model_len, a.num_threads)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if not 0 <= self.tp_rank < self.tp_size:
+            raise SystemExit(f"--tp-rank {self.tp_rank} must be in [0, --tp-size {self.tp_size})")
+        if not 0 <= self.pp_rank < self.pp_size:
+            raise SystemExit(f"--pp-rank {self.pp_rank} must be in [0, --pp-size {self.pp_size})")
+        if self.tp_size > 1 and not self.dist_init:
+            raise SystemExit("--tp-size > 1 needs --dist-init tcp://HOST:PORT (same for the "
+                             "stage's TP ranks)")
+        if self.block_size < 1:
+            raise SystemExit("--block-size must be >= 1")

@@ -1,0 +1,167 @@
+"""What one worker holds: its TP shard of its PP stage's layers, their KV cache, and the
+stage links to its neighbours.
+
+    stage 0               stage 1                 ...   stage P-1
+    rank 0 ── UCX ──────► rank 0 ── UCX ──────►         rank 0 (samples, answers)
+    rank 1 ── UCX ──────► rank 1 ── UCX ──────►         rank 1
+     (TP group: NCCL/gloo)  (TP group)                   (TP group)
+
+With TP = T each rank sends only its 1/T column slice of the residual stream; the receiving
+stage all-gathers it inside its TP group, so a link carries the hidden state once, not T times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from meshserve.internal.v1 import worker_pb2 as pb
+from services.model import (ModelConfig, ParallelContext, allocate_kv_caches, ensure_default_model,
+                            init_tp_group, kv_bytes_per_block, load_model, stage_layer_range)
+from services.worker.plan import StepPlan
+from services.worker.runner import ModelRunner
+from services.worker.settings import WorkerSettings
+
+log = logging.getLogger("meshserve.worker")
+
+CPU_KV_CACHE_GB = 0.0625
+GPU_KV_CACHE_FRACTION = 0.85
+
+
+@dataclass
+class WorkerShard:
+    settings: WorkerSettings
+    config: ModelConfig
+    model_name: str
+    ctx: ParallelContext
+    device: torch.device
+    runner: ModelRunner
+    num_kv_blocks: int
+    max_model_len: int
+    link: object | None = None  # StageLink when PP > 1
+    link_address: bytes = b""
+    _sends: asyncio.Queue | None = None
+    _sender: asyncio.Task | None = None
+
+    @classmethod
+    def load(cls, s: WorkerSettings) -> WorkerShard:
+        model_dir = Path(s.model) if s.model else ensure_default_model()
+        config = ModelConfig.from_dir(model_dir)
+        device = _pick_device(s.device)
+        dtype = _pick_dtype(s.dtype, device)
+        if s.tp_size > 1:
+            ctx = init_tp_group(s.dist_init, s.tp_rank, s.tp_size, s.pp_rank, s.pp_size)
+        else:
+            ctx = ParallelContext(pp_rank=s.pp_rank, pp_size=s.pp_size)
+        layers = stage_layer_range(config.num_hidden_layers, s.pp_size, s.pp_rank,
+                                   list(s.layer_split) or None)
+        model = load_model(model_dir, ctx, layers, dtype=dtype, device=device)
+        num_blocks = s.num_kv_blocks or _blocks_for_memory(s, config, ctx, len(layers), dtype,
+                                                           device)
+        caches = allocate_kv_caches(config, ctx, len(layers), num_blocks, s.block_size, dtype,
+                                    device)
+        runner = ModelRunner(model, caches, s.block_size, device, ctx.is_first_stage,
+                             ctx.is_last_stage, ctx)
+        max_len = s.max_model_len or config.max_position_embeddings
+        return cls(s, config, model_dir.name, ctx, device, runner, num_blocks, max_len)
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.ctx.is_first_stage
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.ctx.is_last_stage
+
+    @property
+    def is_sampler(self) -> bool:
+        return self.ctx.is_last_stage and self.ctx.tp_rank == 0
+
+    def describe(self) -> pb.DescribeResponse:
+        c = self.ctx
+        return pb.DescribeResponse(
+            model=self.model_name, tp_rank=c.tp_rank, tp_size=c.tp_size, pp_rank=c.pp_rank,
+            pp_size=c.pp_size, num_kv_blocks=self.num_kv_blocks,
+            block_size=self.settings.block_size, max_model_len=self.max_model_len,
+            eos_token_ids=list(self.config.eos_token_ids), stage_link_address=self.link_address,
+            vocab_size=self.config.vocab_size)
+
+    # -- stage links (PP > 1) ------------------------------------------------------------
+
+    async def start_stage_link(self) -> None:
+        if self.ctx.pp_size == 1:
+            return
+        from services.stagelink import StageLink  # UCX is needed only with PP
+
+        self.link = StageLink(device=self.device)
+        self.link_address = await self.link.start()
+
+    async def connect_next_stage(self, address: bytes) -> None:
+        await self.link.connect(address)
+        self._sends = asyncio.Queue()
+        self._sender = asyncio.create_task(self._send_loop())
+
+    async def receive_activations(self, plan: StepPlan) -> torch.Tensor:
+        header, hidden = await self.link.recv()
+        if header.step_id != plan.step_id:
+            raise RuntimeError(f"stage link delivered step {header.step_id}, "
+                               f"plan is step {plan.step_id}")
+        return hidden
+
+    async def send_activations(self, plan: StepPlan, hidden: torch.Tensor) -> None:
+        """Queues this rank's slice of the residual stream for the next stage, in order."""
+        from services.stagelink import ActivationHeader
+
+        if self.ctx.tp_size > 1:
+            width = hidden.shape[-1] // self.ctx.tp_size
+            hidden = hidden[:, self.ctx.tp_rank * width:(self.ctx.tp_rank + 1) * width]
+        hidden = hidden.contiguous()
+        header = ActivationHeader(plan.step_id, plan.micro_batch, tuple(hidden.shape),
+                                  str(hidden.dtype).removeprefix("torch."))
+        self._sends.put_nowait((header, hidden))
+
+    async def _send_loop(self) -> None:
+        while True:
+            header, hidden = await self._sends.get()
+            await self.link.send(header, hidden)
+
+    async def close(self) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
+        if self.link is not None:
+            await self.link.close()
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available here; use --device cpu")
+    return device
+
+
+def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _blocks_for_memory(s: WorkerSettings, config, ctx, num_layers, dtype, device) -> int:
+    per_block = kv_bytes_per_block(config, ctx, num_layers, s.block_size, dtype)
+    if s.kv_cache_memory_gb:
+        budget = s.kv_cache_memory_gb * 2**30
+    elif device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = free * GPU_KV_CACHE_FRACTION
+    else:
+        budget = CPU_KV_CACHE_GB * 2**30
+    num_blocks = int(budget // per_block)
+    if num_blocks < 1:
+        raise SystemExit(f"KV cache budget of {budget / 2**20:.0f} MiB holds no block of "
+                         f"{per_block / 2**20:.1f} MiB: raise --kv-cache-memory-gb")
+    return num_blocks

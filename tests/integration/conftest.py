@@ -1,0 +1,85 @@
+"""A real mesh (redis-server, worker, scheduler, gateway processes) started once per session,
+and the transformers reference it is measured against."""
+
+from __future__ import annotations
+
+import asyncio
+from functools import lru_cache
+
+import grpc
+import pytest
+import torch
+
+from deploy.launcher import LocalMesh, MeshSpec
+from meshserve.internal.v1 import scheduler_pb2, scheduler_pb2_grpc
+from meshserve.v1 import generation_pb2 as pb
+from meshserve.v1 import generation_pb2_grpc as pb_grpc
+from services.model.default_model import ensure_default_model
+from services.registry import Registry
+
+NUM_KV_BLOCKS = 256
+
+
+@pytest.fixture(scope="session")
+def default_model_dir():
+    return ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def mesh(default_model_dir):
+    spec = MeshSpec(port=0, worker_args=("--num-kv-blocks", str(NUM_KV_BLOCKS)))
+    with LocalMesh(spec) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def stub(mesh):
+    with grpc.insecure_channel(mesh.gateway_address) as channel:
+        yield pb_grpc.GenerationStub(channel)
+
+
+def replica_addresses(redis_url: str) -> dict[str, str]:
+    async def read():
+        registry = Registry(redis_url)
+        try:
+            return {r.replica_id: r.address for r in await registry.list_replicas()}
+        finally:
+            await registry.close()
+
+    return asyncio.run(read())
+
+
+def scheduler_stats(mesh: LocalMesh, replica_id: str = "replica-0") -> scheduler_pb2.ReplicaStats:
+    address = replica_addresses(mesh.redis_url)[replica_id]
+    with grpc.insecure_channel(address) as channel:
+        return scheduler_pb2_grpc.SchedulerStub(channel).GetStats(scheduler_pb2.GetStatsRequest())
+
+
+def generate(stub, max_tokens: int = 16, **request) -> tuple[list[int], str, pb.GenerateResponse]:
+    """Runs one request to the end: (all token ids, all text, last message)."""
+    sampling = request.pop("sampling", None) or pb.SamplingParams(max_tokens=max_tokens)
+    ids, text, last = [], "", None
+    for msg in stub.Generate(pb.GenerateRequest(sampling=sampling, **request), timeout=120):
+        ids += msg.token_ids
+        text += msg.text
+        last = msg
+    return ids, text, last
+
+
+@lru_cache(maxsize=4)
+def _hf_model(path: str):
+    from transformers import LlamaForCausalLM
+
+    torch.set_num_threads(1)
+    return LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+
+
+def hf_greedy(model_dir, prompt_ids: list[int], max_new_tokens: int,
+              stop_at_eos: bool = True) -> list[int]:
+    """transformers' greedy generate on the same checkpoint: the reference."""
+    model = _hf_model(str(model_dir))
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=model.config.eos_token_id
+                             if stop_at_eos else None, pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()

@@ -1,0 +1,137 @@
+"""End to end through real processes: gateway -> Redis -> scheduler -> worker."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from tokenizers import Tokenizer
+
+from meshserve.v1 import generation_pb2 as pb
+from tests.integration.conftest import (NUM_KV_BLOCKS, generate, hf_greedy, scheduler_stats)
+
+PROMPT = "The mesh serves tokens"
+
+
+def test_generate_matches_transformers_greedy(stub, default_model_dir):
+    tok = Tokenizer.from_file(str(default_model_dir / "tokenizer.json"))
+    prompt_ids = tok.encode(PROMPT).ids
+    ids, text, last = generate(stub, max_tokens=32, prompt=PROMPT,
+                               sampling=pb.SamplingParams(max_tokens=32, ignore_eos=True))
+    assert ids == hf_greedy(default_model_dir, prompt_ids, 32, stop_at_eos=False)
+    assert text == tok.decode(ids)
+    assert last.finish_reason == pb.FINISH_REASON_LENGTH
+    assert last.usage.prompt_tokens == len(prompt_ids)
+    assert last.usage.completion_tokens == 32
+
+
+def test_prompt_token_ids_and_eos(stub, default_model_dir):
+    prompt_ids = [1, 72, 101, 108, 108, 111]
+    ids, _, last = generate(stub, prompt_token_ids=prompt_ids,
+                            sampling=pb.SamplingParams(max_tokens=48))
+    expected = hf_greedy(default_model_dir, prompt_ids, 48)
+    assert ids == expected
+    reason = pb.FINISH_REASON_EOS if expected[-1] == 2 else pb.FINISH_REASON_LENGTH
+    assert last.finish_reason == reason
+
+
+def test_concurrent_requests_are_batched_and_correct(stub, mesh, default_model_dir):
+    prompts = [[1] + [(7 * i + j) % 250 + 3 for j in range(3 + 5 * i)] for i in range(16)]
+    lengths = [8 + 2 * i for i in range(16)]
+    before = scheduler_stats(mesh).num_steps
+
+    def run(i):
+        return generate(stub, prompt_token_ids=prompts[i],
+                        sampling=pb.SamplingParams(max_tokens=lengths[i], ignore_eos=True))[0]
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(run, range(16)))
+    for i, ids in enumerate(results):
+        assert ids == hf_greedy(default_model_dir, prompts[i], lengths[i], stop_at_eos=False), i
+    stats = scheduler_stats(mesh)
+    assert stats.max_batch_size_seen > 1
+    # Batched: far fewer steps than the 16 requests would take one after another.
+    assert stats.num_steps - before < sum(lengths)
+
+
+def test_cancelled_stream_returns_kv_blocks(stub, mesh):
+    assert scheduler_stats(mesh).num_free_kv_blocks == NUM_KV_BLOCKS
+    call = stub.Generate(pb.GenerateRequest(
+        prompt_token_ids=list(range(3, 200)),
+        sampling=pb.SamplingParams(max_tokens=500, ignore_eos=True)))
+    first = next(call)
+    assert first.token_ids
+    assert scheduler_stats(mesh).num_free_kv_blocks < NUM_KV_BLOCKS
+    call.cancel()
+    deadline = time.monotonic() + 10
+    while scheduler_stats(mesh).num_free_kv_blocks != NUM_KV_BLOCKS:
+        assert time.monotonic() < deadline, "blocks of the cancelled request never came back"
+        time.sleep(0.05)
+    assert scheduler_stats(mesh).num_running == 0
+
+
+def test_seeded_sampling_is_reproducible(stub):
+    sampling = pb.SamplingParams(max_tokens=24, temperature=0.9, top_p=0.9, seed=1234,
+                                 ignore_eos=True)
+    first = generate(stub, prompt=PROMPT, sampling=sampling)[0]
+    again = generate(stub, prompt=PROMPT, sampling=sampling)[0]
+    other = generate(stub, prompt=PROMPT, sampling=pb.SamplingParams(
+        max_tokens=24, temperature=0.9, top_p=0.9, seed=99, ignore_eos=True))[0]
+    assert first == again
+    assert first != other
+
+
+def test_stop_string_ends_the_stream(stub):
+    _, text, _ = generate(stub, prompt=PROMPT,
+                          sampling=pb.SamplingParams(max_tokens=24, ignore_eos=True))
+    stop = text[5:8]
+    _, stopped, last = generate(stub, prompt=PROMPT, sampling=pb.SamplingParams(
+        max_tokens=24, ignore_eos=True, stop=[stop]))
+    assert last.finish_reason == pb.FINISH_REASON_STOP
+    assert stopped == text[:text.find(stop)]
+
+
+def test_list_models_and_health(stub, mesh):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    models = stub.ListModels(pb.ListModelsRequest()).models
+    assert [m.name for m in models] == ["meshserve-tiny-llama"]
+    assert models[0].num_replicas == 1
+    with grpc.insecure_channel(mesh.gateway_address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = health.Check(health_pb2.HealthCheckRequest(service="meshserve.v1.Generation"))
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+BAD_REQUESTS = {
+    "empty prompt": (dict(prompt=""), "exactly one of prompt"),
+    "prompt and ids": (dict(prompt="a", prompt_token_ids=[5]), "exactly one of prompt"),
+    "max_tokens 0": (dict(prompt="hi", sampling=pb.SamplingParams(max_tokens=0)), "max_tokens"),
+    "past the context": (dict(prompt="hi", sampling=pb.SamplingParams(max_tokens=5000)),
+                         "exceeds the context"),
+    "unknown model": (dict(prompt="hi", model="gpt-9"), "unknown model"),
+    "negative temperature": (dict(prompt="hi", sampling=pb.SamplingParams(
+        max_tokens=4, temperature=-1)), "temperature"),
+    "top_p above 1": (dict(prompt="hi", sampling=pb.SamplingParams(max_tokens=4, top_p=1.5)),
+                      "top_p"),
+    "top_p negative": (dict(prompt="hi", sampling=pb.SamplingParams(max_tokens=4, top_p=-0.1)),
+                       "top_p"),
+    "prompt too long": (dict(prompt_token_ids=[5] * 1024), "prompt must be shorter"),
+    "token outside vocab": (dict(prompt_token_ids=[5, 100000]), "outside the vocabulary"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_bad_input_is_invalid_argument_and_service_keeps_serving(stub, case):
+    fields, message = BAD_REQUESTS[case]
+    fields = dict(fields)
+    fields.setdefault("sampling", pb.SamplingParams(max_tokens=4))
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(pb.GenerateRequest(**fields), timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.value.details()
+    ids, _, last = generate(stub, max_tokens=3, prompt="still serving")
+    assert len(ids) == 3 and last.finish_reason == pb.FINISH_REASON_LENGTH
