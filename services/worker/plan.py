@@ -18,6 +18,10 @@ class SamplingOptions:
     top_k: int = 0  # 0 = no limit
     seed: int | None = None  # mixed with the position, so reruns are exact
 
+    @property
+    def is_greedy(self) -> bool:  # what services.model.sample asks of its options
+        return self.temperature == 0.0
+
     def to_pb(self) -> pb.SamplingOptions:
         return pb.SamplingOptions(temperature=self.temperature, top_p=self.top_p,
                                   top_k=self.top_k, seed=self.seed)

@@ -59,20 +59,22 @@ class PagedRunner:
 
     def generate(self, prompts: dict[str, list[int]], num_new: int) -> tuple[dict[str, list[int]], dict]:
         """Greedy: one step prefills every prompt, then num_new - 1 batched decode steps.
-        Returns (new tokens, prefill logits) per sequence."""
-        prefill = self.step(prompts)
-        outputs = {s: self._greedy({s: logits[-1:]})[0] for s, logits in prefill.items()}
-        new_tokens = {s: [t] for s, t in outputs.items()}
+
+        Returns per sequence its new tokens and the logits of every token it fed,
+        [len(prompt) + num_new - 1, V] (row j predicts token j + 1).
+        """
+        all_logits = {s: [lg] for s, lg in self.step(prompts).items()}
+        new_tokens = {s: [t] for s, t in zip(prompts, self._greedy({s: lg[0] for s, lg in all_logits.items()}))}
         for _ in range(num_new - 1):
             logits = self.step({s: tokens[-1:] for s, tokens in new_tokens.items()})
-            chosen = self._greedy({s: lg[-1:] for s, lg in logits.items()})
-            for seq_id, token in zip(new_tokens, chosen):
+            for seq_id, token in zip(new_tokens, self._greedy(logits)):
                 new_tokens[seq_id].append(token)
-        return new_tokens, prefill
+                all_logits[seq_id].append(logits[seq_id])
+        return new_tokens, {s: torch.cat(lg) for s, lg in all_logits.items()}
 
-    def _greedy(self, last_logits: dict[str, torch.Tensor]) -> list[int]:
-        rows = torch.cat(list(last_logits.values()))  # [num_seqs, V]
-        positions = [self.seq_lens[s] for s in last_logits]
+    def _greedy(self, step_logits: dict[str, torch.Tensor]) -> list[int]:
+        rows = torch.stack([logits[-1] for logits in step_logits.values()])  # [num_seqs, V]
+        positions = [self.seq_lens[s] for s in step_logits]
         return sample(rows, [SamplingOptions()] * rows.shape[0], positions)
 
     def _reserve(self, seq_id: str) -> None:

@@ -1,0 +1,70 @@
+"""Two DP replicas: discovery through Redis, expiry of a dead replica, resume after failure."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from deploy.launcher import LocalMesh, MeshSpec
+from meshserve.v1 import generation_pb2 as pb
+from meshserve.v1 import generation_pb2_grpc as pb_grpc
+from tests.integration.conftest import generate, hf_greedy, replica_addresses, scheduler_stats
+
+TTL_S = 1.5
+
+
+@pytest.fixture(scope="module")
+def two_replicas(default_model_dir):
+    spec = MeshSpec(replicas=2, port=0, heartbeat_ttl_s=TTL_S,
+                    worker_args=("--num-kv-blocks", "128"))
+    with LocalMesh(spec) as mesh:
+        yield mesh
+
+
+def scheduler_of(mesh: LocalMesh, replica_id: str):
+    return next(c for c in mesh.children if c.name == f"{replica_id}-scheduler")
+
+
+def busy_replica(mesh: LocalMesh) -> str:
+    for rid in ("replica-0", "replica-1"):
+        if scheduler_stats(mesh, rid).num_running:
+            return rid
+    raise AssertionError("no replica is running the request")
+
+
+def test_stream_resumes_on_another_replica_when_its_scheduler_dies(two_replicas, default_model_dir):
+    mesh = two_replicas
+    prompt = [1, 40, 41, 42, 43]
+    with grpc.insecure_channel(mesh.gateway_address) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        stream = stub.Generate(pb.GenerateRequest(
+            prompt_token_ids=prompt, sampling=pb.SamplingParams(max_tokens=600, ignore_eos=True)))
+        ids = list(next(stream).token_ids)
+        victim = busy_replica(mesh)
+        mesh.kill(scheduler_of(mesh, victim))
+        for msg in stream:
+            ids += msg.token_ids
+            last = msg
+    assert last.finish_reason == pb.FINISH_REASON_LENGTH
+    assert ids == hf_greedy(default_model_dir, prompt, 600, stop_at_eos=False)
+    gateway_log = next(c for c in mesh.children if c.name == "gateway").log.read_text()
+    assert f"replica {victim} failed" in gateway_log  # it really was resumed elsewhere
+    # The dead replica leaves the registry within its TTL (plus one refresh of slack).
+    deadline = time.monotonic() + TTL_S + 1.0
+    while victim in replica_addresses(mesh.redis_url):
+        assert time.monotonic() < deadline, f"{victim} still registered after its TTL"
+        time.sleep(0.1)
+    # And the mesh keeps serving on the survivor.
+    with grpc.insecure_channel(mesh.gateway_address) as channel:
+        out, _, last = generate(pb_grpc.GenerationStub(channel), max_tokens=4, prompt="after")
+    assert len(out) == 4
+
+
+def test_clean_shutdown_deregisters_at_once(default_model_dir):
+    spec = MeshSpec(port=0, heartbeat_ttl_s=60.0, worker_args=("--num-kv-blocks", "64"))
+    with LocalMesh(spec) as mesh:
+        assert list(replica_addresses(mesh.redis_url)) == ["replica-0"]
+        mesh.kill(scheduler_of(mesh, "replica-0"), sig=15)
+        assert replica_addresses(mesh.redis_url) == {}  # long before the 60 s TTL
