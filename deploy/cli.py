@@ -2,6 +2,7 @@
 
     meshserve up [--model DIR] [--tp N] [--pp N] [--replicas N] [--port 50051] [--redis-url URL]
     meshserve generate [--gateway HOST:PORT] [--max-tokens N] [--temperature T] [--seed S] PROMPT
+    meshserve demo [--tp N] [--pp N] [PROMPT]  start a mesh, stream one answer, stop
     meshserve gateway|scheduler|worker ...     one service each, as the Helm chart runs them
 """
 
@@ -92,9 +93,27 @@ def cmd_generate(argv: list[str]) -> int:
     return 0
 
 
+def cmd_demo(argv: list[str]) -> int:
+    from deploy.launcher import LocalMesh, MeshSpec
+
+    p = argparse.ArgumentParser(prog="meshserve demo",
+                                description="Start a local mesh, stream one answer, stop.")
+    p.add_argument("prompt", nargs="?", default="The mesh of small services")
+    p.add_argument("--model", default="")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--max-tokens", type=int, default=48)
+    a = p.parse_args(argv)
+    print(f"starting a local mesh (tp={a.tp} pp={a.pp}) ...", file=sys.stderr, flush=True)
+    with LocalMesh(MeshSpec(a.model, a.tp, a.pp, port=0)) as mesh:
+        print(f"gateway at {mesh.gateway_address}; prompt: {a.prompt!r}", file=sys.stderr)
+        return cmd_generate(["--gateway", mesh.gateway_address, "--max-tokens",
+                             str(a.max_tokens), a.prompt])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = ("up", "generate", "gateway", "scheduler", "worker")
+    commands = ("up", "generate", "demo", "gateway", "scheduler", "worker")
     if not argv or argv[0] not in commands:
         print(__doc__, file=sys.stderr)
         return 2
@@ -103,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_up(rest)
     if cmd == "generate":
         return cmd_generate(rest)
+    if cmd == "demo":
+        return cmd_demo(rest)
     if cmd == "gateway":
         from gateway.server import main as run
     elif cmd == "scheduler":

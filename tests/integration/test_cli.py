@@ -1,0 +1,59 @@
+"""The `meshserve` command as a user runs it: up, generate, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from deploy.launcher import free_port
+
+
+def test_up_generate_and_ctrl_c_stops_everything(default_model_dir, tmp_path):
+    port = free_port()
+    up = subprocess.Popen([sys.executable, "-m", "deploy.cli", "up", "--port", str(port)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        while not any("gateway listening" in line for line in lines):
+            assert up.poll() is None and time.monotonic() < deadline, "".join(lines)
+            lines.append(up.stdout.readline())
+        gen = subprocess.run([sys.executable, "-m", "deploy.cli", "generate", "--gateway",
+                              f"127.0.0.1:{port}", "--max-tokens", "5", "hello"],
+                             capture_output=True, text=True, timeout=60)
+        assert gen.returncode == 0, gen.stderr
+        assert "prompt + 5 generated tokens]" in gen.stderr
+        children = _children(up.pid)
+        assert len(children) >= 3  # redis-server, worker, scheduler, gateway
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=30) == 0
+        assert "meshserve stopped" in up.stdout.read()
+        time.sleep(0.5)
+        assert [pid for pid in children if _alive(pid)] == []
+    finally:
+        if up.poll() is None:
+            up.kill()
+
+
+def test_generate_reports_an_unreachable_gateway():
+    gen = subprocess.run([sys.executable, "-m", "deploy.cli", "generate", "--gateway",
+                          f"127.0.0.1:{free_port()}", "hi"], capture_output=True, text=True,
+                         timeout=60)
+    assert gen.returncode == 1 and "UNAVAILABLE" in gen.stderr
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(x) for x in out.stdout.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"  # a zombie has exited
