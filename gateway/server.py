@@ -190,7 +190,7 @@ def _deny_handler(handler):
 def load_model_limits(model_dir: Path) -> tuple[Tokenizer, ModelLimits]:
     config = ModelConfig.from_dir(model_dir)
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    return tokenizer, ModelLimits(model_dir.name, config.max_position_embeddings,
+    return tokenizer, ModelLimits(model_dir.name, config.max_context_len,
                                   config.vocab_size)
 
 

@@ -37,6 +37,9 @@ class ModelConfig:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     torch_dtype: str
+    # Attention here always sees the whole context; a model trained with a sliding window (Mistral,
+    # some Qwen2) matches it only up to this many positions: see max_context_len.
+    sliding_window: int | None = None
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
@@ -76,6 +79,7 @@ class ModelConfig:
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=_as_tuple(raw.get("eos_token_id")),
             torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
+            sliding_window=_sliding_window(model_type, raw),
         )
         config.validate()
         return config
@@ -96,6 +100,11 @@ class ModelConfig:
     def num_queries_per_kv(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
 
+    @property
+    def max_context_len(self) -> int:
+        """Longest context served exactly: the position limit, or the sliding window if smaller."""
+        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
+
 
 def _as_tuple(value: int | list[int] | None) -> tuple[int, ...]:
     if value is None:
@@ -103,6 +112,12 @@ def _as_tuple(value: int | list[int] | None) -> tuple[int, ...]:
     if isinstance(value, int):
         return (value,)
     return tuple(int(v) for v in value)
+
+
+def _sliding_window(model_type: str, raw: dict[str, Any]) -> int | None:
+    if model_type == "qwen2" and not raw.get("use_sliding_window", False):
+        return None
+    return raw.get("sliding_window") if model_type in ("mistral", "qwen2") else None
 
 
 def _attention_biases(model_type: str, raw: dict[str, Any]) -> tuple[bool, bool]:

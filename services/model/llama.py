@@ -36,6 +36,7 @@ from services.model.parallel import ParallelContext
 
 # (checkpoint tensor name, layer that loads it, its parameter "weight" | "bias", shard id)
 WeightSource = tuple[str, nn.Module, str, Any]
+CosSin = tuple[torch.Tensor, torch.Tensor]  # [num_tokens, head_dim] each
 
 
 class LlamaAttention(nn.Module):
@@ -57,7 +58,7 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = self.qkv_proj.num_kv_heads_per_rank
 
     def forward(
-        self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor, meta: AttentionMetadata
+        self, x: torch.Tensor, cos_sin: CosSin, kv_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [n, (heads + 2 kv_heads) · d] on this rank
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -108,7 +109,7 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config, ctx)
 
     def forward(
-        self, h: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor, meta: AttentionMetadata
+        self, h: torch.Tensor, cos_sin: CosSin, kv_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos_sin, kv_cache, meta)
         return h + self.mlp(self.post_attention_layernorm(h))
@@ -123,7 +124,9 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, ctx: ParallelContext, layer_range: range):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx) if ctx.is_first_stage else None
+        self.embed_tokens = None
+        if ctx.is_first_stage:
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx)
         self.layers = nn.ModuleDict({str(i): LlamaDecoderLayer(config, ctx) for i in layer_range})
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if ctx.is_last_stage else None
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)

@@ -51,7 +51,7 @@ class WorkerShard:
     def load(cls, s: WorkerSettings) -> WorkerShard:
         model_dir = Path(s.model) if s.model else ensure_default_model()
         config = ModelConfig.from_dir(model_dir)
-        device = _pick_device(s.device)
+        device = _pick_device(s.device, s.pp_rank * s.tp_size + s.tp_rank)
         dtype = _pick_dtype(s.dtype, device)
         if s.tp_size > 1:
             ctx = init_tp_group(s.dist_init, s.tp_rank, s.tp_size, s.pp_rank, s.pp_size)
@@ -66,7 +66,7 @@ class WorkerShard:
                                     device)
         runner = ModelRunner(model, caches, s.block_size, device, ctx.is_first_stage,
                              ctx.is_last_stage, ctx)
-        max_len = s.max_model_len or config.max_position_embeddings
+        max_len = s.max_model_len or config.max_context_len
         return cls(s, config, model_dir.name, ctx, device, runner, num_blocks, max_len)
 
     @property
@@ -136,12 +136,17 @@ class WorkerShard:
             await self.link.close()
 
 
-def _pick_device(name: str) -> torch.device:
+def _pick_device(name: str, local_index: int) -> torch.device:
+    """auto: one GPU per worker of the host (stage-major), else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        name = f"cuda:{local_index % torch.cuda.device_count()}"
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {name}: CUDA is not available here; use --device cpu")
+        torch.cuda.set_device(device)  # before the NCCL group is made
     return device
 
 

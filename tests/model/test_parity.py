@@ -28,10 +28,10 @@ def encode(model_dir: Path, text: str) -> list[int]:
     return Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(text).ids
 
 
-def hf_model(model_dir: Path, cls_name: str = "AutoModelForCausalLM"):
-    import transformers
+def hf_model(model_dir: Path):
+    from transformers import AutoModelForCausalLM
 
-    return getattr(transformers, cls_name).from_pretrained(model_dir, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
 def run_ours(model_dir: Path, prompts: dict[str, list[int]], num_new: int, **load_kwargs):

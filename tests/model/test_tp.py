@@ -2,9 +2,11 @@
 
 One spawn of 4 ranks covers every shape, each rank passing its own ParallelContext:
 
-    rank      0      1      2      3
-    TP=4     [ tiny, then gqa, world group of 4 ]
-    TP=2     [ tiny, pair 0-1 ] [ gqa, pair 2-3 ]
+    rank          0      1      2      3
+    TP=4         [ tiny, then gqa, world group of 4 ]
+    TP=2         [ tiny, pair 0-1 ] [ gqa, pair 2-3 ]
+    TP=2 × PP=2  [ tiny, pair 0-1 ] [ gqa, pair 2-3 ]  each rank runs its shard of both stages in
+                                                       turn, the residual stream handed over in memory
 
 gqa has 2 KV heads, so at TP=4 each KV head is replicated on two ranks.
 """
@@ -35,31 +37,34 @@ WORLD_SIZE = 4
 NUM_NEW = 33  # prefill + 32 decode steps
 PROMPT = list(range(3, 24))  # 21 tokens: crosses a 16-token block
 ATOL = 1e-4
-RUNS = [("tiny", 4), ("gqa", 4), ("tiny", 2), ("gqa", 2)]
+RUNS = [("tiny", 4, 1), ("gqa", 4, 1), ("tiny", 2, 1), ("gqa", 2, 1), ("tiny", 2, 2), ("gqa", 2, 2)]
+SINGLE_STAGE_RUNS = [run[:2] for run in RUNS if run[2] == 1]
 
 
 def _rank_main(rank: int, init_file: str, dirs: dict[str, str], out_dir: str) -> None:
     torch.set_num_threads(1)
-    ctx4 = init_tp_group(f"file://{init_file}", rank, WORLD_SIZE)
-    results = {f"{name}/4": _run_rank(Path(dirs[name]), ctx4) for name in ("tiny", "gqa")}
+    ctx4 = init_tp_group(f"file://{init_file}", rank, WORLD_SIZE, backend="gloo")  # CPU tensors, GPU or not
+    results = {f"{name}/4/1": _run_rank(Path(dirs[name]), [ctx4]) for name in ("tiny", "gqa")}
     pair_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank makes both
-    ctx2 = ParallelContext(tp_rank=rank % 2, tp_size=2, tp_group=pair_groups[rank // 2])
+    pair = dict(tp_rank=rank % 2, tp_size=2, tp_group=pair_groups[rank // 2])
     name = ("tiny", "gqa")[rank // 2]
-    results[f"{name}/2"] = _run_rank(Path(dirs[name]), ctx2)
+    results[f"{name}/2/1"] = _run_rank(Path(dirs[name]), [ParallelContext(**pair)])
+    stages = [ParallelContext(**pair, pp_rank=k, pp_size=2) for k in range(2)]
+    results[f"{name}/2/2"] = _run_rank(Path(dirs[name]), stages)
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     close_tp_group(ctx4)
 
 
-def _run_rank(model_dir: Path, ctx: ParallelContext) -> dict:
-    model = load_model(model_dir, ctx)
+def _run_rank(model_dir: Path, stage_ctxs: list[ParallelContext]) -> dict:
+    stages = [load_model(model_dir, ctx) for ctx in stage_ctxs]
     with count_collectives() as counts:
-        tokens, logits = PagedRunner([model]).generate({"a": PROMPT}, NUM_NEW)
+        tokens, logits = PagedRunner(stages).generate({"a": PROMPT}, NUM_NEW)
     return {
         "tokens": tokens["a"],
         "logits": logits["a"],
         "counts": dict(counts),
-        "shard_mismatches": _shard_mismatches(model, model_dir, ctx),
-        "param_bytes": _param_bytes(model),
+        "shard_mismatches": _shard_mismatches(stages, model_dir, stage_ctxs[0]),
+        "param_bytes": _param_bytes(stages[0]),
     }
 
 
@@ -105,14 +110,17 @@ def _expected_shards(full: dict[str, torch.Tensor], config: ModelConfig, ctx: Pa
     return expected
 
 
-def _shard_mismatches(model: torch.nn.Module, model_dir: Path, ctx: ParallelContext) -> list[str]:
+def _shard_mismatches(stages: list[torch.nn.Module], model_dir: Path, ctx: ParallelContext) -> list[str]:
+    """Names whose shard differs from the expected slice; the stages together hold every tensor."""
     with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
         full = {name: f.get_tensor(name) for name in f.keys()}
-    expected = _expected_shards(full, model.config, ctx)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    if set(params) != set(expected):
-        return [f"names differ: {sorted(set(params) ^ set(expected))}"]
-    return [name for name, t in expected.items() if not torch.equal(params[name], t)]
+    expected = _expected_shards(full, stages[0].config, ctx)
+    held = {}
+    for stage in stages:
+        held.update(stage.named_parameters(remove_duplicate=False))
+    if set(held) != set(expected):
+        return [f"names differ: {sorted(set(held) ^ set(expected))}"]
+    return [name for name, t in expected.items() if not torch.equal(held[name], t)]
 
 
 @pytest.fixture(scope="module")
@@ -137,9 +145,9 @@ def tp1_reference(tiny_dir: Path, gqa_dir: Path) -> dict:
     return reference
 
 
-@pytest.mark.parametrize(("name", "tp"), RUNS)
-def test_tokens_and_logits_equal_tp1(tp_results: dict, tp1_reference: dict, name: str, tp: int) -> None:
-    ranks = tp_results[f"{name}/{tp}"]
+@pytest.mark.parametrize(("name", "tp", "pp"), RUNS)
+def test_tokens_and_logits_equal_tp1(tp_results: dict, tp1_reference: dict, name: str, tp: int, pp: int) -> None:
+    ranks = tp_results[f"{name}/{tp}/{pp}"]
     assert len(ranks) == tp
     expected = tp1_reference[name]
     assert len(set(expected["tokens"])) >= 8  # a looping continuation would make this check weak
@@ -148,13 +156,13 @@ def test_tokens_and_logits_equal_tp1(tp_results: dict, tp1_reference: dict, name
         assert (rank["logits"] - expected["logits"]).abs().max().item() <= ATOL
 
 
-@pytest.mark.parametrize(("name", "tp"), RUNS)
-def test_each_shard_is_the_matching_slice_of_the_full_weight(tp_results: dict, name: str, tp: int) -> None:
-    for rank in tp_results[f"{name}/{tp}"]:
+@pytest.mark.parametrize(("name", "tp", "pp"), RUNS)
+def test_each_shard_is_the_matching_slice_of_the_full_weight(tp_results: dict, name: str, tp: int, pp: int) -> None:
+    for rank in tp_results[f"{name}/{tp}/{pp}"]:
         assert rank["shard_mismatches"] == []
 
 
-@pytest.mark.parametrize(("name", "tp"), RUNS)
+@pytest.mark.parametrize(("name", "tp"), SINGLE_STAGE_RUNS)
 def test_parameter_bytes_per_rank(tp_results: dict, tp1_reference: dict, name: str, tp: int) -> None:
     """Norms are replicated; everything else is 1/tp of the total, except q/k/v, whose KV part is
     1/num_kv_heads (not 1/tp) per rank once tp > num_kv_heads (replicated KV heads)."""
@@ -164,7 +172,7 @@ def test_parameter_bytes_per_rank(tp_results: dict, tp1_reference: dict, name: s
     q_share = config.num_attention_heads / (config.num_attention_heads + 2 * config.num_key_value_heads)
     kv_fraction = max(1 / tp, 1 / config.num_key_value_heads)
     expected_qkv = full["qkv"] * (q_share / tp + (1 - q_share) * kv_fraction)
-    for rank in tp_results[f"{name}/{tp}"]:
+    for rank in tp_results[f"{name}/{tp}/1"]:
         sizes = rank["param_bytes"]
         assert sizes["norm"] == full["norm"]
         assert sizes["other"] == full["other"] // tp
@@ -173,12 +181,15 @@ def test_parameter_bytes_per_rank(tp_results: dict, tp1_reference: dict, name: s
         assert sharded <= (full["other"] + full["qkv"]) / tp * (1.2 if kv_fraction > 1 / tp else 1.0)
 
 
-@pytest.mark.parametrize(("name", "tp"), RUNS)
-def test_two_all_reduces_per_layer_per_forward(tp_results: dict, tp1_reference: dict, name: str, tp: int) -> None:
-    """Per forward: 2 per layer (o_proj, down_proj) + 1 for the embedding; 1 all-gather of logits."""
+@pytest.mark.parametrize(("name", "tp", "pp"), RUNS)
+def test_two_all_reduces_per_layer_per_forward(
+    tp_results: dict, tp1_reference: dict, name: str, tp: int, pp: int
+) -> None:
+    """Per forward: 2 per layer (o_proj, down_proj) + 1 for the embedding (first stage); 1 all-gather
+    of the logits (last stage). With PP the rank runs its shard of every stage, so the sums match."""
     num_layers = ModelConfig.from_dir(tp1_reference[name]["dir"]).num_hidden_layers
     num_forwards = NUM_NEW  # one prefill + NUM_NEW - 1 decode steps
-    for rank in tp_results[f"{name}/{tp}"]:
+    for rank in tp_results[f"{name}/{tp}/{pp}"]:
         assert rank["counts"] == {"all_reduce": num_forwards * (2 * num_layers + 1), "all_gather": num_forwards}
 
 
@@ -189,6 +200,8 @@ def test_kv_cache_per_rank_holds_its_share_of_heads(gqa_dir: Path) -> None:
     one = kv_bytes_per_block(config, ParallelContext(), 2, 16, torch.float32)
     assert one == 2 * 2 * 16 * 2 * config.head_dim * 4
     fake_group = object()
-    per_rank = {tp: kv_bytes_per_block(config, ParallelContext(0, tp, fake_group), 2, 16, torch.float32) for tp in (2, 4)}
+    per_rank = {
+        tp: kv_bytes_per_block(config, ParallelContext(0, tp, fake_group), 2, 16, torch.float32) for tp in (2, 4)
+    }
     assert per_rank == {2: one // 2, 4: one // 2}  # 1 KV head per rank; at TP=4 it is a replica
     assert math.isclose(per_rank[4] / one, 1 / config.num_key_value_heads)

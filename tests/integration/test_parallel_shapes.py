@@ -1,0 +1,53 @@
+"""Every supported TP x PP shape, served through real processes, gives transformers' greedy
+tokens: the same 32 tokens as TP=1 PP=1 and as `LlamaForCausalLM.generate`."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from deploy.launcher import LocalMesh, MeshSpec
+from meshserve.v1 import generation_pb2 as pb
+from meshserve.v1 import generation_pb2_grpc as pb_grpc
+from tests.checkpoints import GQA_CONFIG, save_hf_llama
+from tests.integration.conftest import hf_greedy
+
+PROMPTS = [[1, 50, 60, 70, 80], [1] + list(range(100, 140)), [1, 7]]
+NUM_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def gqa_model_dir(tmp_path_factory, default_model_dir):
+    return save_hf_llama(tmp_path_factory.mktemp("gqa"), default_model_dir, **GQA_CONFIG)
+
+
+def served_greedy(model_dir, tp: int, pp: int) -> list[list[int]]:
+    spec = MeshSpec(model=str(model_dir), tp=tp, pp=pp, port=0,
+                    worker_args=("--num-kv-blocks", "64"))
+    with LocalMesh(spec) as mesh, grpc.insecure_channel(mesh.gateway_address) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+
+        def one(prompt):
+            sampling = pb.SamplingParams(max_tokens=NUM_TOKENS, ignore_eos=True)
+            return [t for m in stub.Generate(pb.GenerateRequest(prompt_token_ids=prompt,
+                                                                sampling=sampling), timeout=120)
+                    for t in m.token_ids]
+
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:  # batched together
+            return list(pool.map(one, PROMPTS))
+
+
+def reference(model_dir) -> list[list[int]]:
+    return [hf_greedy(model_dir, p, NUM_TOKENS, stop_at_eos=False) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (4, 1)])
+def test_default_model(default_model_dir, tp, pp):
+    assert served_greedy(default_model_dir, tp, pp) == reference(default_model_dir)
+
+
+def test_gqa_model_with_tp_above_kv_heads(gqa_model_dir):
+    # 2 KV heads, TP=4: each KV head is replicated on two ranks.
+    assert served_greedy(gqa_model_dir, 4, 1) == reference(gqa_model_dir)
