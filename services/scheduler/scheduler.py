@@ -31,6 +31,9 @@ class SchedulerConfig:
     # stage's sample: a sequence then waits for its result before its next step.
     workers_keep_last_token: bool = True
     eos_token_ids: tuple[int, ...] = ()
+    # With PP = P, P micro-batches of disjoint sequences are in flight: each plan takes about
+    # 1/P of the sequences, so every stage has work.
+    num_micro_batches: int = 1
 
 
 @dataclass(frozen=True)
@@ -81,22 +84,28 @@ class Scheduler:
     def schedule(self) -> StepPlan | None:
         """The next step, or None when nothing can run now."""
         budget = self.config.max_num_batched_tokens
+        max_seqs = self._max_seqs_per_plan()
         planned: list[tuple[Sequence, int]] = []
         index = 0  # preemption removes sequences behind this point only
-        while index < len(self.running) and budget and len(planned) < self.config.max_num_seqs:
+        while index < len(self.running) and budget and len(planned) < max_seqs:
             seq = self.running[index]
             num_new = min(self._num_runnable_tokens(seq), budget)
             if num_new and self._reserve(seq, num_new):
                 planned.append((seq, num_new))
                 budget -= num_new
             index += 1
-        budget = self._admit(planned, budget)
+        budget = self._admit(planned, budget, max_seqs)
         if not planned:
             return None
         self.max_batch_size_seen = max(self.max_batch_size_seen, len(planned))
         finished, self._finished_to_announce = tuple(self._finished_to_announce), []
         return StepPlan(next(self._step_ids), tuple(self._plan_seq(s, n) for s, n in planned),
                         finished_seq_ids=finished)
+
+    def _max_seqs_per_plan(self) -> int:
+        num_seqs = len(self.running) + len(self.waiting)
+        share = -(-num_seqs // self.config.num_micro_batches)  # ceil
+        return max(1, min(self.config.max_num_seqs, share))
 
     def _can_run(self, seq: Sequence) -> bool:
         return self._num_runnable_tokens(seq) > 0
@@ -128,9 +137,9 @@ class Scheduler:
             self._preempt(victim)
         return True
 
-    def _admit(self, planned: list[tuple[Sequence, int]], budget: int) -> int:
+    def _admit(self, planned: list[tuple[Sequence, int]], budget: int, max_seqs: int) -> int:
         while (self.waiting and budget > 0
-               and len(planned) < self.config.max_num_seqs
+               and len(planned) < max_seqs
                and not any(s.preempt_pending for s in self.running)):
             seq = self.waiting[0]
             if seq.num_computed_tokens == 0:

@@ -54,6 +54,7 @@ class SchedulerSettings:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     heartbeat_ttl_s: float = 5.0
+    max_inflight_steps: int = 0  # 0 = PP + 1 (one plan queued behind one per stage)
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> SchedulerSettings:
@@ -71,11 +72,13 @@ class SchedulerSettings:
         p.add_argument("--no-chunked-prefill", action="store_true")
         p.add_argument("--no-prefix-caching", action="store_true")
         p.add_argument("--heartbeat-ttl", type=float, default=5.0)
+        p.add_argument("--max-inflight-steps", type=int, default=0,
+                       help="plans in flight at once (0 = pipeline stages + 1)")
         a = p.parse_args(argv)
         return cls(tuple(w for w in a.workers.split(",") if w), a.redis_url, a.host, a.port,
                    a.advertise_host, a.replica_id, a.model_name, a.max_num_seqs,
                    a.max_num_batched_tokens, not a.no_chunked_prefill, not a.no_prefix_caching,
-                   a.heartbeat_ttl)
+                   a.heartbeat_ttl, a.max_inflight_steps)
 
 
 class SchedulerServicer(pb_grpc.SchedulerServicer):
@@ -163,11 +166,13 @@ def build_engine(settings: SchedulerSettings, shape: ReplicaShape, workers: Work
         max_num_batched_tokens=settings.max_num_batched_tokens,
         enable_chunked_prefill=settings.enable_chunked_prefill,
         workers_keep_last_token=shape.pp_size == 1,
-        eos_token_ids=shape.eos_token_ids)
+        eos_token_ids=shape.eos_token_ids,
+        num_micro_batches=shape.pp_size)
     blocks = BlockManager(shape.num_kv_blocks, shape.block_size, settings.enable_prefix_caching)
     # PP = 1: the next plan waits at the workers while they run this one. PP = P: one
     # micro-batch per stage, plus one queued.
-    return Engine(Scheduler(config, blocks), workers, max_inflight_steps=shape.pp_size + 1)
+    inflight = settings.max_inflight_steps or shape.pp_size + 1
+    return Engine(Scheduler(config, blocks), workers, max_inflight_steps=inflight)
 
 
 async def heartbeat_loop(registry: Registry, servicer: SchedulerServicer, record: ReplicaRecord,

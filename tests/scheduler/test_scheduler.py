@@ -154,3 +154,15 @@ def test_prefix_hit_reported_and_last_token_always_computed():
     # Block-aligned full hit: the last block is recomputed to get logits.
     assert (s.num_computed_tokens, s.token_ids) == (4, tuple(range(104, 108)))
     assert sched.seqs[2].num_cached_prompt_tokens == 4
+
+
+def test_micro_batches_are_disjoint_shares_of_the_sequences():
+    sched = make(workers_keep_last_token=False, num_micro_batches=2)
+    for i in range(4):
+        sched.add(seq(i, 3, first_token=100 + 10 * i))
+    first, second = sched.schedule(), sched.schedule()
+    assert [s.seq_id for s in first.seqs] == [0, 1]
+    assert [s.seq_id for s in second.seqs] == [2, 3]
+    assert sched.schedule() is None  # every sequence is in flight
+    run(sched, first, [5, 6])
+    assert [s.seq_id for s in sched.schedule().seqs] == [0, 1]

@@ -52,23 +52,31 @@ async def _check_received(link: StageLink, seed: int) -> list:
     return report
 
 
-async def receiver(inbox, outbox, seeds: list[int]):
-    """One link per seed, all in this process (one UCX worker), received concurrently."""
+async def receiver(inbox, outbox, seeds: list[int], cancel_first_recv: bool = False):
+    """One link per seed, all in this process (one UCX worker), received concurrently.
+    With `cancel_first_recv`, a recv() times out before the sender is let go (by the test)."""
     links = [StageLink("cpu") for _ in seeds]
     outbox.put(("address", [await link.start() for link in links]))
+    if cancel_first_recv:
+        try:
+            await asyncio.wait_for(links[0].recv(), 0.2)
+        except TimeoutError:
+            outbox.put(("timed out", None))
     reports = await asyncio.gather(*(_check_received(link, s) for link, s in zip(links, seeds)))
     for link in links:
         await link.close()
     return reports
 
 
-async def sender(inbox, outbox, seeds: list[int]):
+async def sender(inbox, outbox, seeds: list[int], wait_for_go: bool = False):
     """Sends cases(seed) on one link per seed, the links interleaved."""
     addresses = inbox.get()
     links = [StageLink("cpu") for _ in seeds]
     for link, address in zip(links, addresses):
         await link.start()
         await link.connect(address)
+    if wait_for_go:
+        assert inbox.get() == "go"
 
     async def send_all(link, seed):
         for header, tensor in cases(seed):
@@ -111,7 +119,8 @@ async def bad_addresses(inbox, outbox):
     good = await link.start()
     tampered = bytearray(good)
     tampered[-5] ^= 0xFF
-    candidates = {"garbage": b"definitely not a UCX address", "truncated": good[:40],
+    candidates = {"garbage": b"definitely not a UCX address", "short": good[:10],
+                  "truncated": good[:-20],
                   "tampered": bytes(tampered), "dead_peer": dead_address}
     for name, address in candidates.items():
         try:
