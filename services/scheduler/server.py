@@ -161,17 +161,17 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
 
 
 def build_engine(settings: SchedulerSettings, shape: ReplicaShape, workers: WorkerGroup) -> Engine:
+    # PP = 1: the next plan waits at the workers while they run this one. PP = P: one
+    # micro-batch per stage, plus one queued.
+    inflight = settings.max_inflight_steps or shape.pp_size + 1
     config = SchedulerConfig(
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
         enable_chunked_prefill=settings.enable_chunked_prefill,
         workers_keep_last_token=shape.pp_size == 1,
         eos_token_ids=shape.eos_token_ids,
-        num_micro_batches=shape.pp_size)
+        num_micro_batches=min(shape.pp_size, inflight))
     blocks = BlockManager(shape.num_kv_blocks, shape.block_size, settings.enable_prefix_caching)
-    # PP = 1: the next plan waits at the workers while they run this one. PP = P: one
-    # micro-batch per stage, plus one queued.
-    inflight = settings.max_inflight_steps or shape.pp_size + 1
     return Engine(Scheduler(config, blocks), workers, max_inflight_steps=inflight)
 
 

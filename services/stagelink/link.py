@@ -5,34 +5,40 @@
     send(header, tensor)     tag messages    recv() -> (header, tensor on its own device)
 
 One process may hold a link that receives (from stage k-1) and send on it too (to stage k+1).
-Every method must be awaited on the event loop that awaited `start()`: UCX is progressed there.
+Every method must be awaited on the one event loop of the process that runs its links.
 
-Choices, with figures measured here (2 shared cores, two processes, worker-address endpoints,
-`ucxx` send/recv loop, 16 KiB / 4 MiB messages):
-- endpoints are made from UCX worker addresses, never from a listener: on one host only they use
-  shared memory (sysv/posix/cma); listener-made endpoints stay on TCP.
-- progress mode "blocking": 92k msg/s / 20.6 GB/s; "polling" 97k msg/s / 20.2 GB/s (the same
-  within noise) but spins a core even when idle, which a worker on a small machine cannot spare
-  (its model thread needs it); ucxx's default "thread" mode: 6k msg/s / 7.2 GB/s.
+Choices, with figures measured here (2 shared cores, two processes, 4 MiB messages):
+- endpoints are made from UCX worker addresses, never from a listener: on one host only these
+  use shared memory (sysv/posix/cma); listener-made endpoints stay on TCP.
+- progress: our own engine (engine.py): spin 50 µs, then sleep on UCX's epoll fd. It moves
+  2x the small messages of ucxx's asyncio "blocking"/"polling" modes and 30x its "thread" mode,
+  and unlike all of them it leaves an idle core idle.
+- small host tensors (<= 64 KiB) travel inside the header message (wire.py): one message, not
+  two, for decode-sized activations.
 - endpoint error handling off by default: with it on, UCX drops every transport that cannot report
-  a peer failure, which on one host means all the shared-memory ones: 4 MiB messages fell from
-  4.1–5.8 GB/s to 0.35–0.41 GB/s (TCP). The cost: a send to a peer that died stalls instead of
-  raising, so a dead stage is found by the scheduler's step timeout / heartbeats. Across nodes
-  RDMA transports report peer failures; there `error_handling=True` should cost little.
+  a peer failure, which on one host means all the shared-memory ones, leaving TCP: 0.14-0.26x
+  the throughput for 128 KiB-16 MiB activations (bench/bench_stagelink.py). The cost: a send to
+  a peer that died stalls instead of raising, so a dead stage is found by the scheduler (step
+  timeout, heartbeats). Across nodes RDMA transports report peer failures; there
+  `error_handling=True` should cost little (not measured here).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
+import contextlib
 import secrets
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from services.stagelink.engine import UcxEngine, get_engine
 from services.stagelink.errors import StageLinkError
 from services.stagelink.wire import (
     HEADER_TAG,
     MAX_HEADER_MESSAGE_BYTES,
+    MAX_INLINE_BYTES,
     PAYLOAD_TAG,
     TAG_KIND_BITS,
     ActivationHeader,
@@ -42,36 +48,14 @@ from services.stagelink.wire import (
     unpack_header,
 )
 
-PROGRESS_MODE = "blocking"
 
-_ucxx = None  # the `ucxx` module once UCX has started in this process
+@dataclass
+class _Incoming:
+    """A received header whose payload is still to come."""
 
-
-def start_ucx():
-    """Imports and initialises `ucxx` once per process; every link of the process shares it."""
-    global _ucxx
-    if _ucxx is not None:
-        return _ucxx
-    # ucxx sets UCX_MEMTYPE_CACHE, which the UCX it ships no longer reads: silence that warning.
-    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
-    try:
-        import ucxx
-    except Exception as e:  # ImportError, or OSError when libucx cannot be loaded
-        raise StageLinkError(
-            f"pipeline parallelism needs UCX through the `ucxx` package, which failed to import "
-            f"({type(e).__name__}: {e}). Install it with `pip install ucxx-cu12` (it brings "
-            f"libucx; ucxx-cu13 on CUDA 13), or run with --pp 1") from e
-    try:
-        ucxx.init(progress_mode=PROGRESS_MODE)
-    except RuntimeError as e:
-        if "already initiated" not in str(e):  # started by other code in this process: share it
-            raise StageLinkError(f"UCX failed to start: {e}") from e
-    except Exception as e:
-        raise StageLinkError(
-            f"UCX failed to start ({type(e).__name__}: {e}). Check the UCX_* environment "
-            f"variables (UCX_TLS, UCX_NET_DEVICES) and that `ucx_info -d` lists transports") from e
-    _ucxx = ucxx
-    return ucxx
+    header: ActivationHeader
+    out: torch.Tensor
+    request: object | None = None  # the posted payload receive
 
 
 class StageLink:
@@ -79,22 +63,24 @@ class StageLink:
 
     Invariants: one sender per receiving link (rank r of stage k sends only to rank r of stage
     k+1); `send()` calls reach the peer in the order they are made, and `recv()` returns them in
-    that order. Both are safe to cancel (e.g. under `asyncio.wait_for`): a transfer already
-    begun completes in the background and `recv()` hands its result to the next caller.
+    that order. Both may be cancelled (e.g. by `asyncio.wait_for`): a send already posted still
+    completes, and a receive already posted stays posted for the next `recv()`.
     """
 
     def __init__(self, device: torch.device | str = "cpu", *, error_handling: bool = False):
         self.device = torch.device(device)
         self.error_handling = error_handling
-        self._ucxx = None
+        self._engine: UcxEngine | None = None
         self._address = b""
-        self._tag = 0  # this link's receive tag base: low TAG_KIND_BITS are the message kind
+        self._recv_tags = None  # (header, payload) UCX tags of this link
+        self._send_tags = None  # (header, payload) UCX tags of the next stage's link
         self._ep = None  # endpoint to the next stage
-        self._peer_tag = 0
-        self._header_buf = bytearray(MAX_HEADER_MESSAGE_BYTES)
+        self._header_buf = np.empty(MAX_HEADER_MESSAGE_BYTES, np.uint8)
+        self._header_array = None  # UCX's view of _header_buf
+        self._header_request = None  # a posted header receive that a cancelled recv() left
+        self._incoming: _Incoming | None = None
         self._send_lock = asyncio.Lock()
         self._recv_lock = asyncio.Lock()
-        self._receiving: asyncio.Future | None = None  # a receive that outlived a cancelled recv()
         self._closed = False
 
     @property
@@ -105,107 +91,122 @@ class StageLink:
         """Starts UCX here (once per process) and returns this link's address to publish."""
         if self._address:
             return self._address
-        ucxx = start_ucx()
-        ucxx.continuous_ucx_progress(event_loop=asyncio.get_running_loop())
+        engine = get_engine()
         if self.device.type == "cuda":
-            _check_cuda_transports(ucxx)
-        self._ucxx = ucxx
-        self._tag = secrets.randbits(64) & ~((1 << TAG_KIND_BITS) - 1)
-        self._address = pack_address(self._tag, bytes(ucxx.get_worker_address()))
+            _check_cuda_transports(engine)
+            # UCX's CUDA transports use the context current on the thread that progresses them:
+            # this one (the event loop's). One GPU per worker process, so make it this device's.
+            torch.cuda.set_device(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
+        tag = secrets.randbits(64) & ~((1 << TAG_KIND_BITS) - 1)
+        self._recv_tags = (engine.tag(tag | HEADER_TAG), engine.tag(tag | PAYLOAD_TAG))
+        self._header_array = engine.Array(self._header_buf)
+        self._address = pack_address(tag, engine.address)
+        self._engine = engine
         return self._address
 
     async def connect(self, peer_address: bytes) -> None:
         """Makes the persistent endpoint to the next stage's link (its `start()` result)."""
-        ucxx = self._require_started()
+        engine = self._require_started()
         if self._ep is not None:
             raise StageLinkError("this stage link is already connected to a next stage")
         peer_tag, worker_address = unpack_address(peer_address)
         try:
-            self._ep = await ucxx.create_endpoint_from_worker_address(
-                ucxx.get_ucx_address_from_buffer(worker_address),
-                endpoint_error_handling=self.error_handling)
-        except ucxx.exceptions.UCXError as e:
+            self._ep = engine.endpoint(worker_address, self.error_handling)
+        except engine.api.UCXError as e:
             raise StageLinkError(
                 f"cannot reach the next stage at its published address ({e}): is that worker "
                 f"still running, and is its host reachable with the UCX transports here "
-                f"({', '.join(sorted(ucxx.get_active_transports()))})?") from e
-        self._peer_tag = peer_tag
+                f"({', '.join(sorted(engine.transports()))})?") from e
+        self._send_tags = (engine.tag(peer_tag | HEADER_TAG), engine.tag(peer_tag | PAYLOAD_TAG))
 
     async def send(self, header: ActivationHeader, tensor: torch.Tensor) -> None:
         """Sends `tensor` (any device; a CUDA tensor goes as it is, without a host copy)."""
-        self._require_started()
+        engine = self._require_started()
         if self._ep is None:
             raise StageLinkError("connect() this stage link to the next stage before send()")
         if tuple(tensor.shape) != header.shape or str(tensor.dtype) != f"torch.{header.dtype}":
             raise ValueError(f"header says {header.dtype}{list(header.shape)}, tensor is "
                              f"{tensor.dtype}{list(tensor.shape)}")
-        # Shielded: once begun, header and payload both go, even if the caller is cancelled.
-        await asyncio.shield(asyncio.ensure_future(self._send(header, tensor.contiguous())))
+        tensor = tensor.contiguous()
+        async with self._send_lock:  # posts in call order, even across a wait for CUDA work
+            if tensor.is_cuda and header.nbytes:
+                await _current_stream_done(tensor.device)
+            if header.nbytes == 0:
+                messages = [pack_header(header)]
+            elif tensor.device.type == "cpu" and header.nbytes <= MAX_INLINE_BYTES:
+                messages = [pack_header(header, _wire_view(tensor))]
+            else:
+                messages = [pack_header(header), _wire_view(tensor)]
+            buffers = [engine.Array(m) for m in messages]
+            requests = [self._ep.tag_send(b, t) for b, t in zip(buffers, self._send_tags)]
+        try:
+            for request in requests:
+                await self._wait(request, f"sending step {header.step_id} micro-batch "
+                                          f"{header.micro_batch} to the next stage")
+        except asyncio.CancelledError:
+            engine.keep_until_done(requests, buffers)
+            raise
 
     async def recv(self) -> tuple[ActivationHeader, torch.Tensor]:
         """Receives the next activation from the previous stage, into a new tensor on `device`."""
-        self._require_started()
+        engine = self._require_started()
         async with self._recv_lock:
-            if self._receiving is None:
-                self._receiving = asyncio.ensure_future(self._receive())
-            try:
-                result = await asyncio.shield(self._receiving)
-            except asyncio.CancelledError:
-                raise  # the receive goes on; the next recv() returns its result
-            except BaseException:
-                self._receiving = None
-                raise
-            self._receiving = None
-            return result
+            if self._incoming is None:
+                if self._header_request is None:
+                    self._header_request = engine.worker.tag_recv(self._header_array,
+                                                                  self._recv_tags[0])
+                await self._wait(self._header_request, "receiving from the previous stage")
+                self._header_request = None
+                header, inline_at = unpack_header(self._header_buf)
+                out = torch.empty(header.shape, dtype=getattr(torch, header.dtype),
+                                  device=self.device)
+                if inline_at is not None:
+                    payload = self._header_buf[inline_at:inline_at + header.nbytes]
+                    out.reshape(-1).view(torch.uint8).copy_(torch.from_numpy(payload))
+                    return header, out
+                self._incoming = _Incoming(header, out)
+            incoming = self._incoming
+            if incoming.request is None and incoming.header.nbytes:
+                if incoming.out.is_cuda:  # `out` may reuse memory that queued kernels still read
+                    await _current_stream_done(incoming.out.device)
+                incoming.request = engine.worker.tag_recv(
+                    engine.Array(_wire_view(incoming.out)), self._recv_tags[1])
+            if incoming.request is not None:
+                await self._wait(incoming.request, "receiving from the previous stage")
+            self._incoming = None
+            return incoming.header, incoming.out
 
     async def close(self) -> None:
-        """Closes the endpoint to the next stage. UCX itself stays up for the process."""
+        """Closes the endpoint to the next stage; UCX itself stays up for the process. A recv()
+        waiting in another task is not woken: cancel that task."""
+        if self._closed:
+            return
         self._closed = True
-        if self._receiving is not None:
-            self._receiving.cancel()
-            self._receiving = None
+        if self._engine is not None:  # receives still posted keep their buffers until matched
+            pending = self._incoming.request if self._incoming else None
+            self._engine.keep_until_done([self._header_request, pending],
+                                         self._header_buf, self._incoming)
         if self._ep is not None:
             ep, self._ep = self._ep, None
-            await ep.close()
+            with contextlib.suppress(self._engine.api.UCXError):  # a dead peer: nothing to flush
+                ep.close_blocking(period=10**9, max_attempts=1)  # waits at most 1 s
+                ep.remove_close_callback()
 
     # -- internals ------------------------------------------------------------------------
 
-    def _require_started(self):
+    def _require_started(self) -> UcxEngine:
         if self._closed:
             raise StageLinkError("this stage link is closed")
-        if self._ucxx is None:
+        if self._engine is None:
             raise StageLinkError("await StageLink.start() first")
-        return self._ucxx
+        return self._engine
 
-    async def _send(self, header: ActivationHeader, tensor: torch.Tensor) -> None:
-        ep, ucx_error = self._ep, self._ucxx.exceptions.UCXError
-        async with self._send_lock:  # keeps each header next to its payload on the wire
-            if tensor.is_cuda:
-                await _current_stream_done(tensor.device)
-            sends = [ep.send(pack_header(header), tag=self._peer_tag | HEADER_TAG, force_tag=True)]
-            if header.nbytes:
-                sends.append(ep.send(_wire_view(tensor), tag=self._peer_tag | PAYLOAD_TAG,
-                                     force_tag=True))
-            try:
-                await asyncio.gather(*sends)  # both submitted before either is waited on
-            except ucx_error as e:
-                raise StageLinkError(f"sending step {header.step_id} micro-batch "
-                                     f"{header.micro_batch} to the next stage failed: {e}") from e
-
-    async def _receive(self) -> tuple[ActivationHeader, torch.Tensor]:
-        ucxx = self._ucxx
+    async def _wait(self, request, what: str) -> None:
         try:
-            await ucxx.recv(self._header_buf, tag=self._tag | HEADER_TAG)
-            header = unpack_header(memoryview(self._header_buf))
-            out = torch.empty(header.shape, dtype=getattr(torch, header.dtype),
-                              device=self.device)
-            if header.nbytes:
-                if out.is_cuda:  # `out` may reuse memory that queued kernels still read
-                    await _current_stream_done(out.device)
-                await ucxx.recv(_wire_view(out), tag=self._tag | PAYLOAD_TAG)
-        except ucxx.exceptions.UCXError as e:
-            raise StageLinkError(f"receiving from the previous stage failed: {e}") from e
-        return header, out
+            await self._engine.wait(request)
+        except self._engine.api.UCXError as e:
+            raise StageLinkError(f"{what} failed: {e}") from e
 
 
 def _wire_view(tensor: torch.Tensor):
@@ -224,8 +225,8 @@ async def _current_stream_done(device: torch.device) -> None:
         await asyncio.to_thread(event.synchronize)
 
 
-def _check_cuda_transports(ucxx) -> None:
-    transports = ucxx.get_active_transports()
+def _check_cuda_transports(engine: UcxEngine) -> None:
+    transports = engine.transports()
     if not any(t.startswith("cuda") for t in transports):
         raise StageLinkError(
             f"this stage link lives on a CUDA device but UCX has no CUDA transport (active: "

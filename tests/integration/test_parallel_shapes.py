@@ -43,7 +43,7 @@ def reference(model_dir) -> list[list[int]]:
     return [hf_greedy(model_dir, p, NUM_TOKENS, stop_at_eos=False) for p in PROMPTS]
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (4, 1)])
+@pytest.mark.parametrize("tp,pp", [(2, 1), (4, 1), (1, 2), (1, 4), (2, 2)])
 def test_default_model(default_model_dir, tp, pp):
     assert served_greedy(default_model_dir, tp, pp) == reference(default_model_dir)
 

@@ -8,6 +8,7 @@ receiving end reports what it checked.
 from __future__ import annotations
 
 import asyncio
+import time
 import traceback
 
 import torch
@@ -26,6 +27,8 @@ def cases(seed: int = 0) -> list[tuple[ActivationHeader, torch.Tensor]]:
         torch.randint(-2**40, 2**40, (7,), generator=g),                    # int64
         torch.empty(0, 4096, dtype=torch.bfloat16),                         # 0 rows
         torch.randn(ONE_MIB, generator=g).reshape(1024, 1024),              # 4 MiB float32
+        torch.randn(1, 16384, generator=g),             # 64 KiB: the largest inline payload
+        torch.randn(1, 16385, generator=g),             # 4 bytes more: a message of its own
         torch.randn(2, 3, 4, generator=g).to(torch.bfloat16),
         torch.tensor(2.5),                                                  # 0-dim
         torch.empty(0, dtype=torch.int64),
@@ -63,9 +66,14 @@ async def receiver(inbox, outbox, seeds: list[int], cancel_first_recv: bool = Fa
         except TimeoutError:
             outbox.put(("timed out", None))
     reports = await asyncio.gather(*(_check_received(link, s) for link, s in zip(links, seeds)))
+    cpu_start = time.process_time()
+    try:  # nothing more comes: a receive waits 0.5 s, which must not keep a core busy
+        await asyncio.wait_for(links[0].recv(), 0.5)
+    except TimeoutError:
+        idle_cpu_s = time.process_time() - cpu_start
     for link in links:
         await link.close()
-    return reports
+    return reports, idle_cpu_s
 
 
 async def sender(inbox, outbox, seeds: list[int], wait_for_go: bool = False):
@@ -101,27 +109,29 @@ async def forwarder(inbox, outbox, num_messages: int):
     return num_messages
 
 
-async def published_and_gone(inbox, outbox):
-    """Publishes a link address and exits: what a crashed next stage leaves behind."""
+async def short_lived(inbox, outbox):
+    """Publishes a link address, exits when told: what a crashed next stage leaves behind."""
     link = StageLink("cpu")
-    return await link.start()
+    outbox.put(("address", await link.start()))
+    assert inbox.get() == "exit"
+    return "exited"
 
 
 async def bad_addresses(inbox, outbox):
-    """Tries every kind of unusable peer address; returns the StageLinkError text of each."""
-    dead_address = inbox.get()
+    """Tries every kind of unusable peer address, and a send to a peer that died; returns the
+    StageLinkError text of each."""
+    peer_address = inbox.get()
     link = StageLink("cpu")
     errors = {}
     try:
-        await link.connect(dead_address)
+        await link.connect(peer_address)
     except StageLinkError as e:
         errors["not_started"] = str(e)
     good = await link.start()
     tampered = bytearray(good)
     tampered[-5] ^= 0xFF
     candidates = {"garbage": b"definitely not a UCX address", "short": good[:10],
-                  "truncated": good[:-20],
-                  "tampered": bytes(tampered), "dead_peer": dead_address}
+                  "truncated": good[:-20], "tampered": bytes(tampered)}
     for name, address in candidates.items():
         try:
             await link.connect(address)
@@ -131,5 +141,21 @@ async def bad_addresses(inbox, outbox):
         await link.send(*cases()[0])
     except StageLinkError as e:
         errors["send_unconnected"] = str(e)
+
+    watched = StageLink("cpu", error_handling=True)
+    await watched.start()
+    await watched.connect(peer_address)
+    await watched.send(*cases()[0])
+    outbox.put(("connected", None))
+    assert inbox.get() == "gone"
+    try:
+        await asyncio.wait_for(watched.send(*cases()[4]), 10)
+    except StageLinkError as e:
+        errors["send_to_dead_peer"] = str(e)
+    try:
+        await link.connect(peer_address)
+    except StageLinkError as e:
+        errors["dead_peer"] = str(e)
     await link.close()
+    await watched.close()
     return errors

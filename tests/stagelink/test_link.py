@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from services.stagelink import StageLink, StageLinkError
-from services.stagelink import link as link_module
+from services.stagelink import engine as engine_module
 from tests.stagelink import peers
 
 TIMEOUT_S = 60
@@ -73,8 +73,9 @@ def test_two_processes_exact_and_in_order_on_two_links(spawn):
     receiver.get("timed out")
     sender.inbox.put("go")
     assert sender.result() == len(seeds)
-    reports = receiver.result()
+    reports, idle_cpu_s = receiver.result()
     assert reports == [_expected(s) for s in seeds]
+    assert idle_cpu_s < 0.2  # of 0.5 s waiting for a message that never comes: no busy loop
     headers = [r[0] for r in reports[0]]
     assert [h.step_id for h in headers] == list(range(100, 100 + len(headers)))
     assert headers[3].shape == (0, 4096) and headers[4].nbytes == 4 << 20
@@ -89,27 +90,33 @@ def test_two_hop_chain_forwards_unchanged(spawn):
     first.inbox.put(middle.get("address"))
     assert first.result() == 1
     assert middle.result() == len(peers.cases(3))
-    assert last.result() == [_expected(3)]
+    assert last.result()[0] == [_expected(3)]
 
 
 def test_bad_peer_addresses_raise_clear_errors(spawn):
-    dead_address = spawn(peers.published_and_gone).result()
+    peer = spawn(peers.short_lived)
     checker = spawn(peers.bad_addresses)
-    checker.inbox.put(dead_address)
+    checker.inbox.put(peer.get("address"))
+    checker.get("connected")
+    peer.inbox.put("exit")
+    assert peer.result() == "exited"
+    checker.inbox.put("gone")
     errors = checker.result()
     assert set(errors) == {"not_started", "garbage", "short", "truncated", "tampered",
-                           "dead_peer", "send_unconnected"}
+                           "send_unconnected", "send_to_dead_peer", "dead_peer"}
     assert "start() first" in errors["not_started"]
     assert "not a stage link address" in errors["garbage"]
     assert "too short" in errors["short"]
     assert "truncated or corrupted" in errors["truncated"]
     assert "truncated or corrupted" in errors["tampered"]
-    assert "cannot reach the next stage" in errors["dead_peer"]
     assert "connect()" in errors["send_unconnected"]
+    # With error handling on, a peer that died is an error, not a stall.
+    assert errors["send_to_dead_peer"].startswith("sending step 4 micro-batch 1")
+    assert "cannot reach the next stage" in errors["dead_peer"]
 
 
 def test_missing_ucxx_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(link_module, "_ucxx", None)
+    monkeypatch.setattr(engine_module, "_engine", None)
     monkeypatch.setitem(sys.modules, "ucxx", None)  # what `import ucxx` sees when not installed
     with pytest.raises(StageLinkError, match="pip install ucxx-cu12"):
         asyncio.run(StageLink("cpu").start())

@@ -10,6 +10,7 @@ import torch
 
 from services.stagelink import ActivationHeader, StageLinkError
 from services.stagelink.wire import (
+    FLAG_INLINE,
     HEADER_BYTES,
     MAX_META_BYTES,
     pack_address,
@@ -27,7 +28,17 @@ def test_header_round_trip_exact_bytes():
     assert struct.unpack_from("<IIQ", packed, 8) == (7, 9, 2**63 + 5)
     assert struct.unpack_from("<2Q", packed, 24) == (16, 4096)
     # The receiver reads from a buffer larger than the message; what follows is ignored.
-    assert unpack_header(packed + b"\xab" * 100) == h
+    assert unpack_header(packed + b"\xab" * 100) == (h, None)
+
+
+def test_header_with_inline_payload():
+    h = ActivationHeader(3, 1, (2, 2), "float32", b"meta")
+    payload = torch.arange(4, dtype=torch.float32).numpy()
+    packed = pack_header(h, memoryview(payload).cast("B"))
+    assert packed[7] == FLAG_INLINE and len(packed) == HEADER_BYTES + 4 + 16
+    header, inline_at = unpack_header(packed + b"\x00" * 7)
+    assert header == h and inline_at == HEADER_BYTES + 4
+    assert packed[inline_at:inline_at + h.nbytes] == payload.tobytes()
 
 
 @pytest.mark.parametrize("shape,dtype,nbytes", [
@@ -37,7 +48,7 @@ def test_header_round_trip_exact_bytes():
 def test_header_nbytes_and_shapes(shape, dtype, nbytes):
     h = ActivationHeader(1, 0, shape, dtype)
     assert h.nbytes == nbytes
-    assert unpack_header(pack_header(h)) == h
+    assert unpack_header(pack_header(h)) == (h, None)
 
 
 def test_header_for_tensor_and_list_shape():
@@ -69,7 +80,8 @@ def test_address_round_trip_and_layout():
     worker = bytes(range(200))
     packed = pack_address(0xABCD_0000_0000_1230, worker)
     assert packed[:5] == b"MSLA\x01" and len(packed) == 24 + 200
-    assert struct.unpack_from("<QII", packed, 8) == (0xABCD_0000_0000_1230, zlib.crc32(worker), 200)
+    tag = 0xABCD_0000_0000_1230
+    assert struct.unpack_from("<QII", packed, 8) == (tag, zlib.crc32(worker), 200)
     assert unpack_address(packed) == (0xABCD_0000_0000_1230, worker)
 
 

@@ -1,0 +1,162 @@
+{{/* Names, labels and the mesh's addresses. */}}
+
+{{- define "meshserve.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* <release>-meshserve, or <release> when the release name already holds the chart name.
+Kept to 40 characters: a StatefulSet's pods carry a controller-revision-hash label of
+<statefulset name>-<10 characters>, which must fit in 63. */}}
+{{- define "meshserve.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "meshserve.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "meshserve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{/* Selector labels of one component; ctx: dict root, component [, replica]. */}}
+{{- define "meshserve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "meshserve.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- if hasKey . "replica" }}
+meshserve/replica: {{ .replica | quote }}
+{{- end }}
+{{- end -}}
+
+{{- define "meshserve.image" -}}
+{{- printf "%s:%s" .Values.image.repository .Values.image.tag -}}
+{{- end -}}
+
+{{- define "meshserve.redisName" -}}
+{{- printf "%s-redis" (include "meshserve.fullname" .) -}}
+{{- end -}}
+
+{{- define "meshserve.apiKeysSecretName" -}}
+{{- .Values.gateway.apiKeys.existingSecret | default (printf "%s-api-keys" (include "meshserve.fullname" .)) -}}
+{{- end -}}
+
+{{/* Per replica i (ctx: dict root, replica): the workers' StatefulSet (= headless Service) name
+and the scheduler's Deployment name. */}}
+{{- define "meshserve.workerName" -}}
+{{- printf "%s-r%d-worker" (include "meshserve.fullname" .root) (int .replica) -}}
+{{- end -}}
+
+{{- define "meshserve.schedulerName" -}}
+{{- printf "%s-r%d-scheduler" (include "meshserve.fullname" .root) (int .replica) -}}
+{{- end -}}
+
+{{/* The scheduler's --workers of replica i: every TP rank of every stage, stage-major.
+
+    <sts>-<s>.<sts>.<namespace>.svc.<clusterDomain>:<worker.port + r>   s < pp, r < tp
+
+Pod s of the StatefulSet is stage s; its process r (TP rank r) listens on worker.port + r. */}}
+{{- define "meshserve.workerAddresses" -}}
+{{- $root := .root -}}
+{{- $sts := include "meshserve.workerName" . -}}
+{{- $addresses := list -}}
+{{- range $stage := until (int $root.Values.pp) -}}
+{{- range $rank := until (int $root.Values.tp) -}}
+{{- $host := printf "%s-%d.%s.%s.svc.%s" $sts $stage $sts $root.Release.Namespace $root.Values.clusterDomain -}}
+{{- $addresses = append $addresses (printf "%s:%d" $host (add (int $root.Values.worker.port) $rank)) -}}
+{{- end -}}
+{{- end -}}
+{{- join "," $addresses -}}
+{{- end -}}
+
+{{/* --redis-url of every service: the release's Redis, the URL given, or $(REDIS_URL) read
+from a Secret (see meshserve.redisEnv). */}}
+{{- define "meshserve.redisUrl" -}}
+{{- if .Values.redis.enabled -}}
+{{- printf "redis://%s:%d/0" (include "meshserve.redisName" .) (int .Values.redis.port) -}}
+{{- else if .Values.redis.existingSecret -}}
+$(REDIS_URL)
+{{- else -}}
+{{- required "redis.enabled is false: set redis.url (redis://host:6379/0) or redis.existingSecret" .Values.redis.url -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "meshserve.redisEnv" -}}
+{{- if and (not .Values.redis.enabled) .Values.redis.existingSecret }}
+- name: REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.existingSecret }}
+      key: {{ .Values.redis.existingSecretKey }}
+{{- end }}
+{{- end -}}
+
+{{/* Volumes shared by gateway and worker pods: the built-in model's cache, and the models. */}}
+{{- define "meshserve.modelVolumes" -}}
+- name: cache
+  emptyDir: {}
+{{- with .Values.model.volume }}
+- name: models
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{- define "meshserve.modelVolumeMounts" -}}
+- name: cache
+  mountPath: /cache
+{{- if .Values.model.volume }}
+- name: models
+  mountPath: {{ .Values.model.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* Pod settings shared by every meshserve pod. */}}
+{{- define "meshserve.podCommon" -}}
+automountServiceAccountToken: false
+enableServiceLinks: false
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.podSecurityContext }}
+securityContext:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* Placement of one component; ctx: its values (nodeSelector, tolerations, affinity). */}}
+{{- define "meshserve.placement" -}}
+{{- with .nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* Settings that only a template can check (values.schema.json checks each value alone). */}}
+{{- define "meshserve.checks" -}}
+{{- $v := .Values -}}
+{{- if and $v.worker.layerSplit (ne (len $v.worker.layerSplit) (int $v.pp)) -}}
+{{- fail (printf "worker.layerSplit has %d entries but pp is %d: give one layer count per stage, or []" (len $v.worker.layerSplit) (int $v.pp)) -}}
+{{- end -}}
+{{- $first := int $v.worker.port -}}
+{{- $dist := int $v.worker.distInitPort -}}
+{{- if and (ge $dist $first) (lt $dist (add $first (int $v.tp))) -}}
+{{- fail (printf "worker.distInitPort %d falls among the worker ports %d..%d (worker.port + tp rank): move one of them" $dist $first (sub (add $first (int $v.tp)) 1)) -}}
+{{- end -}}
+{{- if and $v.gateway.apiKeys.enabled (not $v.gateway.apiKeys.existingSecret) (not $v.gateway.apiKeys.keys) -}}
+{{- fail "gateway.apiKeys.enabled is true: set gateway.apiKeys.existingSecret (a Secret with key MESHSERVE_API_KEYS) or gateway.apiKeys.keys" -}}
+{{- end -}}
+{{- end -}}
