@@ -84,46 +84,61 @@ def served(model_dir: Path, pp: int = 1, extra_env: dict | None = None) -> tuple
         mesh.stop()
 
 
-def parity_section(name: str, model_dir: Path) -> None:
+def compare_greedy(name: str, got: list[list[int]], expected: list[list[int]], fp32_model,
+                   tolerance: float) -> bool:
+    """Exact match, or a first divergence at a near tie: there the two tokens' fp32 logits
+    differ by less than the bf16 error measured on this model (so bf16 may pick either).
+    After a divergence the two continuations have different contexts and are not compared."""
+    print(f"\n{name}: {sum(g == e for g, e in zip(got, expected))}/{len(got)} prompts give "
+          f"identical {NUM_TOKENS}-token greedy output")
+    ok = True
+    for prompt, g, e in zip(PROMPTS, got, expected):
+        if g == e:
+            continue
+        i = next(i for i, (a, b) in enumerate(zip(g, e)) if a != b)
+        logits = hf_logits(fp32_model, prompt + e[:i])[-1]
+        margin = float(logits[e[i]] - logits[g[i]])
+        near_tie = abs(margin) <= tolerance
+        ok &= near_tie
+        print(f"  - diverges at token {i}: fp32 logit margin between the two choices "
+              f"{margin:.3f} ({'a near tie, within' if near_tie else 'NOT within'} the bf16 "
+              f"error {tolerance:.3f})")
+    return ok
+
+
+def parity_section(name: str, model_dir: Path) -> tuple[list, object, float, bool]:
     ids = PROMPTS[1]
-    fp32 = hf_logits(hf_model(model_dir, torch.float32), ids)
+    hf32 = hf_model(model_dir, torch.float32)
+    fp32 = hf_logits(hf32, ids)
     hf16 = hf_model(model_dir, torch.bfloat16)
     ref16 = hf_logits(hf16, ids)
     ours16 = our_logits(model_dir, ids, torch.bfloat16)
     ours32 = our_logits(model_dir, ids, torch.float32)
+    bf16_error = float((ref16 - fp32).abs().max())
     print(f"\n#### {name}: logits, prompt of {len(ids)} tokens (max abs diff)\n")
     print("| pair | max abs diff |\n|---|---:|")
     print(f"| ours fp32 vs transformers fp32 | {(ours32 - fp32).abs().max():.2e} |")
     print(f"| ours bf16 vs transformers bf16 | {(ours16 - ref16).abs().max():.3f} |")
     print(f"| ours bf16 vs transformers fp32 | {(ours16 - fp32).abs().max():.3f} |")
-    print(f"| transformers bf16 vs transformers fp32 | {(ref16 - fp32).abs().max():.3f} |")
-    print(f"| (logit range of fp32) | {fp32.abs().max():.2f} |")
+    print(f"| transformers bf16 vs transformers fp32 (the bf16 error) | {bf16_error:.3f} |")
+    print(f"| (largest fp32 logit magnitude) | {fp32.abs().max():.2f} |")
+    logits_ok = float((ours16 - fp32).abs().max()) <= 1.5 * bf16_error
     expected = [hf_greedy(hf16, p, NUM_TOKENS) for p in PROMPTS]
     got, _ = served(model_dir)
-    same = [g == e for g, e in zip(got, expected)]
-    print(f"\nServed path (gateway -> scheduler -> worker on cuda, bf16), {len(PROMPTS)} prompts "
-          f"batched, {NUM_TOKENS} greedy tokens: identical to transformers bf16 generate for "
-          f"{sum(same)}/{len(same)} prompts")
-    for g, e in zip(got, expected):
-        if g != e:
-            first = next(i for i, (a, b) in enumerate(zip(g, e)) if a != b)
-            print(f"  - first difference at token {first}")
-    return got
+    tokens_ok = compare_greedy("Served path (worker on cuda, bf16) vs transformers bf16 generate",
+                               got, expected, hf32, bf16_error)
+    return got, hf32, bf16_error, logits_ok and tokens_ok
 
 
-def pp_section(model_dir: Path, pp1_tokens) -> None:
+def pp_section(model_dir: Path, pp1_tokens, hf32, tolerance: float) -> bool:
     got, mesh = served(model_dir, pp=2, extra_env={"UCX_PROTO_INFO": "y"})
-    print(f"\n#### PP=2 on one GPU (two worker processes, UCX stage link)\n")
-    print(f"Greedy tokens identical to PP=1 for {sum(a == b for a, b in zip(got, pp1_tokens))}"
-          f"/{len(got)} prompts.")
-    lines = []
+    print("\n#### PP=2 on one GPU (two worker processes, UCX stage link, bf16)")
+    ok = compare_greedy("PP=2 vs PP=1 (both served)", got, pp1_tokens, hf32, tolerance)
+    out = Path(os.environ.get("OUT", tempfile.gettempdir()))
     for child in mesh.children:
         if "worker" in child.name:
-            lines += [ln for ln in child.log.read_text(errors="replace").splitlines()
-                      if "cuda" in ln.lower() and ("ipc" in ln or "copy" in ln or "|" in ln)]
-    print("UCX protocol lines mentioning CUDA (UCX_PROTO_INFO=y):")
-    for ln in lines[:20]:
-        print("    " + ln)
+            (out / f"{child.name}.log").write_text(child.log.read_text(errors="replace"))
+    return ok
 
 
 def main() -> None:
@@ -132,11 +147,13 @@ def main() -> None:
     a = p.parse_args()
     print(f"### GPU checks\n\nMachine: {machine()}")
     tiny = ensure_default_model()
-    pp1 = parity_section("default tiny model", tiny)
+    pp1, hf32, tolerance, ok = parity_section("default tiny model", tiny)
     gqa = save_hf_llama(Path(tempfile.mkdtemp()), tiny, **GQA_CONFIG)
-    parity_section("GQA, llama3 rope, untied (written by transformers)", gqa)
+    ok &= parity_section("GQA, llama3 rope, untied (written by transformers)", gqa)[-1]
     if not a.skip_pp:
-        pp_section(tiny, pp1)
+        ok &= pp_section(tiny, pp1, hf32, tolerance)
+    print(f"\nverdict: {'PASS' if ok else 'FAIL'}")
+    sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ UCX's wake-up protocol, as driven here:
                                   epoll fd (any UCX event)
 
 Figures, two processes, shared memory, 16 KiB / 4 MiB messages back to back:
-    this engine, SPIN_S = 50 µs   192k msg/s, 19–29 GB/s, 0.0 CPU-s per idle second
+    this engine, SPIN_S = 50 µs   190–200k msg/s, 17–29 GB/s, 0.0 CPU-s per idle second
     this engine, no spin           15k msg/s, 15–16 GB/s, 0.0
     ucxx asyncio, "blocking"       81–92k msg/s, 20–21 GB/s, 1.0 (spins once used)
     ucxx asyncio, "polling"        97k msg/s, 20 GB/s, 1.0

@@ -139,11 +139,15 @@ class StageLink:
             else:
                 messages = [pack_header(header), _wire_view(tensor)]
             buffers = [engine.Array(m) for m in messages]
-            requests = [self._ep.tag_send(b, t) for b, t in zip(buffers, self._send_tags)]
+            what = (f"sending step {header.step_id} micro-batch {header.micro_batch} to the "
+                    f"next stage")
+            try:
+                requests = [self._ep.tag_send(b, t) for b, t in zip(buffers, self._send_tags)]
+            except engine.api.UCXError as e:
+                raise StageLinkError(f"{what} failed: {e}") from e
         try:
             for request in requests:
-                await self._wait(request, f"sending step {header.step_id} micro-batch "
-                                          f"{header.micro_batch} to the next stage")
+                await self._wait(request, what)
         except asyncio.CancelledError:
             engine.keep_until_done(requests, buffers)
             raise

@@ -19,7 +19,8 @@ ONE_MIB = 1 << 20
 
 
 def cases(seed: int = 0) -> list[tuple[ActivationHeader, torch.Tensor]]:
-    """Activations of every kind a link must carry: dtypes, 0 rows, a 0-dim one, 4 MiB."""
+    """Activations of every kind a link must carry: dtypes, 0 rows, 0 dims, 4 MiB, and both
+    sides of the inline limit."""
     g = torch.Generator().manual_seed(seed)
     tensors = [
         torch.randn(5, 16, generator=g),                                    # float32
@@ -35,6 +36,11 @@ def cases(seed: int = 0) -> list[tuple[ActivationHeader, torch.Tensor]]:
     ]
     return [(ActivationHeader.for_tensor(seed * 100 + i, i % 3, t, meta=(b"mb%d" % i) * i), t)
             for i, t in enumerate(tensors)]  # meta: empty for the first, longer for each next
+
+
+async def _get(inbox):
+    """The next inbox item, with this process's event loop (and UCX progress) still running."""
+    return await asyncio.get_running_loop().run_in_executor(None, inbox.get)
 
 
 def run(entry, inbox, outbox, *args) -> None:
@@ -66,7 +72,7 @@ async def receiver(inbox, outbox, seeds: list[int], cancel_first_recv: bool = Fa
         except TimeoutError:
             outbox.put(("timed out", None))
     reports = await asyncio.gather(*(_check_received(link, s) for link, s in zip(links, seeds)))
-    cpu_start = time.process_time()
+    cpu_start, idle_cpu_s = time.process_time(), None
     try:  # nothing more comes: a receive waits 0.5 s, which must not keep a core busy
         await asyncio.wait_for(links[0].recv(), 0.5)
     except TimeoutError:
@@ -78,13 +84,13 @@ async def receiver(inbox, outbox, seeds: list[int], cancel_first_recv: bool = Fa
 
 async def sender(inbox, outbox, seeds: list[int], wait_for_go: bool = False):
     """Sends cases(seed) on one link per seed, the links interleaved."""
-    addresses = inbox.get()
+    addresses = await _get(inbox)
     links = [StageLink("cpu") for _ in seeds]
     for link, address in zip(links, addresses):
         await link.start()
         await link.connect(address)
     if wait_for_go:
-        assert inbox.get() == "go"
+        assert await _get(inbox) == "go"
 
     async def send_all(link, seed):
         for header, tensor in cases(seed):
@@ -101,7 +107,7 @@ async def forwarder(inbox, outbox, num_messages: int):
     """A middle stage: receives from the previous stage, sends each activation on unchanged."""
     link = StageLink("cpu")
     outbox.put(("address", [await link.start()]))
-    await link.connect(inbox.get()[0])
+    await link.connect((await _get(inbox))[0])
     for _ in range(num_messages):
         header, tensor = await link.recv()
         await link.send(header, tensor)
@@ -113,14 +119,14 @@ async def short_lived(inbox, outbox):
     """Publishes a link address, exits when told: what a crashed next stage leaves behind."""
     link = StageLink("cpu")
     outbox.put(("address", await link.start()))
-    assert inbox.get() == "exit"
+    assert await _get(inbox) == "exit"
     return "exited"
 
 
 async def bad_addresses(inbox, outbox):
     """Tries every kind of unusable peer address, and a send to a peer that died; returns the
     StageLinkError text of each."""
-    peer_address = inbox.get()
+    peer_address = await _get(inbox)
     link = StageLink("cpu")
     errors = {}
     try:
@@ -147,7 +153,7 @@ async def bad_addresses(inbox, outbox):
     await watched.connect(peer_address)
     await watched.send(*cases()[0])
     outbox.put(("connected", None))
-    assert inbox.get() == "gone"
+    assert await _get(inbox) == "gone"
     try:
         await asyncio.wait_for(watched.send(*cases()[4]), 10)
     except StageLinkError as e:

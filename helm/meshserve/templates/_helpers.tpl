@@ -15,19 +15,21 @@ Kept to 40 characters: a StatefulSet's pods carry a controller-revision-hash lab
 {{- end -}}
 {{- end -}}
 
+{{/* Labels of an object; ctx: dict root [, component [, replica]] as for selectorLabels. */}}
 {{- define "meshserve.labels" -}}
-helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
-app.kubernetes.io/name: {{ include "meshserve.name" . }}
-app.kubernetes.io/instance: {{ .Release.Name }}
-app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
-app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace "+" "_" }}
+{{ include "meshserve.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 {{- end -}}
 
-{{/* Selector labels of one component; ctx: dict root, component [, replica]. */}}
+{{/* Selector labels; ctx: dict root [, component [, replica]]. */}}
 {{- define "meshserve.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "meshserve.name" .root }}
 app.kubernetes.io/instance: {{ .root.Release.Name }}
+{{- if hasKey . "component" }}
 app.kubernetes.io/component: {{ .component }}
+{{- end }}
 {{- if hasKey . "replica" }}
 meshserve/replica: {{ .replica | quote }}
 {{- end }}

@@ -1,0 +1,90 @@
+"""Runs a rendered container's entrypoint script here, as the kubelet would start it (command,
+args, env), with a stand-in `meshserve` on PATH that records its argv and then idles until
+SIGTERM. So the command lines the tests check are the ones the script really builds."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.helm.chart import Rendered, container, env_of
+
+FAKE_MESHSERVE = """#!/bin/bash
+printf '%s\\0' "$@" > "$FAKE_DIR/.argv.$$" && mv "$FAKE_DIR/.argv.$$" "$FAKE_DIR/argv.$$"
+if [ -n "${FAKE_FAIL_RANK:-}" ] && [[ " $* " == *" --tp-rank $FAKE_FAIL_RANK "* ]]; then
+  exit 3
+fi
+trap 'exit 0' TERM
+while :; do sleep 0.1; done
+"""
+
+
+@dataclass
+class Pod:
+    proc: subprocess.Popen
+    fake_dir: Path
+
+    def pids(self) -> list[int]:
+        """Every `meshserve` process started so far."""
+        return sorted(int(p.suffix[1:]) for p in self.fake_dir.glob("argv.*"))
+
+    def argvs(self) -> list[list[str]]:
+        """argv (after `meshserve`) of every process started so far, by pid."""
+        files = [self.fake_dir / f"argv.{pid}" for pid in self.pids()]
+        return [p.read_bytes().decode().split("\0")[:-1] for p in files]
+
+    def wait_for(self, count: int, timeout_s: float = 10.0) -> list[list[str]]:
+        deadline = time.monotonic() + timeout_s
+        while len(self.argvs()) < count:
+            assert time.monotonic() < deadline, f"{len(self.argvs())} of {count} processes"
+            time.sleep(0.02)
+        return self.argvs()
+
+    def stop(self, timeout_s: float = 10.0) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout_s)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def start_worker_pod(rendered: Rendered, statefulset: str, ordinal: int, tmp: Path,
+                     fail_rank: int | None = None) -> Pod:
+    """Starts pod `<statefulset>-<ordinal>`'s worker container here."""
+    sts = rendered.get("StatefulSet", statefulset)
+    c = container(sts, "worker")
+    fake_dir = tmp / f"{statefulset}-{ordinal}"
+    fake_dir.mkdir(parents=True)
+    script = _script(rendered, sts, c, fake_dir)
+    env = {"POD_NAME": f"{statefulset}-{ordinal}"}
+    for name, entry in env_of(c).items():
+        if "value" in entry:
+            env[name] = entry["value"]
+    bin_dir = fake_dir / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "meshserve").write_text(FAKE_MESHSERVE)
+    (bin_dir / "meshserve").chmod(0o755)
+    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_DIR=str(fake_dir))
+    if fail_rank is not None:
+        env["FAKE_FAIL_RANK"] = str(fail_rank)
+    proc = subprocess.Popen([c["command"][0], str(script), *c["args"]], env=env,
+                            start_new_session=True)
+    return Pod(proc, fake_dir)
+
+
+def _script(rendered: Rendered, sts: dict, c: dict, tmp: Path) -> Path:
+    """The ConfigMap file that the container's command names, written under tmp."""
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    path = Path(c["command"][1])
+    (volume_name,) = [n for n, m in mounts.items() if path.parent == Path(m)]
+    configmap = rendered.get("ConfigMap", volumes[volume_name]["configMap"]["name"])
+    script = tmp / path.name
+    script.write_text(configmap["data"][path.name])
+    return script

@@ -1,0 +1,382 @@
+"""The Helm chart: rendered by Helm's Go engine, linted, validated against the Kubernetes
+schemas, and checked for the facts the mesh depends on (ranks, addresses, flags, probes, GPUs).
+
+Mesh shape in the chart: per replica, a StatefulSet of `pp` pods (pod s = pipeline stage s),
+each running the stage's `tp` ranks as processes; see docs/deploy.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+
+from gateway.settings import GatewaySettings
+from services.scheduler.server import SchedulerSettings
+from services.worker.settings import WorkerSettings
+from tests.helm.chart import (CHART, KUBE_VERSION, NAMESPACE, RELEASE, container, env_of, expand,
+                              flag, lint, render)
+from tests.helm.pods import start_worker_pod
+
+CASES = {
+    "defaults": {},
+    "tp2-pp2-dp2-gpu": {"tp": 2, "pp": 2, "replicas": 2, "gpu": {"enabled": True}},
+    "external-redis": {"redis": {"enabled": False, "url": "redis://redis.infra:6379/3"}},
+    "api-keys": {"gateway": {"apiKeys": {"enabled": True, "keys": ["k1", "k2"]}}},
+    "tp4-pp3-model": {"tp": 4, "pp": 3, "gpu": {"enabled": True, "runtimeClassName": "nvidia"},
+                      "model": {"path": "/models/Llama-3.1-70B", "volume": {
+                          "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}},
+                      "worker": {"layerSplit": [26, 28, 26], "resources": {"limits": {
+                          "cpu": 8, "memory": "64Gi"}}, "tolerations": [
+                          {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}},
+}
+SHAPE = {"defaults": (1, 1, 1), "tp2-pp2-dp2-gpu": (2, 2, 2), "external-redis": (1, 1, 1),
+         "api-keys": (1, 1, 1), "tp4-pp3-model": (4, 3, 1)}  # (tp, pp, replicas)
+FULLNAME = f"{RELEASE}-meshserve"
+POD_ENV = {"POD_IP": "10.1.2.3", "REDIS_URL": "redis://from-secret:6379/0"}
+
+
+@pytest.fixture(scope="module")
+def rendered():
+    return {case: render(values) for case, values in CASES.items()}
+
+
+def workers_of(r, replica: int) -> tuple[dict, dict, dict]:
+    """(StatefulSet, headless Service, scheduler Deployment) of one replica."""
+    name = f"{FULLNAME}-r{replica}-worker"
+    return (r.get("StatefulSet", name), r.get("Service", name),
+            r.get("Deployment", f"{FULLNAME}-r{replica}-scheduler"))
+
+
+def scheduler_args(deployment: dict) -> list[str]:
+    c = container(deployment, "scheduler")
+    return expand(c["args"], POD_ENV)
+
+
+# -- the chart is well formed -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", CASES)
+def test_lint_passes_strict(case):
+    report = lint(CASES[case])
+    assert report["errors"] == []
+    # severity 2 = warning, 3 = error; 1 is Helm's "icon is recommended" info
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_manifest_is_valid_kubernetes(rendered, case):
+    r = rendered[case]
+    kinds = sorted({d["kind"] for d in r.docs})
+    assert {"ConfigMap", "Deployment", "Service", "StatefulSet"} <= set(kinds)
+    for doc in r.docs:
+        # strict: an unknown field (a typo, a field from another version) is an error too
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+        assert doc["metadata"].get("namespace") in (None, NAMESPACE)
+        assert len(doc["metadata"]["name"]) <= 63
+    names = [(d["kind"], d["metadata"]["name"]) for d in r.docs]
+    assert len(names) == len(set(names))
+
+
+def test_long_release_names_still_fit():
+    r = render({"tp": 2, "pp": 2, "replicas": 12}, name="a-very-long-release-name-for-a-team-" * 2)
+    for sts in r.of_kind("StatefulSet"):
+        # pods carry controller-revision-hash=<name>-<10 chars>, a label value: 63 at most
+        assert len(sts["metadata"]["name"]) + 11 <= 63
+    for doc in r.docs:
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+# -- the mesh: pods, ranks, addresses -------------------------------------------------------------
+
+@pytest.mark.parametrize("case", CASES)
+def test_each_replica_has_pp_stage_pods_of_tp_ranks(rendered, case):
+    tp, pp, replicas = SHAPE[case]
+    r = rendered[case]
+    assert len(r.of_kind("StatefulSet")) == replicas
+    assert len([d for d in r.of_kind("Deployment") if "scheduler" in d["metadata"]["name"]]) \
+        == replicas
+    for i in range(replicas):
+        sts, svc, _ = workers_of(r, i)
+        assert sts["spec"]["replicas"] == pp
+        assert sts["spec"]["serviceName"] == svc["metadata"]["name"]
+        assert sts["spec"]["podManagementPolicy"] == "Parallel"
+        assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"]
+        pod_labels = sts["spec"]["template"]["metadata"]["labels"]
+        assert svc["spec"]["selector"].items() <= pod_labels.items()
+        assert sts["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+        env = env_of(container(sts, "worker"))
+        assert (env["TP_SIZE"]["value"], env["PP_SIZE"]["value"]) == (str(tp), str(pp))
+        ports = [p["containerPort"] for p in container(sts, "worker")["ports"]]
+        assert ports == [50061 + rank for rank in range(tp)]
+        assert [p["port"] for p in svc["spec"]["ports"]] == ports
+    # no two replicas select each other's pods
+    selectors = [tuple(sorted(workers_of(r, i)[1]["spec"]["selector"].items()))
+                 for i in range(replicas)]
+    assert len(set(selectors)) == replicas
+
+
+@pytest.mark.parametrize("case", ["defaults", "tp2-pp2-dp2-gpu", "tp4-pp3-model"])
+def test_worker_processes_cover_the_grid_and_match_the_scheduler(rendered, case, tmp_path):
+    """Runs every worker pod's entrypoint (a stand-in `meshserve` records each process's argv),
+    parses each argv with the worker's real CLI, and checks: tp*pp processes per replica, one
+    per (pp_rank, tp_rank); the stage's ranks share one rendezvous; and the scheduler's
+    --workers names exactly these processes (pod DNS name, port)."""
+    tp, pp, replicas = SHAPE[case]
+    r = rendered[case]
+    for i in range(replicas):
+        sts, svc, scheduler = workers_of(r, i)
+        sts_name = sts["metadata"]["name"]
+        listening = set()
+        grid = set()
+        for ordinal in range(sts["spec"]["replicas"]):
+            pod = start_worker_pod(r, sts_name, ordinal, tmp_path / f"r{i}")
+            try:
+                argvs = pod.wait_for(tp)
+                assert pod.stop() == 0  # SIGTERM reaches every rank and the pod exits cleanly
+            finally:
+                pod.kill()
+            assert len(argvs) == tp
+            settings = [WorkerSettings.from_args(argv[1:]) for argv in argvs]
+            assert all(argv[0] == "worker" for argv in argvs)
+            assert {s.dist_init for s in settings} == {"tcp://127.0.0.1:29500"}
+            for s in settings:
+                assert (s.tp_size, s.pp_size, s.pp_rank, s.host) == (tp, pp, ordinal, "0.0.0.0")
+                assert s.port == 50061 + s.tp_rank
+                grid.add((s.pp_rank, s.tp_rank))
+                host = f"{sts_name}-{ordinal}.{svc['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
+                listening.add(f"{host}:{s.port}")
+        assert grid == set(itertools.product(range(pp), range(tp)))
+        workers = flag(scheduler_args(scheduler), "--workers").split(",")
+        assert len(workers) == len(set(workers)) == tp * pp
+        assert set(workers) == listening
+        waits_for = container(scheduler, "wait-for-workers", init=True)["args"]
+        assert waits_for == workers
+
+
+def test_layer_split_and_model_reach_every_worker(rendered, tmp_path):
+    r = rendered["tp4-pp3-model"]
+    sts, _, _ = workers_of(r, 0)
+    pod = start_worker_pod(r, sts["metadata"]["name"], 2, tmp_path)
+    try:
+        argvs = pod.wait_for(4)
+        pod.stop()
+    finally:
+        pod.kill()
+    for argv in argvs:
+        s = WorkerSettings.from_args(argv[1:])
+        assert s.layer_split == (26, 28, 26)
+        assert s.model == "/models/Llama-3.1-70B"
+    spec = sts["spec"]["template"]["spec"]
+    mounts = {m["name"]: m for m in container(sts, "worker")["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert mounts["models"]["mountPath"] == "/models" and mounts["models"]["readOnly"]
+    assert volumes["models"]["persistentVolumeClaim"]["claimName"] == "models"
+    assert spec["runtimeClassName"] == "nvidia"
+    assert spec["tolerations"][0]["key"] == "nvidia.com/gpu"
+
+
+# -- flags: values map one to one onto the services' settings -------------------------------------
+
+NON_DEFAULT = {
+    "gateway": {"port": 7000, "maxInflightRequests": 17, "refreshPeriod": 1.25, "maxAttempts": 5},
+    "scheduler": {"port": 7001, "modelName": "llama", "maxNumSeqs": 9, "maxNumBatchedTokens": 1024,
+                  "chunkedPrefill": False, "prefixCaching": False, "heartbeatTtl": 7.5,
+                  "maxInflightSteps": 4},
+    "worker": {"port": 7100, "distInitPort": 7099, "device": "cpu", "dtype": "bfloat16",
+               "blockSize": 32, "numKvBlocks": 1000000, "kvCacheMemoryGb": 1.5,
+               "maxModelLen": 4096, "numThreads": 2},
+    "model": {"path": "/models/m"},
+    "redis": {"enabled": False, "url": "redis://r:1/2"},
+}
+
+
+def test_values_map_onto_the_cli_settings(tmp_path):
+    r = render(NON_DEFAULT)
+    gateway = GatewaySettings.from_args(
+        expand(container(r.get("Deployment", f"{FULLNAME}-gateway"), "gateway")["args"][1:],
+               POD_ENV))
+    assert gateway == GatewaySettings("redis://r:1/2", "/models/m", "0.0.0.0", 7000, (), 17, 1.25, 5)
+
+    sts, _, scheduler = workers_of(r, 0)
+    args = scheduler_args(scheduler)
+    assert args[0] == "scheduler"
+    s = SchedulerSettings.from_args(args[1:])
+    host = f"{sts['metadata']['name']}-0.{sts['spec']['serviceName']}.{NAMESPACE}.svc.cluster.local"
+    assert s == SchedulerSettings((f"{host}:7100",), "redis://r:1/2", "0.0.0.0", 7001, "10.1.2.3",
+                                  f"{FULLNAME}-r0-scheduler", "llama", 9, 1024, False, False, 7.5, 4)
+
+    pod = start_worker_pod(r, sts["metadata"]["name"], 0, tmp_path)
+    try:
+        (argv,) = pod.wait_for(1)
+        pod.stop()
+    finally:
+        pod.kill()
+    w = WorkerSettings.from_args(argv[1:])
+    assert w == WorkerSettings("/models/m", 0, 1, 0, 1, "tcp://127.0.0.1:7099", "0.0.0.0", 7100,
+                               "cpu", "bfloat16", 32, 1000000, 1.5, (), 4096, 2)
+
+
+def test_defaults_match_the_cli_defaults(rendered, tmp_path):
+    """Every value the chart passes by default is the service's own default, except the
+    addresses the chart decides."""
+    r = rendered["defaults"]
+    gateway = GatewaySettings.from_args(
+        container(r.get("Deployment", f"{FULLNAME}-gateway"), "gateway")["args"][1:])
+    cli = GatewaySettings.from_args(["--redis-url", gateway.redis_url, "--host", "0.0.0.0"])
+    assert gateway == cli
+    _, _, scheduler = workers_of(r, 0)
+    s = SchedulerSettings.from_args(scheduler_args(scheduler)[1:])
+    cli = SchedulerSettings.from_args(["--workers", ",".join(s.workers), "--redis-url",
+                                       s.redis_url, "--host", "0.0.0.0", "--port", "50052",
+                                       "--advertise-host", "10.1.2.3", "--replica-id",
+                                       s.replica_id])
+    assert s == cli
+
+
+# -- gateway, redis, keys, GPUs -------------------------------------------------------------------
+
+def test_gateway_probes_are_grpc_health(rendered):
+    deployment = rendered["defaults"].get("Deployment", f"{FULLNAME}-gateway")
+    c = container(deployment, "gateway")
+    port = flag(c["args"], "--port")
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert set(c[probe]) - {"periodSeconds", "failureThreshold"} == {"grpc"}, probe
+        assert c[probe]["grpc"]["port"] == int(port)
+    assert c["readinessProbe"]["grpc"]["service"] == "meshserve.v1.Generation"
+    assert "service" not in c["livenessProbe"]["grpc"]  # "" = the whole server
+    svc = rendered["defaults"].get("Service", f"{FULLNAME}-gateway")
+    assert svc["spec"]["ports"] == [{"name": "grpc", "port": int(port), "targetPort": "grpc",
+                                     "appProtocol": "grpc"}]
+    assert c["ports"] == [{"name": "grpc", "containerPort": int(port)}]
+
+
+def test_gpu_resource_only_with_gpu_on(rendered):
+    for case in ("defaults", "external-redis", "api-keys"):
+        assert "nvidia.com/gpu" not in rendered[case].text
+        assert "NCCL_" not in rendered[case].text
+    for case in ("tp2-pp2-dp2-gpu", "tp4-pp3-model"):
+        tp = SHAPE[case][0]
+        r = rendered[case]
+        for doc in r.of_kind("Deployment"):  # gateway, schedulers, redis: no GPU
+            for c in doc["spec"]["template"]["spec"]["containers"]:
+                assert "nvidia.com/gpu" not in str(c.get("resources", {}))
+        for sts in r.of_kind("StatefulSet"):
+            c = container(sts, "worker")
+            assert c["resources"]["limits"]["nvidia.com/gpu"] == tp  # one GPU per TP rank
+            assert "nvidia.com/gpu" not in c["resources"].get("requests", {})
+            assert env_of(c)["NCCL_DEBUG"]["value"] == "WARN"
+    limits = container(rendered["tp4-pp3-model"].of_kind("StatefulSet")[0], "worker")[
+        "resources"]["limits"]
+    assert limits == {"cpu": 8, "memory": "64Gi", "nvidia.com/gpu": 4}  # merged with the user's
+
+
+def test_shared_memory_is_sized_for_nccl_and_ucx(rendered):
+    sts = rendered["tp2-pp2-dp2-gpu"].of_kind("StatefulSet")[0]
+    volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container(sts, "worker")["volumeMounts"]}
+    assert volumes[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory", "sizeLimit": "1Gi"}
+
+
+def redis_urls(r) -> set[str]:
+    urls = {flag(container(d, "gateway")["args"], "--redis-url")
+            for d in r.of_kind("Deployment") if d["metadata"]["name"].endswith("-gateway")}
+    urls |= {flag(container(d, "scheduler")["args"], "--redis-url")
+             for d in r.of_kind("Deployment") if d["metadata"]["name"].endswith("-scheduler")}
+    return urls
+
+
+def test_bundled_redis(rendered):
+    r = rendered["defaults"]
+    svc = r.get("Service", f"{FULLNAME}-redis")
+    deployment = r.get("Deployment", f"{FULLNAME}-redis")
+    assert svc["spec"]["selector"].items() <= \
+        deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert redis_urls(r) == {f"redis://{FULLNAME}-redis:6379/0"}
+
+
+def test_external_redis(rendered):
+    r = rendered["external-redis"]
+    assert not [d for d in r.docs if "redis" in d["metadata"]["name"]]
+    assert redis_urls(r) == {"redis://redis.infra:6379/3"}
+
+
+def test_external_redis_url_from_a_secret():
+    r = render({"replicas": 2, "redis": {"enabled": False, "existingSecret": "redis-url"}})
+    assert redis_urls(r) == {"$(REDIS_URL)"}  # expanded by the kubelet from the env below
+    for d in r.of_kind("Deployment"):
+        (c,) = d["spec"]["template"]["spec"]["containers"]
+        ref = env_of(c)["REDIS_URL"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "redis-url", "key": "REDIS_URL"}
+
+
+def test_api_keys_come_from_a_secret(rendered):
+    r = rendered["api-keys"]
+    (secret,) = r.of_kind("Secret")
+    assert secret["stringData"] == {"MESHSERVE_API_KEYS": "k1,k2"}
+    c = container(r.get("Deployment", f"{FULLNAME}-gateway"), "gateway")
+    ref = env_of(c)["MESHSERVE_API_KEYS"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": secret["metadata"]["name"], "key": "MESHSERVE_API_KEYS"}
+    assert "--api-keys" not in c["args"]  # never on the command line
+
+    r = render({"gateway": {"apiKeys": {"enabled": True, "existingSecret": "team-keys",
+                                        "existingSecretKey": "keys"}}})
+    assert r.of_kind("Secret") == []
+    c = container(r.get("Deployment", f"{FULLNAME}-gateway"), "gateway")
+    assert env_of(c)["MESHSERVE_API_KEYS"]["valueFrom"]["secretKeyRef"] == \
+        {"name": "team-keys", "key": "keys"}
+
+    c = container(rendered["defaults"].get("Deployment", f"{FULLNAME}-gateway"), "gateway")
+    assert "MESHSERVE_API_KEYS" not in env_of(c)
+    assert rendered["defaults"].of_kind("Secret") == []
+
+
+def test_gateway_reads_keys_from_the_environment(monkeypatch):
+    monkeypatch.setenv("MESHSERVE_API_KEYS", "k1,k2")
+    c = container(render(CASES["api-keys"]).get("Deployment", f"{FULLNAME}-gateway"), "gateway")
+    assert GatewaySettings.from_args(c["args"][1:]).api_keys == ("k1", "k2")
+
+
+def test_notes_name_the_gateway(rendered):
+    assert f"{FULLNAME}-gateway.{NAMESPACE}.svc:50051" in rendered["defaults"].notes
+    assert "4 nvidia.com/gpu per stage pod" in rendered["tp4-pp3-model"].notes
+
+
+# -- bad values are refused, with a message that says what to change --------------------------------
+
+@pytest.mark.parametrize("values, words", [
+    ({"tp": 0}, "tp"),
+    ({"pp": 0}, "pp"),
+    ({"replicas": 0}, "replicas"),
+    ({"tp": "2"}, "tp"),
+    ({"worker": {"dtype": "fp8"}}, "dtype"),
+    ({"worker": {"device": "gpu0"}}, "device"),
+    ({"worker": {"gpusPerPod": 2}}, "gpusPerPod"),  # not a setting: a pod holds tp GPUs
+    ({"gateway": {"port": 70000}}, "port"),
+    ({"redis": {"enabled": False}}, "redis"),
+    ({"redis": {"enabled": False, "url": "http://r:6379"}}, "url"),
+    ({"gateway": {"apiKeys": {"keys": ["a,b"]}}}, "keys"),
+])
+def test_schema_rejects_bad_values(values, words):
+    with helm.Chart.load(CHART) as chart:
+        with pytest.raises(helm.HelmValuesError, match=words):
+            chart.validate_schema(values)
+    with pytest.raises(helm.HelmValuesError):  # rendering (as helm install does) refuses them too
+        render(values)
+
+
+def test_schema_accepts_every_case():
+    with helm.Chart.load(CHART) as chart:
+        for values in CASES.values():
+            chart.validate_schema(values)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"pp": 2, "worker": {"layerSplit": [10, 10, 12]}}, "layerSplit has 3 entries but pp is 2"),
+    ({"tp": 4, "worker": {"port": 29498}}, "distInitPort 29500 falls among the worker ports"),
+    ({"gateway": {"apiKeys": {"enabled": True}}}, "set gateway.apiKeys.existingSecret"),
+])
+def test_inconsistent_values_fail_with_a_clear_message(values, message):
+    with pytest.raises(helm.HelmRenderError, match=message):
+        render(values)
