@@ -67,10 +67,10 @@ class LocalMesh:
             self._start_redis()
             for r in range(self.spec.replicas):
                 self.start_replica(f"replica-{r}")
-            self.gateway_port = self.spec.port or free_port()
-            self._spawn("gateway", ["gateway", "--redis-url", self.redis_url,
-                                    "--port", str(self.gateway_port), "--model", self.spec.model,
-                                    *self.spec.gateway_args])
+            gateway = self._spawn("gateway", ["gateway", "--redis-url", self.redis_url,
+                                              "--port", str(self.spec.port), "--model",
+                                              self.spec.model, *self.spec.gateway_args])
+            self.gateway_port = int(self._await_address(gateway, timeout_s).rsplit(":", 1)[1])
             self.wait_ready(self.spec.replicas, timeout_s)
         except BaseException:
             self.stop()
@@ -85,29 +85,31 @@ class LocalMesh:
         self.redis.start()
         self.redis_url = self.redis.url
 
-    def start_replica(self, replica_id: str) -> list[Child]:
-        """Spawns one replica's workers and scheduler; returns them (scheduler last)."""
+    def start_replica(self, replica_id: str, timeout_s: float = 120.0) -> list[Child]:
+        """Spawns one replica's workers, then its scheduler; returns them (scheduler last)."""
         s = self.spec
-        started, addresses = [], []
+        workers = []
         for stage in range(s.pp):
-            dist_init = f"tcp://127.0.0.1:{free_port()}"
+            # One machine: the stage's TP group meets through a file, no port to race for.
+            dist_init = f"file://{self.log_dir / f'{replica_id}-pp{stage}.dist'}"
             for rank in range(s.tp):
-                port = free_port()
-                addresses.append(f"127.0.0.1:{port}")
-                started.append(self._spawn(
+                workers.append(self._spawn(
                     f"{replica_id}-worker-pp{stage}-tp{rank}",
                     ["worker", "--model", s.model, "--tp-rank", str(rank), "--tp-size", str(s.tp),
                      "--pp-rank", str(stage), "--pp-size", str(s.pp), "--dist-init", dist_init,
-                     "--port", str(port), *s.worker_args]))
-        started.append(self._spawn(
+                     "--port", "0", *s.worker_args]))
+        addresses = [self._await_address(w, timeout_s) for w in workers]
+        scheduler = self._spawn(
             f"{replica_id}-scheduler",
             ["scheduler", "--workers", ",".join(addresses), "--redis-url", self.redis_url,
              "--replica-id", replica_id, "--heartbeat-ttl", str(s.heartbeat_ttl_s),
-             *s.scheduler_args]))
-        return started
+             *s.scheduler_args])
+        return [*workers, scheduler]
 
     def _spawn(self, name: str, args: list[str]) -> Child:
         log = self.log_dir / f"{name}.log"
+        if args[0] in ("worker", "gateway"):
+            args = [*args, "--ready-file", str(self.log_dir / f"{name}.address")]
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
         with open(log, "wb") as out:
             proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", *args], stdout=out,
@@ -115,6 +117,18 @@ class LocalMesh:
         child = Child(name, proc, log)
         self.children.append(child)
         return child
+
+    def _await_address(self, child: Child, timeout_s: float) -> str:
+        """The host:port a worker or gateway wrote once it served."""
+        path = self.log_dir / f"{child.name}.address"
+        deadline = time.monotonic() + timeout_s
+        while not path.exists():
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{child.name} not serving after {timeout_s:.0f} s\n"
+                                   f"{self.log_tails()}")
+            time.sleep(0.05)
+        return path.read_text()
 
     @property
     def gateway_address(self) -> str:

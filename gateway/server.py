@@ -32,6 +32,7 @@ from gateway.stops import StopMatcher
 from gateway.validation import InvalidRequest, ModelLimits, check_length, check_request
 from services.model.config import ModelConfig
 from services.model.default_model import ensure_default_model
+from services.readiness import announce
 from services.registry import Registry
 
 log = logging.getLogger("meshserve.gateway")
@@ -194,8 +195,7 @@ def load_model_limits(model_dir: Path) -> tuple[Tokenizer, ModelLimits]:
                                   config.vocab_size)
 
 
-async def serve(settings: GatewaySettings, stop: asyncio.Event | None = None,
-                started: asyncio.Future | None = None) -> None:
+async def serve(settings: GatewaySettings, stop: asyncio.Event | None = None) -> None:
     model_dir = Path(settings.model) if settings.model else ensure_default_model()
     tokenizer, limits = load_model_limits(model_dir)
     registry = Registry(settings.redis_url)
@@ -215,8 +215,7 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event | None = None,
     for name in ("", service_names[0]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("gateway serving %s at %s:%d", limits.name, settings.host, port)
-    if started is not None:
-        started.set_result(port)
+    announce(settings.ready_file, settings.host, port)
     stop = stop or asyncio.Event()
     await stop.wait()
     await health_servicer.enter_graceful_shutdown()

@@ -17,6 +17,7 @@ class GatewaySettings:
     max_inflight_requests: int = 256  # more are refused with RESOURCE_EXHAUSTED
     refresh_period_s: float = 0.5  # how often the replica table is re-read from Redis
     max_attempts: int = 3  # replicas tried for one request before it fails
+    ready_file: str = ""  # where to write host:port once serving
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> GatewaySettings:
@@ -30,7 +31,8 @@ class GatewaySettings:
         p.add_argument("--max-inflight-requests", type=int, default=256)
         p.add_argument("--refresh-period", type=float, default=0.5)
         p.add_argument("--max-attempts", type=int, default=3)
+        p.add_argument("--ready-file", default="", help="write host:port here once serving")
         a = p.parse_args(argv)
         keys = tuple(k.strip() for k in a.api_keys.split(",") if k.strip())
         return cls(a.redis_url, a.model, a.host, a.port, keys, a.max_inflight_requests,
-                   a.refresh_period, a.max_attempts)
+                   a.refresh_period, a.max_attempts, a.ready_file)

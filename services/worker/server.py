@@ -19,6 +19,7 @@ import torch
 
 from meshserve.internal.v1 import worker_pb2 as pb
 from meshserve.internal.v1 import worker_pb2_grpc as pb_grpc
+from services.readiness import announce
 from services.worker.plan import StepPlan, StepResult
 from services.worker.settings import WorkerSettings
 from services.worker.shard import WorkerShard
@@ -78,8 +79,7 @@ async def _read_into(request_iterator, queue: asyncio.Queue) -> None:
         queue.put_nowait(None)
 
 
-async def serve(settings: WorkerSettings, stop: asyncio.Event | None = None,
-                ready: asyncio.Event | None = None) -> None:
+async def serve(settings: WorkerSettings, stop: asyncio.Event | None = None) -> None:
     loop = asyncio.get_running_loop()
     # Joining the TP group blocks until every rank has come: keep the loop free meanwhile.
     shard = await loop.run_in_executor(None, WorkerShard.load, settings)
@@ -92,8 +92,7 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event | None = None,
     log.info("worker tp=%d/%d pp=%d/%d on %s:%d (%s, %d KV blocks)", settings.tp_rank,
              settings.tp_size, settings.pp_rank, settings.pp_size, settings.host, port,
              shard.device, shard.num_kv_blocks)
-    if ready is not None:
-        ready.set()
+    announce(settings.ready_file, settings.host, port)
     stop = stop or asyncio.Event()
     await stop.wait()
     await server.stop(grace=1.0)

@@ -24,6 +24,7 @@ class WorkerSettings:
     layer_split: tuple[int, ...] = ()  # layers per stage; () = balanced
     max_model_len: int = 0  # 0 = the model's max_position_embeddings
     num_threads: int = 1  # torch threads on CPU
+    ready_file: str = ""  # where to write host:port once serving
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> WorkerSettings:
@@ -46,11 +47,13 @@ class WorkerSettings:
         p.add_argument("--layer-split", default="", help="layers per stage, e.g. 10,12,10")
         p.add_argument("--max-model-len", type=int, default=0)
         p.add_argument("--num-threads", type=int, default=1)
+        p.add_argument("--ready-file", default="", help="write host:port here once serving")
         a = p.parse_args(argv)
         split = tuple(int(x) for x in a.layer_split.split(",") if x)
         settings = cls(a.model, a.tp_rank, a.tp_size, a.pp_rank, a.pp_size, a.dist_init, a.host,
                        a.port, a.device, a.dtype, a.block_size, a.num_kv_blocks,
-                       a.kv_cache_memory_gb, split, a.max_model_len, a.num_threads)
+                       a.kv_cache_memory_gb, split, a.max_model_len, a.num_threads,
+                       a.ready_file)
         settings.check()
         return settings
 

@@ -1,12 +1,14 @@
 """Runs a rendered container's entrypoint script here, as the kubelet would start it (command,
 args, env), with a stand-in `meshserve` on PATH that records its argv and then idles until
-SIGTERM. So the command lines the tests check are the ones the script really builds."""
+SIGTERM (so the command lines the tests check are the ones the script really builds), or with
+the real `meshserve`."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,27 +16,32 @@ from pathlib import Path
 from tests.helm.chart import Rendered, container, env_of
 
 FAKE_MESHSERVE = """#!/bin/bash
-printf '%s\\0' "$@" > "$FAKE_DIR/.argv.$$" && mv "$FAKE_DIR/.argv.$$" "$FAKE_DIR/argv.$$"
+printf '%s\\0' "$@" > "$POD_DIR/.argv.$$" && mv "$POD_DIR/.argv.$$" "$POD_DIR/argv.$$"
 if [ -n "${FAKE_FAIL_RANK:-}" ] && [[ " $* " == *" --tp-rank $FAKE_FAIL_RANK "* ]]; then
   exit 3
 fi
 trap 'exit 0' TERM
 while :; do sleep 0.1; done
 """
+# The real one, with the interpreter that runs the tests (the image's entrypoint is `meshserve`).
+REAL_MESHSERVE = f"""#!/bin/bash
+printf '%s\\0' "$@" > "$POD_DIR/.argv.$$" && mv "$POD_DIR/.argv.$$" "$POD_DIR/argv.$$"
+exec "{sys.executable}" -m deploy.cli "$@"
+"""
 
 
 @dataclass
 class Pod:
     proc: subprocess.Popen
-    fake_dir: Path
+    pod_dir: Path
 
     def pids(self) -> list[int]:
         """Every `meshserve` process started so far."""
-        return sorted(int(p.suffix[1:]) for p in self.fake_dir.glob("argv.*"))
+        return sorted(int(p.suffix[1:]) for p in self.pod_dir.glob("argv.*"))
 
     def argvs(self) -> list[list[str]]:
         """argv (after `meshserve`) of every process started so far, by pid."""
-        files = [self.fake_dir / f"argv.{pid}" for pid in self.pids()]
+        files = [self.pod_dir / f"argv.{pid}" for pid in self.pids()]
         return [p.read_bytes().decode().split("\0")[:-1] for p in files]
 
     def wait_for(self, count: int, timeout_s: float = 10.0) -> list[list[str]]:
@@ -55,27 +62,38 @@ class Pod:
 
 
 def start_worker_pod(rendered: Rendered, statefulset: str, ordinal: int, tmp: Path,
-                     fail_rank: int | None = None) -> Pod:
-    """Starts pod `<statefulset>-<ordinal>`'s worker container here."""
+                     fail_rank: int | None = None, real_env: dict[str, str] | None = None) -> Pod:
+    """Starts pod `<statefulset>-<ordinal>`'s worker container here: with the stand-in
+    `meshserve` (whose rank `fail_rank` exits 3 at once), or, given `real_env` (overrides of the
+    container's env), with the real one, its output in <tmp>/<pod>/log."""
     sts = rendered.get("StatefulSet", statefulset)
     c = container(sts, "worker")
-    fake_dir = tmp / f"{statefulset}-{ordinal}"
-    fake_dir.mkdir(parents=True)
-    script = _script(rendered, sts, c, fake_dir)
-    env = {"POD_NAME": f"{statefulset}-{ordinal}"}
+    pod_dir = tmp / f"{statefulset}-{ordinal}"
+    pod_dir.mkdir(parents=True)
+    script = _script(rendered, sts, c, pod_dir)
+    # the stand-in runs with the container's env alone; the real one also needs this machine's
+    env = {} if real_env is None else dict(os.environ)
+    env["POD_NAME"] = f"{statefulset}-{ordinal}"
     for name, entry in env_of(c).items():
         if "value" in entry:
             env[name] = entry["value"]
-    bin_dir = fake_dir / "bin"
+    bin_dir = pod_dir / "bin"
     bin_dir.mkdir()
-    (bin_dir / "meshserve").write_text(FAKE_MESHSERVE)
+    (bin_dir / "meshserve").write_text(FAKE_MESHSERVE if real_env is None else REAL_MESHSERVE)
     (bin_dir / "meshserve").chmod(0o755)
-    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_DIR=str(fake_dir))
+    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", POD_DIR=str(pod_dir))
     if fail_rank is not None:
         env["FAKE_FAIL_RANK"] = str(fail_rank)
+    out = None
+    if real_env is not None:
+        env.update(real_env)
+        out = open(pod_dir / "log", "wb")  # noqa: SIM115 (the child writes it)
     proc = subprocess.Popen([c["command"][0], str(script), *c["args"]], env=env,
+                            stdout=out, stderr=subprocess.STDOUT if out else None,
                             start_new_session=True)
-    return Pod(proc, fake_dir)
+    if out is not None:
+        out.close()
+    return Pod(proc, pod_dir)
 
 
 def _script(rendered: Rendered, sts: dict, c: dict, tmp: Path) -> Path:

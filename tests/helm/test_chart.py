@@ -12,6 +12,7 @@ import itertools
 import helm_python as helm
 import kubernetes_validate
 import pytest
+import yaml
 
 from gateway.settings import GatewaySettings
 from services.scheduler.server import SchedulerSettings
@@ -233,6 +234,17 @@ def test_defaults_match_the_cli_defaults(rendered, tmp_path):
                                        "--advertise-host", "10.1.2.3", "--replica-id",
                                        s.replica_id])
     assert s == cli
+    sts, _, _ = workers_of(r, 0)
+    pod = start_worker_pod(r, sts["metadata"]["name"], 0, tmp_path)
+    try:
+        (argv,) = pod.wait_for(1)
+        pod.stop()
+    finally:
+        pod.kill()
+    w = WorkerSettings.from_args(argv[1:])
+    cli = WorkerSettings.from_args(["--dist-init", "tcp://127.0.0.1:29500", "--host", "0.0.0.0",
+                                    "--port", "50061"])
+    assert w == cli
 
 
 # -- gateway, redis, keys, GPUs -------------------------------------------------------------------
@@ -380,3 +392,24 @@ def test_schema_accepts_every_case():
 def test_inconsistent_values_fail_with_a_clear_message(values, message):
     with pytest.raises(helm.HelmRenderError, match=message):
         render(values)
+
+
+def test_every_value_is_documented():
+    """docs/deploy.md's values table names every setting of values.yaml (rows may group a
+    component's placement keys as `gateway.resources`, `.nodeSelector`, ...)."""
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    text = (CHART.parents[1] / "docs" / "deploy.md").read_text()
+    rows = [ln for ln in text.split("## Values", 1)[1].splitlines() if ln.startswith("| `")]
+
+    def leaves(values: dict, prefix: str = ""):
+        for key, value in values.items():
+            path = f"{prefix}{key}"
+            if isinstance(value, dict) and value and key not in ("env",):
+                yield from leaves(value, path + ".")
+            else:
+                yield path
+
+    for path in leaves(defaults):
+        parent, _, leaf = path.rpartition(".")
+        assert any(f"`{path}`" in row or (f"`{parent}." in row and f"`.{leaf}`" in row)
+                   for row in rows), f"{path} is not in the values table of docs/deploy.md"

@@ -12,8 +12,7 @@ from deploy.launcher import free_port
 
 
 def test_up_generate_and_ctrl_c_stops_everything(default_model_dir, tmp_path):
-    port = free_port()
-    up = subprocess.Popen([sys.executable, "-m", "deploy.cli", "up", "--port", str(port)],
+    up = subprocess.Popen([sys.executable, "-m", "deploy.cli", "up", "--port", "0"],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
@@ -21,8 +20,9 @@ def test_up_generate_and_ctrl_c_stops_everything(default_model_dir, tmp_path):
         while not any("gateway listening" in line for line in lines):
             assert up.poll() is None and time.monotonic() < deadline, "".join(lines)
             lines.append(up.stdout.readline())
+        address = lines[-1].split("gateway listening on ")[1].split()[0]
         gen = subprocess.run([sys.executable, "-m", "deploy.cli", "generate", "--gateway",
-                              f"127.0.0.1:{port}", "--max-tokens", "5", "hello"],
+                              address, "--max-tokens", "5", "hello"],
                              capture_output=True, text=True, timeout=60)
         assert gen.returncode == 0, gen.stderr
         assert "prompt + 5 generated tokens]" in gen.stderr
