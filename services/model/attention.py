@@ -37,12 +37,16 @@ class AttentionMetadata:
     seq_lens: list[int]  # context length of each sequence after this step (cached + new)
     block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] long, padded with 0
     block_size: int
-    query_starts: list[int] = field(init=False)  # query_start_loc on the host
-    seq_lens_tensor: torch.Tensor = field(init=False)  # [num_seqs] on the device
+    # Host copy of query_start_loc and device copy of seq_lens; made here unless the caller,
+    # who built both from host lists, passes them (saves a device sync per step).
+    query_starts: list[int] | None = None
+    seq_lens_tensor: torch.Tensor | None = None  # [num_seqs] long, on the device
 
     def __post_init__(self) -> None:
-        self.query_starts = self.query_start_loc.tolist()
-        self.seq_lens_tensor = torch.tensor(self.seq_lens, device=self.block_tables.device)
+        if self.query_starts is None:
+            self.query_starts = self.query_start_loc.tolist()
+        if self.seq_lens_tensor is None:
+            self.seq_lens_tensor = torch.tensor(self.seq_lens, device=self.block_tables.device)
 
     @property
     def num_seqs(self) -> int:

@@ -68,17 +68,18 @@ class ModelRunner:
             if seq.sample:
                 sample_rows.append(query_start[-1] - 1)
         width = max(len(s.block_table) for s in plan.seqs)
-        tables = [list(s.block_table) + [0] * (width - len(s.block_table)) for s in plan.seqs]
-        dev = self.device
-        attn = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            query_start_loc=torch.tensor(query_start, dtype=torch.long, device=dev),
-            seq_lens=seq_lens,
-            block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
-            block_size=bs)
-        return StepInputs(torch.tensor(token_ids, dtype=torch.long, device=dev),
-                          torch.tensor(positions, dtype=torch.long, device=dev), attn,
-                          torch.tensor(sample_rows, dtype=torch.long, device=dev))
+        tables = [x for s in plan.seqs for x in (*s.block_table, *[0] * (width - len(s.block_table)))]
+        # Everything in one host buffer, one copy to the device.
+        parts = (token_ids, positions, slots, query_start, seq_lens, sample_rows, tables)
+        host = torch.tensor([x for part in parts for x in part], dtype=torch.long)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        flat = host.to(self.device, non_blocking=True)
+        input_ids, pos, slot, qsl, lens, rows, table = flat.split([len(x) for x in parts])
+        attn = AttentionMetadata(slot_mapping=slot, query_start_loc=qsl, seq_lens=seq_lens,
+                                 block_tables=table.view(len(plan.seqs), width), block_size=bs,
+                                 query_starts=query_start, seq_lens_tensor=lens)
+        return StepInputs(input_ids, pos, attn, rows)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, hidden_in: torch.Tensor | None = None):

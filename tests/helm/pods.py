@@ -18,7 +18,8 @@ from tests.helm.chart import Rendered, container, env_of
 FAKE_MESHSERVE = """#!/bin/bash
 printf '%s\\0' "$@" > "$POD_DIR/.argv.$$" && mv "$POD_DIR/.argv.$$" "$POD_DIR/argv.$$"
 if [ -n "${FAKE_FAIL_RANK:-}" ] && [[ " $* " == *" --tp-rank $FAKE_FAIL_RANK "* ]]; then
-  exit 3
+  until [ "$(ls "$POD_DIR" | grep -c '^argv[.]')" -ge "$TP_SIZE" ]; do sleep 0.02; done
+  exit 3  # once every rank has started
 fi
 trap 'exit 0' TERM
 while :; do sleep 0.1; done
