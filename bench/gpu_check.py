@@ -144,9 +144,14 @@ def pp_section(model_dir: Path, pp1_tokens, hf32, tolerance: float) -> bool:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--skip-pp", action="store_true")
+    p.add_argument("--only-pp", action="store_true", help="PP=2 vs PP=1 only")
     a = p.parse_args()
     print(f"### GPU checks\n\nMachine: {machine()}")
     tiny = ensure_default_model()
+    if a.only_pp:
+        pp1, _ = served(tiny)
+        hf32 = hf_model(tiny, torch.float32)
+        sys.exit(0 if pp_section(tiny, pp1, hf32, 0.8) else 1)
     pp1, hf32, tolerance, ok = parity_section("default tiny model", tiny)
     gqa = save_hf_llama(Path(tempfile.mkdtemp()), tiny, **GQA_CONFIG)
     ok &= parity_section("GQA, llama3 rope, untied (written by transformers)", gqa)[-1]
