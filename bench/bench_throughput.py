@@ -35,11 +35,15 @@ def make_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
 def hf_tokens_per_s(model_dir: Path, prompts, max_tokens: int) -> float:
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    # The same device and dtype as the mesh's workers pick by default.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=dtype).to(device).eval()
     total, start = 0, time.perf_counter()
     with torch.no_grad():
         for ids in prompts:
-            out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False,
+            out = model.generate(torch.tensor([ids], device=device), max_new_tokens=max_tokens,
+                                 do_sample=False,
                                  min_new_tokens=max_tokens, pad_token_id=0)
             total += out.shape[1] - len(ids)
     return total / (time.perf_counter() - start)

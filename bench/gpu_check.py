@@ -135,9 +135,8 @@ def pp_section(model_dir: Path, pp1_tokens, hf32, tolerance: float) -> bool:
     print("\n#### PP=2 on one GPU (two worker processes, UCX stage link, bf16)")
     ok = compare_greedy("PP=2 vs PP=1 (both served)", got, pp1_tokens, hf32, tolerance)
     out = Path(os.environ.get("OUT", tempfile.gettempdir()))
-    for child in mesh.children:
-        if "worker" in child.name:
-            (out / f"{child.name}.log").write_text(child.log.read_text(errors="replace"))
+    for log in sorted(mesh.log_dir.glob("*worker*.log")):
+        (out / log.name).write_text(log.read_text(errors="replace"))
     return ok
 
 

@@ -198,15 +198,20 @@ def test_values_map_onto_the_cli_settings(tmp_path):
     gateway = GatewaySettings.from_args(
         expand(container(r.get("Deployment", f"{FULLNAME}-gateway"), "gateway")["args"][1:],
                POD_ENV))
-    assert gateway == GatewaySettings("redis://r:1/2", "/models/m", "0.0.0.0", 7000, (), 17, 1.25, 5)
+    assert gateway == GatewaySettings(
+        redis_url="redis://r:1/2", model="/models/m", host="0.0.0.0", port=7000,
+        max_inflight_requests=17, refresh_period_s=1.25, max_attempts=5)
 
     sts, _, scheduler = workers_of(r, 0)
     args = scheduler_args(scheduler)
     assert args[0] == "scheduler"
     s = SchedulerSettings.from_args(args[1:])
     host = f"{sts['metadata']['name']}-0.{sts['spec']['serviceName']}.{NAMESPACE}.svc.cluster.local"
-    assert s == SchedulerSettings((f"{host}:7100",), "redis://r:1/2", "0.0.0.0", 7001, "10.1.2.3",
-                                  f"{FULLNAME}-r0-scheduler", "llama", 9, 1024, False, False, 7.5, 4)
+    assert s == SchedulerSettings(
+        workers=(f"{host}:7100",), redis_url="redis://r:1/2", host="0.0.0.0", port=7001,
+        advertise_host="10.1.2.3", replica_id=f"{FULLNAME}-r0-scheduler", model_name="llama",
+        max_num_seqs=9, max_num_batched_tokens=1024, enable_chunked_prefill=False,
+        enable_prefix_caching=False, heartbeat_ttl_s=7.5, max_inflight_steps=4)
 
     pod = start_worker_pod(r, sts["metadata"]["name"], 0, tmp_path)
     try:
@@ -215,8 +220,11 @@ def test_values_map_onto_the_cli_settings(tmp_path):
     finally:
         pod.kill()
     w = WorkerSettings.from_args(argv[1:])
-    assert w == WorkerSettings("/models/m", 0, 1, 0, 1, "tcp://127.0.0.1:7099", "0.0.0.0", 7100,
-                               "cpu", "bfloat16", 32, 1000000, 1.5, (), 4096, 2)
+    assert w == WorkerSettings(
+        model="/models/m", tp_rank=0, tp_size=1, pp_rank=0, pp_size=1,
+        dist_init="tcp://127.0.0.1:7099", host="0.0.0.0", port=7100, device="cpu",
+        dtype="bfloat16", block_size=32, num_kv_blocks=1000000, kv_cache_memory_gb=1.5,
+        max_model_len=4096, num_threads=2)
 
 
 def test_defaults_match_the_cli_defaults(rendered, tmp_path):
