@@ -64,9 +64,10 @@ def hf_greedy(model, ids, n) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def served(model_dir: Path, pp: int = 1, extra_env: dict | None = None) -> tuple[list, LocalMesh]:
+def served(model_dir: Path, pp: int = 1, extra_env: dict | None = None,
+           tp: int = 1) -> tuple[list, LocalMesh]:
     os.environ.update(extra_env or {})
-    mesh = LocalMesh(MeshSpec(model=str(model_dir), pp=pp, port=0,
+    mesh = LocalMesh(MeshSpec(model=str(model_dir), tp=tp, pp=pp, port=0,
                               worker_args=("--kv-cache-memory-gb", "2")))
     mesh.start(timeout_s=300)
     try:
@@ -144,9 +145,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--skip-pp", action="store_true")
     p.add_argument("--only-pp", action="store_true", help="PP=2 vs PP=1 only")
+    p.add_argument("--only-tp", type=int, default=0, help="TP=N over NCCL vs TP=1 only")
     a = p.parse_args()
     print(f"### GPU checks\n\nMachine: {machine()}")
     tiny = ensure_default_model()
+    if a.only_tp:
+        tp1, _ = served(tiny)
+        tpn, _ = served(tiny, tp=a.only_tp)
+        hf32 = hf_model(tiny, torch.float32)
+        ok = compare_greedy(f"TP={a.only_tp} (NCCL, one GPU per rank) vs TP=1, served, bf16",
+                            tpn, tp1, hf32, 0.8)
+        sys.exit(0 if ok else 1)
     if a.only_pp:
         pp1, _ = served(tiny)
         hf32 = hf_model(tiny, torch.float32)
