@@ -60,6 +60,7 @@ class LocalMesh:
     redis: RedisServer | None = None
     redis_url: str = ""
     gateway_port: int = 0
+    worker_addresses: dict[str, list[str]] = field(default_factory=dict)
 
     def start(self, timeout_s: float = 120.0) -> LocalMesh:
         self.log_dir = self.log_dir or Path(tempfile.mkdtemp(prefix="meshserve-"))
@@ -98,13 +99,18 @@ class LocalMesh:
                     ["worker", "--model", s.model, "--tp-rank", str(rank), "--tp-size", str(s.tp),
                      "--pp-rank", str(stage), "--pp-size", str(s.pp), "--dist-init", dist_init,
                      "--port", "0", *s.worker_args]))
-        addresses = [self._await_address(w, timeout_s) for w in workers]
-        scheduler = self._spawn(
-            f"{replica_id}-scheduler",
-            ["scheduler", "--workers", ",".join(addresses), "--redis-url", self.redis_url,
-             "--replica-id", replica_id, "--heartbeat-ttl", str(s.heartbeat_ttl_s),
-             *s.scheduler_args])
-        return [*workers, scheduler]
+        self.worker_addresses[replica_id] = [self._await_address(w, timeout_s) for w in workers]
+        return [*workers, self.start_scheduler(replica_id)]
+
+    def start_scheduler(self, replica_id: str) -> Child:
+        """(Re)starts the scheduler of a replica whose workers are running."""
+        name = f"{replica_id}-scheduler"
+        self.children = [c for c in self.children if c.name != name or c.proc.poll() is None]
+        return self._spawn(
+            name,
+            ["scheduler", "--workers", ",".join(self.worker_addresses[replica_id]),
+             "--redis-url", self.redis_url, "--replica-id", replica_id,
+             "--heartbeat-ttl", str(self.spec.heartbeat_ttl_s), *self.spec.scheduler_args])
 
     def _spawn(self, name: str, args: list[str]) -> Child:
         log = self.log_dir / f"{name}.log"

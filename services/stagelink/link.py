@@ -106,11 +106,12 @@ class StageLink:
         return self._address
 
     async def connect(self, peer_address: bytes) -> None:
-        """Makes the persistent endpoint to the next stage's link (its `start()` result)."""
+        """Makes the persistent endpoint to the next stage's link (its `start()` result),
+        replacing the one made before, if any."""
         engine = self._require_started()
-        if self._ep is not None:
-            raise StageLinkError("this stage link is already connected to a next stage")
         peer_tag, worker_address = unpack_address(peer_address)
+        if self._ep is not None:  # a restarted scheduler joins the stages again
+            self._close_endpoint()
         try:
             self._ep = engine.endpoint(worker_address, self.error_handling)
         except engine.api.UCXError as e:
@@ -191,6 +192,9 @@ class StageLink:
             pending = self._incoming.request if self._incoming else None
             self._engine.keep_until_done([self._header_request, pending],
                                          self._header_buf, self._incoming)
+        self._close_endpoint()
+
+    def _close_endpoint(self) -> None:
         if self._ep is not None:
             ep, self._ep = self._ep, None
             with contextlib.suppress(self._engine.api.UCXError):  # a dead peer: nothing to flush

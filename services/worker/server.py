@@ -45,6 +45,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 "this worker already serves a scheduler's step stream")
         async with self._busy:
+            # A new stream is a new scheduler: nothing of the last one's sequences holds.
+            self.shard.runner.last_sampled.clear()
             plans: asyncio.Queue = asyncio.Queue()
             reader = asyncio.create_task(_read_into(request_iterator, plans))
             try:

@@ -101,6 +101,8 @@ class WorkerShard:
         self.link_address = await self.link.start()
 
     async def connect_next_stage(self, address: bytes) -> None:
+        if self._sender is not None:  # a new scheduler: drop what the old one left queued
+            self._sender.cancel()
         await self.link.connect(address)
         self._sends = asyncio.Queue()
         self._sender = asyncio.create_task(self._send_loop())

@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from deploy.launcher import LocalMesh, MeshSpec
+from meshserve.internal.v1 import scheduler_pb2, scheduler_pb2_grpc
 from meshserve.v1 import generation_pb2 as pb
 from meshserve.v1 import generation_pb2_grpc as pb_grpc
 from tests.integration.conftest import generate, hf_greedy, replica_addresses, scheduler_stats
@@ -68,3 +69,22 @@ def test_clean_shutdown_deregisters_at_once(default_model_dir):
         assert list(replica_addresses(mesh.redis_url)) == ["replica-0"]
         mesh.kill(scheduler_of(mesh, "replica-0"), sig=15)
         assert replica_addresses(mesh.redis_url) == {}  # long before the 60 s TTL
+
+
+def test_a_restarted_scheduler_takes_over_its_running_workers(two_replicas, default_model_dir):
+    mesh = two_replicas
+    victim = next(rid for rid in ("replica-0", "replica-1")
+                  if rid not in replica_addresses(mesh.redis_url))  # killed by the test above
+    mesh.start_scheduler(victim)
+    deadline = time.monotonic() + 60
+    while victim not in replica_addresses(mesh.redis_url):
+        assert time.monotonic() < deadline, f"{victim} did not come back"
+        time.sleep(0.2)
+    address = replica_addresses(mesh.redis_url)[victim]
+    prompt = [1, 70, 71, 72]
+    with grpc.insecure_channel(address) as channel:
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        ids = [t for m in stub.Submit(scheduler_pb2.SubmitRequest(
+            request_id="after-restart", prompt_token_ids=prompt,
+            sampling=pb.SamplingParams(max_tokens=16, ignore_eos=True))) for t in m.token_ids]
+    assert ids == hf_greedy(default_model_dir, prompt, 16, stop_at_eos=False)
