@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from gateway.stops import StopMatcher
 from gateway.validation import InvalidRequest, ModelLimits, check_length, check_request
 from services.model.config import ModelConfig
 from services.model.default_model import ensure_default_model
-from services.readiness import announce
+from services.process import announce, run_service
 from services.registry import Registry
 
 log = logging.getLogger("meshserve.gateway")
@@ -225,14 +224,5 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event | None = None) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = GatewaySettings.from_args(argv)
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop)
-
-    asyncio.run(run())
+    run_service(lambda stop: serve(settings, stop))

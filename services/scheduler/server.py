@@ -12,7 +12,6 @@ import dataclasses
 import itertools
 import logging
 import random
-import signal
 import time
 import uuid
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import grpc
 from meshserve.internal.v1 import scheduler_pb2 as pb
 from meshserve.internal.v1 import scheduler_pb2_grpc as pb_grpc
 from meshserve.v1 import generation_pb2 as public_pb
+from services.process import run_service
 from services.registry import Registry, ReplicaRecord
 from services.registry.block_hash import extra_key
 from services.scheduler.block_manager import BlockManager
@@ -234,14 +234,5 @@ async def serve(settings: SchedulerSettings, stop: asyncio.Event | None = None) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = SchedulerSettings.from_args(argv)
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop)
-
-    asyncio.run(run())
+    run_service(lambda stop: serve(settings, stop))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -19,7 +18,7 @@ import torch
 
 from meshserve.internal.v1 import worker_pb2 as pb
 from meshserve.internal.v1 import worker_pb2_grpc as pb_grpc
-from services.readiness import announce
+from services.process import announce, run_service
 from services.worker.plan import StepPlan, StepResult
 from services.worker.settings import WorkerSettings
 from services.worker.shard import WorkerShard
@@ -102,15 +101,6 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event | None = None) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = WorkerSettings.from_args(argv)
     torch.set_num_threads(settings.num_threads)
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop)
-
-    asyncio.run(run())
+    run_service(lambda stop: serve(settings, stop))

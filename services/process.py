@@ -1,0 +1,38 @@
+"""What every service process does the same way: run until SIGINT/SIGTERM, and tell whoever
+started it where it listens.
+
+Services bind port 0 when asked to (no port is picked and released first, so nothing can take
+it in between) and write `host:port` to `--ready-file`, atomically, once they serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+
+def announce(ready_file: str, host: str, port: int) -> None:
+    if not ready_file:
+        return
+    path = Path(ready_file)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{host}:{port}")
+    os.replace(tmp, path)
+
+
+def run_service(serve: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Runs serve(stop) on a new event loop; SIGINT or SIGTERM sets stop (a clean shutdown)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(stop)
+
+    asyncio.run(run())
