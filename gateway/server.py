@@ -161,7 +161,8 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         if details.method.startswith(self.OPEN):
             return await continuation(details)
         auth = dict(details.invocation_metadata or ()).get("authorization", "")
-        if auth.removeprefix("Bearer ").strip() in self.keys:
+        scheme, _, key = auth.partition(" ")
+        if scheme == "Bearer" and key.strip() in self.keys:
             return await continuation(details)
         return _deny_handler(await continuation(details))
 

@@ -6,6 +6,7 @@ import time
 
 import grpc
 import pytest
+import redis
 
 from deploy.launcher import LocalMesh, MeshSpec
 from meshserve.internal.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -44,6 +45,12 @@ def test_stream_resumes_on_another_replica_when_its_scheduler_dies(two_replicas,
             prompt_token_ids=prompt, sampling=pb.SamplingParams(max_tokens=600, ignore_eos=True)))
         ids = list(next(stream).token_ids)
         victim = busy_replica(mesh)
+        prefix_key = f"meshserve:prefix:{victim}"
+        with redis.Redis.from_url(mesh.redis_url) as client:
+            deadline = time.monotonic() + 5
+            while not client.exists(prefix_key):  # the heartbeat publishes its cached blocks
+                assert time.monotonic() < deadline, "the victim never published its prefix index"
+                time.sleep(0.05)
         mesh.kill(scheduler_of(mesh, victim))
         for msg in stream:
             ids += msg.token_ids
@@ -57,6 +64,8 @@ def test_stream_resumes_on_another_replica_when_its_scheduler_dies(two_replicas,
     while victim in replica_addresses(mesh.redis_url):
         assert time.monotonic() < deadline, f"{victim} still registered after its TTL"
         time.sleep(0.1)
+    with redis.Redis.from_url(mesh.redis_url) as client:
+        assert not client.exists(prefix_key)  # its prefix index went with it
     # And the mesh keeps serving on the survivor.
     with grpc.insecure_channel(mesh.gateway_address) as channel:
         out, _, last = generate(pb_grpc.GenerationStub(channel), max_tokens=4, prompt="after")
