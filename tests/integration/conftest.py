@@ -4,6 +4,10 @@ and the transformers reference it is measured against."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from functools import lru_cache
 
 import grpc
@@ -83,3 +87,22 @@ def hf_greedy(model_dir, prompt_ids: list[int], max_new_tokens: int,
                              do_sample=False, eos_token_id=model.config.eos_token_id
                              if stop_at_eos else None, pad_token_id=0)
     return out[0, len(prompt_ids):].tolist()
+
+
+@contextmanager
+def extra_gateway(mesh: LocalMesh, tmp_dir, *args: str):
+    """A second gateway process in front of the mesh's replicas; yields a channel to it."""
+    ready = tmp_dir / "gateway.address"
+    proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", "gateway", "--redis-url",
+                             mesh.redis_url, "--port", "0", "--ready-file", str(ready), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "gateway did not start"
+            time.sleep(0.05)
+        with grpc.insecure_channel(ready.read_text()) as channel:
+            yield channel
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

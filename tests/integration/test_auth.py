@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 import grpc
@@ -12,26 +10,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshserve.v1 import generation_pb2 as pb
 from meshserve.v1 import generation_pb2_grpc as pb_grpc
+from tests.integration.conftest import extra_gateway
 
 
 @pytest.fixture(scope="module")
 def keyed_gateway(mesh, tmp_path_factory):
     """A second gateway in front of the session mesh's replicas, with two keys."""
-    ready = tmp_path_factory.mktemp("auth") / "gateway.address"
-    proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", "gateway", "--redis-url",
-                             mesh.redis_url, "--port", "0", "--api-keys", "k1,k2",
-                             "--ready-file", str(ready)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-        with grpc.insecure_channel(ready.read_text()) as channel:
-            yield channel
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with extra_gateway(mesh, tmp_path_factory.mktemp("auth"), "--api-keys", "k1,k2") as channel:
+        yield channel
 
 
 def _generate(channel, metadata=None) -> list[int]:

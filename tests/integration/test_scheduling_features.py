@@ -64,6 +64,8 @@ def test_same_tokens_under_every_setting(name, reference):
     with LocalMesh(SETTINGS[name]) as mesh:
         first, _ = run_workload(mesh)
         again, usage = run_workload(mesh)  # the shared prefix is cached by now (when enabled)
+        if name == "tiny KV pool":
+            _check_too_big_for_the_pool(mesh)
         stats = scheduler_stats(mesh)
         assert stats.num_free_kv_blocks == stats.num_kv_blocks  # nothing leaked
     assert first == reference
@@ -107,3 +109,13 @@ def _usage(stub, prompt, **fields) -> pb.Usage:
     *_, last = stub.Generate(pb.GenerateRequest(
         prompt_token_ids=prompt, sampling=pb.SamplingParams(max_tokens=4), **fields))
     return last.usage
+
+
+def _check_too_big_for_the_pool(mesh: LocalMesh) -> None:
+    """11 blocks of 16 tokens fit the context (1024) but not a pool of 10 blocks."""
+    with grpc.insecure_channel(mesh.gateway_address) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            list(pb_grpc.GenerationStub(channel).Generate(pb.GenerateRequest(
+                prompt_token_ids=[1] * 8, sampling=pb.SamplingParams(max_tokens=11 * 16 - 8))))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "needs 11 KV blocks; this replica has 10" in err.value.details()
