@@ -69,7 +69,7 @@ class Engine:
                 else:
                     self._wake.clear()
                     if not self.scheduler.has_work:
-                        await self._wake.wait()
+                        await self.workers.wait(self._wake)
         except WorkerGroupError as exc:
             log.error("replica failed: %s", exc)
             self.failure = exc

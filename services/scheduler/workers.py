@@ -2,7 +2,7 @@
 
 Every worker of the replica (all TP ranks of all PP stages) receives every plan; only the
 sampling worker (TP rank 0 of the last stage) streams results back. A worker that fails
-breaks the replica: `next_result` then raises WorkerGroupError.
+breaks the replica: the step loop then raises WorkerGroupError, even while idle.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class WorkerGroup:
         self._stubs = [pb_grpc.WorkerStub(c) for c in self._channels]
         self._calls: list[grpc.aio.StreamStreamCall] = []
         self._queues: list[asyncio.Queue] = []
-        self._sampler: grpc.aio.StreamStreamCall | None = None
+        self._results: asyncio.Queue[pb.StepResult] = asyncio.Queue()
         self._watchers: list[asyncio.Task] = []
         self._failure: asyncio.Future | None = None
 
@@ -81,20 +81,21 @@ class WorkerGroup:
             call = stub.Execute(_drain(queue))
             self._queues.append(queue)
             self._calls.append(call)
-            if info.pp_rank == info.pp_size - 1 and info.tp_rank == 0:
-                self._sampler = call
-            else:
-                self._watchers.append(asyncio.create_task(self._watch(call, addr)))
+            is_sampler = info.pp_rank == info.pp_size - 1 and info.tp_rank == 0
+            self._watchers.append(asyncio.create_task(self._watch(call, addr, is_sampler)))
 
-    async def _watch(self, call, addr: str) -> None:
-        """A non-sampling worker sends nothing; its stream ending early means it failed."""
+    async def _watch(self, call, addr: str, is_sampler: bool) -> None:
+        """Reads a worker's stream: the sampler's results, or (from any worker) its failure.
+        Every stream is watched all the time, so a worker that dies while the replica is idle
+        is noticed at once, not at the next step."""
         try:
-            async for _ in call:
-                pass
+            async for msg in call:
+                if is_sampler:
+                    self._results.put_nowait(msg)
             err = WorkerGroupError(f"worker {addr} closed its step stream")
-        except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
-            err = WorkerGroupError(f"worker {addr} failed: {exc}")
-        if self._failure is not None and not self._failure.done():
+        except grpc.aio.AioRpcError as exc:
+            err = WorkerGroupError(f"worker {addr} failed: {exc.code().name} {exc.details()}")
+        if not self._failure.done():
             self._failure.set_exception(err)
 
     def send(self, plan: StepPlan) -> None:
@@ -104,18 +105,20 @@ class WorkerGroup:
             queue.put_nowait(msg)
 
     async def next_result(self) -> StepResult:
-        read = asyncio.ensure_future(self._sampler.read())
-        done, _ = await asyncio.wait({read, self._failure}, return_when=asyncio.FIRST_COMPLETED)
-        if self._failure in done:
-            read.cancel()
-            self._failure.result()
-        try:
-            msg = read.result()
-        except grpc.aio.AioRpcError as exc:
-            raise WorkerGroupError(f"sampling worker failed: {exc.details()}") from exc
-        if msg is grpc.aio.EOF:
-            raise WorkerGroupError("sampling worker closed its step stream")
-        return StepResult.from_pb(msg)
+        """The sampling worker's next result, in plan order."""
+        return StepResult.from_pb(await self._unless_failed(self._results.get()))
+
+    async def wait(self, event: asyncio.Event) -> None:
+        """Waits for event, or raises WorkerGroupError if a worker fails first."""
+        await self._unless_failed(event.wait())
+
+    async def _unless_failed(self, awaitable):
+        task = asyncio.ensure_future(awaitable)
+        await asyncio.wait({task, self._failure}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            self._failure.result()  # raises the worker's failure
+        return task.result()
 
     async def close(self) -> None:
         for task in self._watchers:

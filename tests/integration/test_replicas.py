@@ -97,3 +97,13 @@ def test_a_restarted_scheduler_takes_over_its_running_workers(two_replicas, defa
             request_id="after-restart", prompt_token_ids=prompt,
             sampling=pb.SamplingParams(max_tokens=16, ignore_eos=True))) for t in m.token_ids]
     assert ids == hf_greedy(default_model_dir, prompt, 16, stop_at_eos=False)
+
+
+def test_a_dead_worker_takes_its_idle_replica_out_at_once(default_model_dir):
+    spec = MeshSpec(port=0, heartbeat_ttl_s=60.0, worker_args=("--num-kv-blocks", "64"))
+    with LocalMesh(spec) as mesh:
+        worker = next(c for c in mesh.children if "worker" in c.name)
+        mesh.kill(worker)
+        scheduler = scheduler_of(mesh, "replica-0")
+        assert scheduler.proc.wait(timeout=10) != 0  # it noticed while idle, and gave up
+        assert replica_addresses(mesh.redis_url) == {}  # deregistered, long before the TTL
