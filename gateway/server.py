@@ -11,6 +11,7 @@ continue exactly: seeds are mixed with absolute positions).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from dataclasses import dataclass
@@ -71,7 +72,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"the gateway is at its limit of "
                                 f"{self.settings.max_inflight_requests} requests; retry later")
-        async with self._slots:
+        async with self._slots, self._claim(request.request_id, context):
             state = await self._admit(request, context)
             detok = IncrementalDetokenizer(self.tokenizer, state.prompt_ids)
             stops = StopMatcher(list(request.sampling.stop))
@@ -88,6 +89,30 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     usage=self._usage(state) if final else None)
                 if final:
                     return
+
+    @contextlib.asynccontextmanager
+    async def _claim(self, request_id: str, context):
+        """A client-chosen request id runs once at a time across every gateway (via Redis);
+        a retry while it runs gets ALREADY_EXISTS instead of a second generation."""
+        if not request_id:
+            yield
+            return
+        owner = uuid.uuid4().hex
+        try:
+            claimed = await self.router.registry.claim_request(
+                request_id, owner, self.settings.request_claim_ttl_s)
+        except Exception as exc:  # Redis away: serve rather than refuse
+            log.warning("could not claim request id %r: %s", request_id, exc)
+            claimed, owner = True, ""
+        if not claimed:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                f"request {request_id!r} is already running; wait for it to "
+                                "finish or send another request_id")
+        try:
+            yield
+        finally:
+            if owner:
+                await self.router.registry.release_request(request_id, owner)
 
     async def _admit(self, request: pb.GenerateRequest, context) -> RequestState:
         try:

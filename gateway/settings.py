@@ -18,6 +18,7 @@ class GatewaySettings:
     refresh_period_s: float = 0.5  # how often the replica table is re-read from Redis
     max_attempts: int = 3  # replicas tried for one request before it fails
     ready_file: str = ""  # where to write host:port once serving
+    request_claim_ttl_s: float = 600.0  # how long a client-chosen request id stays claimed
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> GatewaySettings:
@@ -32,7 +33,9 @@ class GatewaySettings:
         p.add_argument("--refresh-period", type=float, default=0.5)
         p.add_argument("--max-attempts", type=int, default=3)
         p.add_argument("--ready-file", default="", help="write host:port here once serving")
+        p.add_argument("--request-claim-ttl", type=float, default=600.0,
+                       help="seconds a client-chosen request_id stays claimed at most")
         a = p.parse_args(argv)
         keys = tuple(k.strip() for k in a.api_keys.split(",") if k.strip())
         return cls(a.redis_url, a.model, a.host, a.port, keys, a.max_inflight_requests,
-                   a.refresh_period, a.max_attempts, a.ready_file)
+                   a.refresh_period, a.max_attempts, a.ready_file, a.request_claim_ttl)

@@ -39,6 +39,13 @@ log = logging.getLogger(__name__)
 _MAX_MEMBERS_PER_COMMAND = 10_000  # keeps one SADD/SREM well under Redis' argument limits
 
 
+# Compare-and-delete in one step, so a claim is only ever released by its owner.
+_DELETE_IF_OWNER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 class Registry:
     """Replica records with a TTL, and each replica's set of cached prefix-block hashes."""
 
@@ -61,6 +68,18 @@ class Registry:
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+    # -- writers: gateways, per request (never per token) ------------------------------------------
+
+    async def claim_request(self, request_id: str, owner: str, ttl_s: float) -> bool:
+        """Marks a client-chosen request id as running; False if it already is (anywhere)."""
+        key = f"{self.namespace}:request:{request_id}"
+        return bool(await self._redis.set(key, owner, nx=True, px=max(1, round(ttl_s * 1000))))
+
+    async def release_request(self, request_id: str, owner: str) -> None:
+        """Ends a claim made by owner (a claim that expired and was taken by another stays)."""
+        key = f"{self.namespace}:request:{request_id}"
+        await self._redis.eval(_DELETE_IF_OWNER, 1, key, owner)
 
     # -- writers: the replica's scheduler ---------------------------------------------------------
 

@@ -10,6 +10,9 @@ Every key starts with a namespace (default `meshserve`), so several meshes can s
 |                              |        | prefix cache, as decimal strings        | heartbeat and publish      | publish_prefix (SADD / SREM)   |
 |                              |        | (`str(int)`: any width, any sign)       | (PEXPIRE)                  |                                |
 
+| `{ns}:request:{request_id}`  | string | the gateway call that runs it           | `request_claim_ttl_s` of   | a gateway, while a request |
+|                              |        |                                         | the gateway (10 min)       | with a client-chosen id runs |
+
 Invariants:
 - A replica is live exactly while its record key exists. A replica that stops heart-beating
   disappears within `ttl_s`, and so does its prefix set (both carry the same TTL).

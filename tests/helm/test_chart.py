@@ -181,7 +181,8 @@ def test_layer_split_and_model_reach_every_worker(rendered, tmp_path):
 # -- flags: values map one to one onto the services' settings -------------------------------------
 
 NON_DEFAULT = {
-    "gateway": {"port": 7000, "maxInflightRequests": 17, "refreshPeriod": 1.25, "maxAttempts": 5},
+    "gateway": {"port": 7000, "maxInflightRequests": 17, "refreshPeriod": 1.25, "maxAttempts": 5,
+                "requestClaimTtl": 90.5},
     "scheduler": {"port": 7001, "modelName": "llama", "maxNumSeqs": 9, "maxNumBatchedTokens": 1024,
                   "chunkedPrefill": False, "prefixCaching": False, "heartbeatTtl": 7.5,
                   "maxInflightSteps": 4},
@@ -200,7 +201,8 @@ def test_values_map_onto_the_cli_settings(tmp_path):
                POD_ENV))
     assert gateway == GatewaySettings(
         redis_url="redis://r:1/2", model="/models/m", host="0.0.0.0", port=7000,
-        max_inflight_requests=17, refresh_period_s=1.25, max_attempts=5)
+        max_inflight_requests=17, refresh_period_s=1.25, max_attempts=5,
+        request_claim_ttl_s=90.5)
 
     sts, _, scheduler = workers_of(r, 0)
     args = scheduler_args(scheduler)

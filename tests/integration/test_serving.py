@@ -135,3 +135,22 @@ def test_bad_input_is_invalid_argument_and_service_keeps_serving(stub, case):
     assert message in err.value.details()
     ids, _, last = generate(stub, max_tokens=3, prompt="still serving")
     assert len(ids) == 3 and last.finish_reason == pb.FINISH_REASON_LENGTH
+
+
+def test_a_request_id_runs_once_at_a_time(stub):
+    sampling = pb.SamplingParams(max_tokens=800, ignore_eos=True)
+    first = stub.Generate(pb.GenerateRequest(prompt="a", request_id="job-7", sampling=sampling))
+    assert next(first).request_id == "job-7"
+    with pytest.raises(grpc.RpcError) as err:
+        generate(stub, prompt="b", request_id="job-7")
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    first.cancel()
+    deadline = time.monotonic() + 10
+    while True:  # the claim is released as the first call ends
+        try:
+            ids, _, last = generate(stub, max_tokens=3, prompt="b", request_id="job-7")
+            break
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.ALREADY_EXISTS and time.monotonic() < deadline
+            time.sleep(0.05)
+    assert len(ids) == 3 and last.request_id == "job-7"
