@@ -6,7 +6,6 @@ from __future__ import annotations
 class StopMatcher:
     def __init__(self, stops: list[str]):
         self.stops = [s for s in stops if s]
-        self._hold = max((len(s) for s in self.stops), default=1) - 1
         self._pending = ""
 
     def push(self, text: str) -> tuple[str, bool]:
@@ -16,9 +15,16 @@ class StopMatcher:
         if hits:
             self._pending = ""
             return buf[:min(hits)], True
-        cut = max(0, len(buf) - self._hold) if self.stops else len(buf)
-        self._pending = buf[cut:]
-        return buf[:cut], False
+        keep = self._partial_stop_suffix(buf)
+        self._pending = buf[len(buf) - keep:]
+        return buf[:len(buf) - keep], False
+
+    def _partial_stop_suffix(self, buf: str) -> int:
+        """Length of the longest end of buf that begins some stop string."""
+        for n in range(min(len(buf), max((len(s) for s in self.stops), default=1) - 1), 0, -1):
+            if any(s.startswith(buf[-n:]) for s in self.stops):
+                return n
+        return 0
 
     def flush(self) -> str:
         out, self._pending = self._pending, ""
