@@ -78,10 +78,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             stops = StopMatcher(list(request.sampling.stop))
             async for ids, finish in self._token_stream(request, state, context):
                 text, hit = stops.push(detok.push(ids))
+                if finish and not hit:  # the end: release what was held back
+                    tail, hit = stops.push(detok.flush())
+                    text += tail if hit else tail + stops.flush()
                 if hit:
                     finish = pb.FINISH_REASON_STOP
-                elif finish:
-                    text += stops.push(detok.flush())[0] + stops.flush()
                 final = finish != pb.FINISH_REASON_UNSPECIFIED
                 yield pb.GenerateResponse(
                     token_ids=ids, text=text, finish_reason=finish,

@@ -75,10 +75,6 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting) or any(self._can_run(s) for s in self.running)
 
-    @property
-    def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
-
     # -- planning ----------------------------------------------------------------------------
 
     def schedule(self) -> StepPlan | None:
@@ -94,7 +90,7 @@ class Scheduler:
                 planned.append((seq, num_new))
                 budget -= num_new
             index += 1
-        budget = self._admit(planned, budget, max_seqs)
+        self._admit(planned, budget, max_seqs)
         if not planned:
             return None
         self.max_batch_size_seen = max(self.max_batch_size_seen, len(planned))
@@ -137,7 +133,8 @@ class Scheduler:
             self._preempt(victim)
         return True
 
-    def _admit(self, planned: list[tuple[Sequence, int]], budget: int, max_seqs: int) -> int:
+    def _admit(self, planned: list[tuple[Sequence, int]], budget: int, max_seqs: int) -> None:
+        """Admits waiting sequences (oldest first) into planned while budget and blocks last."""
         while (self.waiting and budget > 0
                and len(planned) < max_seqs
                and not any(s.preempt_pending for s in self.running)):
@@ -161,7 +158,6 @@ class Scheduler:
             self.running.append(seq)
             planned.append((seq, num_new))
             budget = max(0, budget - num_new)
-        return budget
 
     def _plan_seq(self, seq: Sequence, num_new: int) -> ScheduledSeq:
         start = seq.num_computed_tokens
