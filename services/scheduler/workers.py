@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from dataclasses import dataclass
 
 import grpc
@@ -44,6 +45,7 @@ class ReplicaShape:
 class WorkerGroup:
     def __init__(self, addresses: list[str]):
         self.addresses = addresses
+        self.epoch = random.getrandbits(63) or 1  # tells this scheduler's activations apart
         self._channels = [grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS) for a in addresses]
         self._stubs = [pb_grpc.WorkerStub(c) for c in self._channels]
         self._calls: list[grpc.aio.StreamStreamCall] = []
@@ -101,6 +103,7 @@ class WorkerGroup:
     def send(self, plan: StepPlan) -> None:
         """Queues plan for every worker; grpc writes each stream in order, off this call."""
         msg = plan.to_pb()
+        msg.epoch = self.epoch
         for queue in self._queues:
             queue.put_nowait(msg)
 

@@ -73,6 +73,7 @@ class StepPlan:
     seqs: tuple[ScheduledSeq, ...]
     micro_batch: int = 0
     finished_seq_ids: tuple[int, ...] = field(default=())
+    epoch: int = 0  # the scheduler process that made it (see StepPlan.epoch in worker.proto)
 
     @property
     def num_tokens(self) -> int:
@@ -85,12 +86,12 @@ class StepPlan:
     def to_pb(self) -> pb.StepPlan:
         return pb.StepPlan(step_id=self.step_id, micro_batch=self.micro_batch,
                            seqs=[s.to_pb() for s in self.seqs],
-                           finished_seq_ids=self.finished_seq_ids)
+                           finished_seq_ids=self.finished_seq_ids, epoch=self.epoch)
 
     @classmethod
     def from_pb(cls, msg: pb.StepPlan) -> StepPlan:
         return cls(msg.step_id, tuple(ScheduledSeq.from_pb(s) for s in msg.seqs),
-                   msg.micro_batch, tuple(msg.finished_seq_ids))
+                   msg.micro_batch, tuple(msg.finished_seq_ids), msg.epoch)
 
 
 @dataclass(frozen=True)

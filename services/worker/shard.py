@@ -108,11 +108,7 @@ class WorkerShard:
         self._sender = asyncio.create_task(self._send_loop())
 
     async def receive_activations(self, plan: StepPlan) -> torch.Tensor:
-        header, hidden = await self.link.recv()
-        if header.step_id != plan.step_id:
-            raise RuntimeError(f"stage link delivered step {header.step_id}, "
-                               f"plan is step {plan.step_id}")
-        return hidden
+        return await receive_for(self.link, plan)
 
     async def send_activations(self, plan: StepPlan, hidden: torch.Tensor) -> None:
         """Queues this rank's slice of the residual stream for the next stage, in order."""
@@ -123,7 +119,8 @@ class WorkerShard:
             hidden = hidden[:, self.ctx.tp_rank * width:(self.ctx.tp_rank + 1) * width]
         hidden = hidden.contiguous()
         header = ActivationHeader(plan.step_id, plan.micro_batch, tuple(hidden.shape),
-                                  str(hidden.dtype).removeprefix("torch."))
+                                  str(hidden.dtype).removeprefix("torch."),
+                                  meta=plan.epoch.to_bytes(8, "little"))
         self._sends.put_nowait((header, hidden))
 
     async def _send_loop(self) -> None:
@@ -136,6 +133,21 @@ class WorkerShard:
             self._sender.cancel()
         if self.link is not None:
             await self.link.close()
+
+
+async def receive_for(link, plan: StepPlan) -> torch.Tensor:
+    """The previous stage's activation for plan. Activations of another epoch were sent for a
+    scheduler that has been replaced since (killed between writing a plan to one stage and to
+    the next): nothing will consume them, so they are dropped."""
+    while True:
+        header, hidden = await link.recv()
+        if int.from_bytes(header.meta, "little") == plan.epoch:
+            break
+        log.warning("dropping step %d of an earlier scheduler", header.step_id)
+    if header.step_id != plan.step_id:
+        raise RuntimeError(f"stage link delivered step {header.step_id}, "
+                           f"plan is step {plan.step_id}")
+    return hidden
 
 
 def _pick_device(name: str, local_index: int) -> torch.device:

@@ -107,3 +107,27 @@ def test_a_dead_worker_takes_its_idle_replica_out_at_once(default_model_dir):
         scheduler = scheduler_of(mesh, "replica-0")
         assert scheduler.proc.wait(timeout=10) != 0  # it noticed while idle, and gave up
         assert replica_addresses(mesh.redis_url) == {}  # deregistered, long before the TTL
+
+
+def test_pipeline_replica_survives_a_scheduler_killed_mid_step(default_model_dir):
+    """A PP replica serves again under a new scheduler (activations the old one may have left
+    between the stages are dropped by epoch: tests/worker/test_shard.py)."""
+    spec = MeshSpec(pp=2, port=0, heartbeat_ttl_s=1.0, worker_args=("--num-kv-blocks", "64"))
+    prompt = [1, 80, 81, 82]
+    with LocalMesh(spec) as mesh, grpc.insecure_channel(mesh.gateway_address) as channel:
+        stream = pb_grpc.GenerationStub(channel).Generate(pb.GenerateRequest(
+            prompt_token_ids=prompt, sampling=pb.SamplingParams(max_tokens=600, ignore_eos=True)))
+        next(stream)
+        old_address = replica_addresses(mesh.redis_url)["replica-0"]
+        mesh.kill(scheduler_of(mesh, "replica-0"))  # steps are in flight between the stages
+        with pytest.raises(grpc.RpcError):  # no other replica to resume on
+            list(stream)
+        mesh.start_scheduler("replica-0")
+        deadline = time.monotonic() + 60
+        while replica_addresses(mesh.redis_url).get("replica-0", old_address) == old_address:
+            assert time.monotonic() < deadline, "the new scheduler did not register"
+            time.sleep(0.1)
+        time.sleep(1.0)  # two refreshes of the gateway's replica table
+        ids, _, _ = generate(pb_grpc.GenerationStub(channel), prompt_token_ids=prompt,
+                             sampling=pb.SamplingParams(max_tokens=24, ignore_eos=True))
+    assert ids == hf_greedy(default_model_dir, prompt, 24, stop_at_eos=False)
