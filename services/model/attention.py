@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -87,14 +87,28 @@ def build_attention_metadata(
     positions = (s_lens - q_lens)[seq_of_token] + offset_in_query  # [num_tokens]
     blocks = table[seq_of_token, positions // block_size]
     slot_mapping = blocks * block_size + positions % block_size  # [num_tokens]
+    # Everything in one host buffer: one copy to the device per step.
+    parts = (positions, slot_mapping, query_start_loc, s_lens, table.flatten())
+    on_device = to_device(torch.cat(parts), device).split([len(x) for x in parts])
+    positions_d, slots_d, query_start_d, seq_lens_d, table_d = on_device
     meta = AttentionMetadata(
-        slot_mapping=slot_mapping.to(device),
-        query_start_loc=query_start_loc.to(device),
+        slot_mapping=slots_d,
+        query_start_loc=query_start_d,
         seq_lens=list(seq_lens),
-        block_tables=table.to(device),
+        block_tables=table_d.view(table.shape),
         block_size=block_size,
+        query_starts=query_start_loc.tolist(),
+        seq_lens_tensor=seq_lens_d,
     )
-    return positions.to(device), meta
+    return positions_d, meta
+
+
+def to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on device; to a GPU through pinned memory, without blocking the host."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _pad_block_tables(block_tables: Sequence[Sequence[int]]) -> torch.Tensor:

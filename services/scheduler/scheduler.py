@@ -162,7 +162,7 @@ class Scheduler:
     def _plan_seq(self, seq: Sequence, num_new: int) -> ScheduledSeq:
         start = seq.num_computed_tokens
         known_end = min(start + num_new, seq.num_known_tokens)
-        token_ids = tuple(seq.token_ids[start:known_end])
+        token_ids = tuple(seq.tokens_between(start, known_end))
         append_last = len(token_ids) < num_new
         sample = start + num_new >= seq.num_known_tokens and seq.wants_more_samples
         seq.num_computed_tokens += num_new
@@ -192,7 +192,7 @@ class Scheduler:
             if seq is None:
                 continue
             seq.num_inflight_steps -= 1
-            if not seq.is_finished:
+            if not seq.is_finished and self._fills_a_block(item):
                 # Blocks whose every token's KV is computed or ahead in the step order.
                 self.blocks.commit(seq.seq_id, seq.token_ids[:seq.num_computed_tokens],
                                    seq.extra_key)
@@ -203,6 +203,13 @@ class Scheduler:
                     updates.append(self._append_token(seq, token))
             self._settle(seq)
         return updates
+
+    def _fills_a_block(self, item) -> bool:
+        """Whether the step completed a block of the sequence (only then is there news to
+        commit to the prefix cache: most decode steps do not)."""
+        bs = self.blocks.block_size
+        start = item.num_computed_tokens
+        return start // bs != (start + item.num_new_tokens) // bs
 
     def _append_token(self, seq: Sequence, token: int) -> SeqUpdate:
         seq.output_ids.append(token)

@@ -8,7 +8,6 @@ breaks the replica: the step loop then raises WorkerGroupError, even while idle.
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 from dataclasses import dataclass
 
@@ -17,8 +16,6 @@ import grpc
 from meshserve.internal.v1 import worker_pb2 as pb
 from meshserve.internal.v1 import worker_pb2_grpc as pb_grpc
 from services.worker.plan import StepPlan, StepResult
-
-log = logging.getLogger(__name__)
 
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20),
                    ("grpc.max_receive_message_length", 64 << 20)]

@@ -1,11 +1,10 @@
 """Turns a step plan into tensors, runs this worker's slab of the model, samples.
 
 Runs on the worker's model thread (blocking collectives live here, never on the event loop).
-The batch is flattened sequence after sequence:
+The batch is flattened sequence after sequence (positions and slots: build_attention_metadata):
 
     tokens     | s0 t0 t1 t2 | s1 t7 | s2 t3 t4 |      (prefill chunks and decodes mixed)
     query_start  0           3       4          6
-    slot       = block_table[pos // block_size] * block_size + pos % block_size
 """
 
 from __future__ import annotations
@@ -14,7 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from services.model import AttentionMetadata, ParallelContext, sample, tp_all_gather
+from services.model import (AttentionMetadata, ParallelContext, build_attention_metadata, sample,
+                            tp_all_gather)
+from services.model.attention import to_device
 from services.worker.plan import StepPlan
 
 
@@ -47,39 +48,23 @@ class ModelRunner:
 
     def prepare(self, plan: StepPlan) -> StepInputs:
         token_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start = [0]
+        query_lens: list[int] = []
         seq_lens: list[int] = []
         sample_rows: list[int] = []
-        bs = self.block_size
         for seq in plan.seqs:
-            ids = list(seq.token_ids)
+            token_ids += seq.token_ids
             if seq.append_last_sampled:
-                ids.append(self.last_sampled[seq.seq_id])
-            start = seq.num_computed_tokens
-            end = start + len(ids)
-            table = seq.block_table
-            token_ids += ids
-            positions += range(start, end)
-            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
-            query_start.append(query_start[-1] + len(ids))
-            seq_lens.append(end)
+                token_ids.append(self.last_sampled[seq.seq_id])
+            query_lens.append(seq.num_new_tokens)
+            seq_lens.append(seq.num_computed_tokens + seq.num_new_tokens)
             if seq.sample:
-                sample_rows.append(query_start[-1] - 1)
-        width = max(len(s.block_table) for s in plan.seqs)
-        tables = [x for s in plan.seqs for x in (*s.block_table, *[0] * (width - len(s.block_table)))]
-        # Everything in one host buffer, one copy to the device.
-        parts = (token_ids, positions, slots, query_start, seq_lens, sample_rows, tables)
-        host = torch.tensor([x for part in parts for x in part], dtype=torch.long)
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        flat = host.to(self.device, non_blocking=True)
-        input_ids, pos, slot, qsl, lens, rows, table = flat.split([len(x) for x in parts])
-        attn = AttentionMetadata(slot_mapping=slot, query_start_loc=qsl, seq_lens=seq_lens,
-                                 block_tables=table.view(len(plan.seqs), width), block_size=bs,
-                                 query_starts=query_start, seq_lens_tensor=lens)
-        return StepInputs(input_ids, pos, attn, rows)
+                sample_rows.append(len(token_ids) - 1)
+        positions, attn = build_attention_metadata(
+            query_lens, seq_lens, [s.block_table for s in plan.seqs], self.block_size, self.device)
+        ids_and_rows = to_device(torch.tensor(token_ids + sample_rows, dtype=torch.long),
+                                 self.device)
+        input_ids, rows = ids_and_rows.split([len(token_ids), len(sample_rows)])
+        return StepInputs(input_ids, positions, attn, rows)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, hidden_in: torch.Tensor | None = None):

@@ -22,6 +22,7 @@ import torch
 from meshserve.internal.v1 import worker_pb2 as pb
 from services.model import (ModelConfig, ParallelContext, allocate_kv_caches, ensure_default_model,
                             init_tp_group, kv_bytes_per_block, load_model, stage_layer_range)
+from services.stagelink.wire import ActivationHeader  # importing it needs no UCX
 from services.worker.plan import StepPlan
 from services.worker.runner import ModelRunner
 from services.worker.settings import WorkerSettings
@@ -112,8 +113,6 @@ class WorkerShard:
 
     async def send_activations(self, plan: StepPlan, hidden: torch.Tensor) -> None:
         """Queues this rank's slice of the residual stream for the next stage, in order."""
-        from services.stagelink import ActivationHeader
-
         if self.ctx.tp_size > 1:
             width = hidden.shape[-1] // self.ctx.tp_size
             hidden = hidden[:, self.ctx.tp_rank * width:(self.ctx.tp_rank + 1) * width]
