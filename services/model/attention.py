@@ -40,13 +40,20 @@ class AttentionMetadata:
     # Host copy of query_start_loc and device copy of seq_lens; made here unless the caller,
     # who built both from host lists, passes them (saves a device sync per step).
     query_starts: list[int] | None = None
-    seq_lens_tensor: torch.Tensor | None = None  # [num_seqs] long, on the device
+    seq_lens_tensor: torch.Tensor | None = None  # [num_seqs] int, on the device
+    max_query_len: int = 0  # 0 = from query_starts
+    # Which kernels attend: "torch" (the reference, CPU default) or "triton" (CUDA; on CPU
+    # under TRITON_INTERPRET=1). Both read the same cache layout and metadata.
+    backend: str = "torch"
 
     def __post_init__(self) -> None:
         if self.query_starts is None:
             self.query_starts = self.query_start_loc.tolist()
         if self.seq_lens_tensor is None:
             self.seq_lens_tensor = torch.tensor(self.seq_lens, device=self.block_tables.device)
+        if not self.max_query_len:
+            starts = self.query_starts
+            self.max_query_len = max(b - a for a, b in zip(starts, starts[1:]))
 
     @property
     def num_seqs(self) -> int:
@@ -121,13 +128,28 @@ def paged_attention(
 ) -> torch.Tensor:
     """q [n, heads, d], k/v [n, kv_heads, d] of this step -> [n, heads, d].
 
-    Writes k/v into the cache at meta.slot_mapping, then attends over the cache.
+    Writes k/v into the cache at meta.slot_mapping, then attends over the cache with the
+    backend the metadata names.
     """
     write_kv(kv_cache, k, v, meta.slot_mapping)
     scale = q.shape[-1] ** -0.5
+    if meta.backend == "triton":
+        return _triton_attention(q, kv_cache, meta, scale)
     if meta.is_decode_only:
         return _decode_attention(q, kv_cache, meta, scale)
     return _prefill_attention(q, kv_cache, meta, scale)
+
+
+def _triton_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                      scale: float) -> torch.Tensor:
+    from services.model import triton_attention  # triton is needed only by this backend
+
+    if meta.is_decode_only:
+        return triton_attention.paged_decode_attention(
+            q, kv_cache, meta.block_tables, meta.seq_lens_tensor, scale)
+    return triton_attention.paged_prefill_attention(
+        q, kv_cache, meta.block_tables, meta.seq_lens_tensor, meta.query_start_loc,
+        meta.max_query_len, scale)
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:

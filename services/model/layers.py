@@ -10,6 +10,7 @@ supports `source[a:b]` and `source[:, a:b]`; only the indexed rows/columns are r
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -184,21 +185,61 @@ class ParallelLMHead(VocabParallelEmbedding):
 
 
 class RMSNorm(nn.Module):
-    """y = w ⊙ x / sqrt(mean(x²) + eps), computed in float32 like transformers. Replicated."""
+    """y = w ⊙ x / sqrt(mean(x²) + eps), computed in float32 like transformers. Replicated.
+
+    With a residual it first adds it, r = x + residual, and returns (norm(r), r): the residual
+    stream travels beside the layer outputs (one fused kernel on GPUs, triton_ops).
+    """
 
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = _param(hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, residual [n, hidden] -> (norm(x + residual), x + residual); residual None: (norm(x), x)."""
+        if uses_triton(x):
+            from services.model.triton_ops import fused_add_rms_norm
+
+            return fused_add_rms_norm(x, residual, self.weight, self.eps)
+        if residual is not None:
+            x = x + residual
+        return self._norm(x), x
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         input_dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(input_dtype)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(input_dtype)
 
     def load_slice(self, param_name: str, source: SliceSource, shard_id: Any = None) -> None:
         _copy_into(self.weight, source[:], param_name)
+
+
+def uses_triton(x: torch.Tensor) -> bool:
+    """Whether the fused Triton kernels (triton_ops) run on x: on GPUs where triton is installed.
+    On CPUs the plain-torch code is the reference."""
+    return x.is_cuda and _triton_available()
+
+
+@functools.cache
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[n, 2·m] = [gate | up] -> [n, m] silu(gate) ⊙ up."""
+    if uses_triton(gate_up):
+        from services.model import triton_ops
+
+        return triton_ops.silu_and_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 class RotaryEmbedding(nn.Module):
@@ -224,6 +265,23 @@ class RotaryEmbedding(nn.Module):
         if device not in self._inv_freq_by_device:
             self._inv_freq_by_device[device] = self.inv_freq_cpu.to(device)
         return self._inv_freq_by_device[device]
+
+
+def split_qkv_rotated(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+                      num_kv_heads: int, head_dim: int):
+    """qkv [n, (heads + 2 kv_heads) · d] -> q [n, heads, d], k, v [n, kv_heads, d], with RoPE
+    applied to q and k (on GPUs in place, one kernel: q and k then are views into qkv)."""
+    if uses_triton(qkv):
+        from services.model.triton_ops import rotary_inplace
+
+        rotary_inplace(qkv, cos, sin, num_heads, num_kv_heads, head_dim)
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    q, k = q.view(-1, num_heads, head_dim), k.view(-1, num_kv_heads, head_dim)
+    v = v.view(-1, num_kv_heads, head_dim)
+    if not uses_triton(qkv):
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    return q, k, v
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from services.model.attention import AttentionMetadata, paged_attention
@@ -30,7 +29,8 @@ from services.model.layers import (
     RotaryEmbedding,
     RowParallelLinear,
     VocabParallelEmbedding,
-    apply_rotary,
+    silu_and_mul,
+    split_qkv_rotated,
 )
 from services.model.parallel import ParallelContext
 
@@ -61,11 +61,8 @@ class LlamaAttention(nn.Module):
         self, x: torch.Tensor, cos_sin: CosSin, kv_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [n, (heads + 2 kv_heads) · d] on this rank
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), *cos_sin)  # [n, heads, d]
-        k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), *cos_sin)  # [n, kv_heads, d]
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        # q [n, heads, d], k and v [n, kv_heads, d], q and k rotated
+        q, k, v = split_qkv_rotated(qkv, *cos_sin, self.num_heads, self.num_kv_heads, self.head_dim)
         out = paged_attention(q, k, v, kv_cache, meta)  # [n, heads, d]
         return self.o_proj(out.flatten(1))  # [n, hidden], all-reduced
 
@@ -89,8 +86,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, ctx, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [n, intermediate / p] each
-        return self.down_proj(F.silu(gate) * up)  # [n, hidden], all-reduced
+        gate_up = self.gate_up_proj(x)  # [n, 2 · intermediate / p]
+        return self.down_proj(silu_and_mul(gate_up))  # [n, hidden], all-reduced
 
     def weight_sources(self, prefix: str) -> Iterator[WeightSource]:
         params = ["weight", "bias"] if self.down_proj.bias is not None else ["weight"]
@@ -109,10 +106,15 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config, ctx)
 
     def forward(
-        self, h: torch.Tensor, cos_sin: CosSin, kv_cache: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos_sin, kv_cache, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        self, x: torch.Tensor, residual: torch.Tensor | None, cos_sin: CosSin, kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stream h = x + residual (residual None: h = x) -> (out, residual'), the stream
+        after the layer being out + residual'. The adds are fused into the norms."""
+        x, residual = self.input_layernorm(x, residual)  # residual = h
+        x = self.self_attn(x, cos_sin, kv_cache, meta)
+        x, residual = self.post_attention_layernorm(x, residual)  # residual = h + attn
+        return self.mlp(x), residual
 
     def weight_sources(self, prefix: str) -> Iterator[WeightSource]:
         yield f"{prefix}.input_layernorm.weight", self.input_layernorm, "weight", None
@@ -135,9 +137,12 @@ class LlamaModel(nn.Module):
         self, h: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_caches: list[torch.Tensor]
     ) -> torch.Tensor:
         cos_sin = self.rotary.cos_sin(positions, h.dtype)  # [n, d] each, shared by all layers
+        residual = None
         for layer, kv_cache in zip(self.layers.values(), kv_caches, strict=True):
-            h = layer(h, cos_sin, kv_cache, meta)
-        return h if self.norm is None else self.norm(h)
+            h, residual = layer(h, residual, cos_sin, kv_cache, meta)
+        if self.norm is not None:
+            return self.norm(h, residual)[0]
+        return h + residual  # the residual stream, for the next stage
 
 
 class LlamaForCausalLM(nn.Module):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from services.scheduler.scheduler import Scheduler, SeqUpdate
 from services.scheduler.sequence import FinishReason, Sequence
 from services.scheduler.workers import WorkerGroup, WorkerGroupError
-from services.worker.plan import StepPlan
+from services.step import StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class Engine:
         if result.step_id != plan.step_id:
             raise WorkerGroupError(f"result of step {result.step_id}, expected {plan.step_id}")
         self.num_steps += 1
-        for update in self.scheduler.on_result(plan, result.seq_ids, result.token_ids):
+        for update in self.scheduler.on_result(plan, result.tokens_by_seq()):
             self._deliver(update)
 
     def _deliver(self, update: SeqUpdate) -> None:

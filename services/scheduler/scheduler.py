@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from services.scheduler.block_manager import BlockManager
 from services.scheduler.sequence import FinishReason, Sequence
-from services.worker.plan import ScheduledSeq, StepPlan
+from services.step import ScheduledSeq, SeqStart, StepPlan
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class SchedulerConfig:
     # With PP = P, P micro-batches of disjoint sequences are in flight: each plan takes about
     # 1/P of the sequences, so every stage has work.
     num_micro_batches: int = 1
+    # Sequences the workers hold at once (rows of their persistent batch); 0 = no limit.
+    max_live_seqs: int = 0
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class Scheduler:
         self.seqs: dict[int, Sequence] = {}
         self._step_ids = itertools.count()
         self._finished_to_announce: list[int] = []
+        self._preempted_to_announce: list[int] = []
         self.num_preemptions = 0
         self.max_batch_size_seen = 0
         self.num_prefix_hit_tokens = 0
@@ -95,8 +98,9 @@ class Scheduler:
             return None
         self.max_batch_size_seen = max(self.max_batch_size_seen, len(planned))
         finished, self._finished_to_announce = tuple(self._finished_to_announce), []
+        preempted, self._preempted_to_announce = tuple(self._preempted_to_announce), []
         return StepPlan(next(self._step_ids), tuple(self._plan_seq(s, n) for s, n in planned),
-                        finished_seq_ids=finished)
+                        finished_seq_ids=finished, preempted_seq_ids=preempted)
 
     def _max_seqs_per_plan(self) -> int:
         num_seqs = len(self.running) + len(self.waiting)
@@ -137,6 +141,7 @@ class Scheduler:
         """Admits waiting sequences (oldest first) into planned while budget and blocks last."""
         while (self.waiting and budget > 0
                and len(planned) < max_seqs
+               and self._workers_have_room()
                and not any(s.preempt_pending for s in self.running)):
             seq = self.waiting[0]
             if seq.num_computed_tokens == 0:
@@ -159,17 +164,31 @@ class Scheduler:
             planned.append((seq, num_new))
             budget = max(0, budget - num_new)
 
+    def _workers_have_room(self) -> bool:
+        limit = self.config.max_live_seqs
+        return not limit or len(self.running) < limit
+
     def _plan_seq(self, seq: Sequence, num_new: int) -> ScheduledSeq:
-        start = seq.num_computed_tokens
-        known_end = min(start + num_new, seq.num_known_tokens)
-        token_ids = tuple(seq.tokens_between(start, known_end))
-        append_last = len(token_ids) < num_new
-        sample = start + num_new >= seq.num_known_tokens and seq.wants_more_samples
+        """seq's share of the step, as a delta against what the workers hold of it."""
+        start_pos = seq.num_computed_tokens
+        known_end = min(start_pos + num_new, seq.num_known_tokens)
+        start = None
+        if not seq.is_on_workers:  # its tokens and options travel once
+            start = SeqStart(tuple(seq.tokens_between(0, seq.num_known_tokens)),
+                             seq.params.sampling)
+            seq.num_tokens_held_by_workers = seq.num_known_tokens
+        held_end = min(known_end, seq.num_tokens_held_by_workers)
+        token_ids = tuple(seq.tokens_between(max(start_pos, held_end), known_end))
+        num_supplied = max(0, held_end - start_pos) + len(token_ids)
+        new_blocks = tuple(self.blocks.blocks_from(seq.seq_id, seq.num_blocks_sent))
+        seq.num_blocks_sent += len(new_blocks)
+        sample = start_pos + num_new >= seq.num_known_tokens and seq.wants_more_samples
         seq.num_computed_tokens += num_new
         seq.num_inflight_steps += 1
         seq.num_inflight_samples += int(sample)
-        return ScheduledSeq(seq.seq_id, token_ids, start, tuple(self.blocks.block_table(seq.seq_id)),
-                            sample, seq.params.sampling, append_last)
+        return ScheduledSeq(seq.seq_id, start_pos, num_new, new_blocks, token_ids,
+                            append_last_sampled=num_supplied < num_new, sample=sample,
+                            start=start)
 
     def _preempt(self, seq: Sequence) -> None:
         """Frees seq's blocks; it is recomputed from its known tokens when admitted again."""
@@ -177,15 +196,15 @@ class Scheduler:
         self.running.remove(seq)
         seq.num_computed_tokens = 0
         seq.preempt_pending = False
+        seq.forget_workers()
         self.waiting.appendleft(seq)
-        self._finished_to_announce.append(seq.seq_id)  # workers drop its last token
+        self._preempted_to_announce.append(seq.seq_id)  # workers drop what they hold of it
         self.num_preemptions += 1
 
     # -- results -----------------------------------------------------------------------------
 
-    def on_result(self, plan: StepPlan, seq_ids, token_ids) -> list[SeqUpdate]:
-        """Applies one step's sampled tokens; returns what changed for each sequence."""
-        sampled = dict(zip(seq_ids, token_ids))
+    def on_result(self, plan: StepPlan, sampled: dict[int, list[int]]) -> list[SeqUpdate]:
+        """Applies one step's sampled tokens (ids per sequence); returns what changed."""
         updates = []
         for item in plan.seqs:
             seq = self.seqs.get(item.seq_id)
@@ -194,13 +213,13 @@ class Scheduler:
             seq.num_inflight_steps -= 1
             if not seq.is_finished and self._fills_a_block(item):
                 # Blocks whose every token's KV is computed or ahead in the step order.
-                self.blocks.commit(seq.seq_id, seq.token_ids[:seq.num_computed_tokens],
+                self.blocks.commit(seq.seq_id, seq.token_view(seq.num_computed_tokens),
                                    seq.extra_key)
             if item.sample:
                 seq.num_inflight_samples -= 1
-                token = sampled.get(item.seq_id)
-                if token is not None and not seq.is_finished:
-                    updates.append(self._append_token(seq, token))
+                tokens = sampled.get(item.seq_id)
+                if tokens and not seq.is_finished:
+                    updates.append(self._append_tokens(seq, tokens))
             self._settle(seq)
         return updates
 
@@ -211,13 +230,19 @@ class Scheduler:
         start = item.num_computed_tokens
         return start // bs != (start + item.num_new_tokens) // bs
 
-    def _append_token(self, seq: Sequence, token: int) -> SeqUpdate:
-        seq.output_ids.append(token)
-        if token in self.config.eos_token_ids and not seq.params.ignore_eos:
-            self._finish(seq, FinishReason.EOS)
-        elif len(seq.output_ids) >= seq.params.max_tokens:
-            self._finish(seq, FinishReason.LENGTH)
-        return SeqUpdate(seq, [token], seq.finish_reason)
+    def _append_tokens(self, seq: Sequence, tokens: list[int]) -> SeqUpdate:
+        """Appends tokens up to the first that ends the sequence (EOS or max_tokens)."""
+        taken = []
+        for token in tokens:
+            seq.output_ids.append(token)
+            taken.append(token)
+            if token in self.config.eos_token_ids and not seq.params.ignore_eos:
+                self._finish(seq, FinishReason.EOS)
+            elif len(seq.output_ids) >= seq.params.max_tokens:
+                self._finish(seq, FinishReason.LENGTH)
+            if seq.is_finished:
+                break
+        return SeqUpdate(seq, taken, seq.finish_reason)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.finish_reason = reason

@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from services.worker.plan import SamplingOptions
+from services.step import SamplingOptions
 
 
 class FinishReason(enum.Enum):
@@ -48,6 +48,18 @@ class Sequence:
     num_cached_prompt_tokens: int = 0
     finish_reason: FinishReason | None = None
     preempt_pending: bool = False
+    # What the workers hold of it (the step contract is a delta): -1 = not started there.
+    num_tokens_held_by_workers: int = -1
+    num_blocks_sent: int = 0
+
+    @property
+    def is_on_workers(self) -> bool:
+        return self.num_tokens_held_by_workers >= 0
+
+    def forget_workers(self) -> None:
+        """After a preemption: its next step starts it on the workers again."""
+        self.num_tokens_held_by_workers = -1
+        self.num_blocks_sent = 0
 
     @property
     def token_ids(self) -> list[int]:
@@ -62,6 +74,10 @@ class Sequence:
             return self.output_ids[start - num_prompt:end - num_prompt]
         return self.prompt_ids[start:] + self.output_ids[:end - num_prompt]
 
+    def token_view(self, end: int) -> TokenView:
+        """token_ids[:end] as a view: its slices are built on demand, never the whole list."""
+        return TokenView(self, end)
+
     @property
     def num_known_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
@@ -74,3 +90,19 @@ class Sequence:
     def wants_more_samples(self) -> bool:
         """False once every token up to max_tokens is sampled or being sampled."""
         return len(self.output_ids) + self.num_inflight_samples < self.params.max_tokens
+
+
+class TokenView:
+    """The first `length` tokens of a sequence, sliceable without copying the rest."""
+
+    def __init__(self, seq: Sequence, length: int):
+        self.seq, self.length = seq, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: slice) -> list[int]:
+        start, stop, step = index.indices(self.length)
+        if step != 1:
+            raise ValueError("a token view slices with step 1 only")
+        return self.seq.tokens_between(start, stop)

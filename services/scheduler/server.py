@@ -29,7 +29,7 @@ from services.scheduler.engine import Engine
 from services.scheduler.scheduler import Scheduler, SchedulerConfig
 from services.scheduler.sequence import FinishReason, RequestParams, Sequence
 from services.scheduler.workers import ReplicaShape, WorkerGroup
-from services.worker.plan import SamplingOptions
+from services.step import SamplingOptions
 
 log = logging.getLogger("meshserve.scheduler")
 
@@ -170,7 +170,8 @@ def build_engine(settings: SchedulerSettings, shape: ReplicaShape, workers: Work
         enable_chunked_prefill=settings.enable_chunked_prefill,
         workers_keep_last_token=shape.pp_size == 1,
         eos_token_ids=shape.eos_token_ids,
-        num_micro_batches=min(shape.pp_size, inflight))
+        num_micro_batches=min(shape.pp_size, inflight),
+        max_live_seqs=shape.max_live_seqs)
     blocks = BlockManager(shape.num_kv_blocks, shape.block_size, settings.enable_prefix_caching)
     return Engine(Scheduler(config, blocks), workers, max_inflight_steps=inflight)
 

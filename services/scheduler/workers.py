@@ -15,7 +15,7 @@ import grpc
 
 from meshserve.internal.v1 import worker_pb2 as pb
 from meshserve.internal.v1 import worker_pb2_grpc as pb_grpc
-from services.worker.plan import StepPlan, StepResult
+from services.step import StepPlan, StepResult
 
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20),
                    ("grpc.max_receive_message_length", 64 << 20)]
@@ -37,6 +37,7 @@ class ReplicaShape:
     max_model_len: int
     eos_token_ids: tuple[int, ...]
     vocab_size: int
+    max_live_seqs: int = 0  # sequences the workers can hold at once (0 = no limit)
 
 
 class WorkerGroup:
@@ -145,4 +146,5 @@ def _check_shape(infos: list[pb.DescribeResponse]) -> ReplicaShape:
         raise WorkerGroupError("workers disagree on model or block size")
     return ReplicaShape(first.model, first.tp_size, first.pp_size,
                         min(i.num_kv_blocks for i in infos), first.block_size,
-                        first.max_model_len, tuple(first.eos_token_ids), first.vocab_size)
+                        first.max_model_len, tuple(first.eos_token_ids), first.vocab_size,
+                        min(i.max_num_seqs for i in infos))

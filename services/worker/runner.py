@@ -1,95 +1,141 @@
 """Turns a step plan into tensors, runs this worker's slab of the model, samples.
 
 Runs on the worker's model thread (blocking collectives live here, never on the event loop).
-The batch is flattened sequence after sequence (positions and slots: build_attention_metadata):
+The batch is flattened sequence after sequence (positions and slots: InputBatch.prepare):
 
     tokens     | s0 t0 t1 t2 | s1 t7 | s2 t3 t4 |      (prefill chunks and decodes mixed)
     query_start  0           3       4          6
+
+A step is launched, not waited for: `launch` queues the step's work on the device and returns a
+`PendingStep` whose ids reach the host through a non-blocking copy; the worker launches the
+next plan (whose decode inputs are the device tensor of these ids) before it waits. Decode
+steps replay a CUDA graph of their batch bucket where graphs are captured (cuda_graphs.py).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from services.model import (AttentionMetadata, ParallelContext, build_attention_metadata, sample,
-                            tp_all_gather)
-from services.model.attention import to_device
-from services.worker.plan import StepPlan
+from services.model import ParallelContext, tp_all_gather
+from services.model.sampler import sample_batch, to_int64
+from services.step import StepPlan
+from services.worker.cuda_graphs import DecodeGraphs
+from services.worker.input_batch import HostStep, InputBatch
 
 
 @dataclass
-class StepInputs:
-    input_ids: torch.Tensor  # [num_tokens] (first stage only)
-    positions: torch.Tensor  # [num_tokens]
-    attn: AttentionMetadata
-    sample_rows: torch.Tensor  # [num_sampled] row of each sampled sequence's last token
+class PendingStep:
+    """A launched step. Last stage: ids on their way to the host; other stages: the residual
+    stream for the next stage (already a device tensor)."""
+
+    seq_ids: list[int]
+    started: float
+    ids_host: torch.Tensor | None = None  # [num_sampled] long, pinned on GPUs
+    done: torch.cuda.Event | None = None
+    hidden: torch.Tensor | None = None
+
+    def token_ids(self) -> list[int]:
+        if self.done is not None:
+            self.done.synchronize()
+        return [] if self.ids_host is None else self.ids_host.tolist()
+
+    def elapsed_us(self) -> int:
+        return int((time.perf_counter() - self.started) * 1e6)
 
 
 class ModelRunner:
     def __init__(self, model, kv_caches: list[torch.Tensor], block_size: int,
-                 device: torch.device, is_first_stage: bool, is_last_stage: bool,
-                 ctx: ParallelContext):
+                 device: torch.device, ctx: ParallelContext, *, max_num_seqs: int = 256,
+                 max_model_len: int = 4096, attention_backend: str = "torch",
+                 cuda_graph_sizes: tuple[int, ...] = ()):
         self.model = model
         self.ctx = ctx
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
-        self.is_first_stage = is_first_stage
-        self.is_last_stage = is_last_stage
-        # The token each sequence sampled last, so a decode can be planned before the
-        # scheduler has seen it (ScheduledSeq.append_last_sampled).
-        self.last_sampled: dict[int, int] = {}
+        self.attention_backend = attention_backend
+        self.is_first_stage, self.is_last_stage = ctx.is_first_stage, ctx.is_last_stage
+        max_blocks = -(-max_model_len // block_size)
+        self.batch = InputBatch(max_num_seqs, max_blocks, block_size, device)
+        self.graphs = DecodeGraphs(self, cuda_graph_sizes) if cuda_graph_sizes else None
 
-    def forget(self, seq_ids) -> None:
-        for seq_id in seq_ids:
-            self.last_sampled.pop(seq_id, None)
+    def reset(self) -> None:
+        """A new scheduler: nothing of the last one's sequences holds."""
+        self.batch.clear()
 
-    def prepare(self, plan: StepPlan) -> StepInputs:
-        token_ids: list[int] = []
-        query_lens: list[int] = []
-        seq_lens: list[int] = []
-        sample_rows: list[int] = []
-        for seq in plan.seqs:
-            token_ids += seq.token_ids
-            if seq.append_last_sampled:
-                token_ids.append(self.last_sampled[seq.seq_id])
-            query_lens.append(seq.num_new_tokens)
-            seq_lens.append(seq.num_computed_tokens + seq.num_new_tokens)
-            if seq.sample:
-                sample_rows.append(len(token_ids) - 1)
-        positions, attn = build_attention_metadata(
-            query_lens, seq_lens, [s.block_table for s in plan.seqs], self.block_size, self.device)
-        ids_and_rows = to_device(torch.tensor(token_ids + sample_rows, dtype=torch.long),
-                                 self.device)
-        input_ids, rows = ids_and_rows.split([len(token_ids), len(sample_rows)])
-        return StepInputs(input_ids, positions, attn, rows)
+    def capture_graphs(self, progress=None) -> None:
+        if self.graphs is not None:
+            self.graphs.capture(progress)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, hidden_in: torch.Tensor | None = None):
-        """Runs the step: the residual stream for the next stage, or the sampled ids."""
-        self.forget(plan.finished_seq_ids)
+        """Runs the step to the end: the sampled ids (last stage) or the residual stream."""
+        pending = self.launch(plan, hidden_in)
+        return pending.hidden if not self.is_last_stage else pending.token_ids()
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan, hidden_in: torch.Tensor | None = None) -> PendingStep:
+        started = time.perf_counter()
+        host = self.batch.prepare(plan)
+        pending = PendingStep(plan.sampled_seq_ids, started)
         if not plan.seqs:
-            return [] if self.is_last_stage else hidden_in
-        inputs = self.prepare(plan)
+            pending.hidden = hidden_in
+            return pending
         if hidden_in is not None and self.ctx.tp_size > 1:
             # The previous stage sent each rank its column slice: [num_tokens, hidden / T].
             hidden_in = tp_all_gather(hidden_in, self.ctx, dim=-1)  # [num_tokens, hidden]
-        hidden = self.model(inputs.positions, inputs.attn, self.kv_caches,
-                            input_ids=inputs.input_ids if self.is_first_stage else None,
-                            hidden_states=hidden_in)
+        if self.graphs is not None and self.graphs.can_run(host):
+            out = self.graphs.run(host, hidden_in)  # [num_tokens, hidden | vocab]
+            logits = out[host.logits_indices] if self.is_last_stage else None
+            hidden = None if self.is_last_stage else out
+        else:
+            ids, positions, meta, logits_indices = self.batch.to_device(host,
+                                                                        self.attention_backend)
+            hidden = self.forward(ids, positions, meta, hidden_in)
+            logits = self.model.compute_logits(hidden[logits_indices]) if (
+                self.is_last_stage and len(host.logits_indices)) else None
         if not self.is_last_stage:
-            return hidden
-        return self._sample(plan, inputs, hidden)
+            pending.hidden = hidden
+        elif logits is not None:
+            self._sample(logits, host, pending)
+        return pending
 
-    def _sample(self, plan: StepPlan, inputs: StepInputs, hidden: torch.Tensor) -> list[int]:
-        sampled = [s for s in plan.seqs if s.sample]
-        if not sampled:
-            return []
-        logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [num_sampled, vocab]
-        positions = [s.num_computed_tokens + s.num_new_tokens for s in sampled]
-        tokens = sample(logits, [s.sampling for s in sampled], positions)
-        for seq, token in zip(sampled, tokens):
-            self.last_sampled[seq.seq_id] = token
-        return tokens
+    def forward(self, ids, positions, meta, hidden_in) -> torch.Tensor:
+        """[num_tokens, hidden]: the residual stream (or its final norm on the last stage)."""
+        return self.model(positions, meta, self.kv_caches,
+                          input_ids=ids if self.is_first_stage else None,
+                          hidden_states=hidden_in)
+
+    def _sample(self, logits: torch.Tensor, host: HostStep, pending: PendingStep) -> None:
+        """logits [num_sampled, vocab] -> ids on the device (kept per row for the next decode),
+        and on their way to the host."""
+        held = self.batch.held_at(host.sampled_rows)
+        if all(h.sampling.is_greedy for h in held):
+            tokens = logits.argmax(dim=-1)  # [num_sampled]
+        else:
+            tokens = sample_batch(logits, *self._sampling_tensors(held, host), all_greedy=False)
+        rows = torch.from_numpy(host.sampled_rows).to(self.device, non_blocking=True)
+        self.batch.last_sampled.index_copy_(0, rows, tokens)
+        if self.device.type == "cuda":
+            pending.ids_host = torch.empty(tokens.shape, dtype=torch.long, pin_memory=True)
+            pending.ids_host.copy_(tokens, non_blocking=True)
+            pending.done = torch.cuda.Event()
+            pending.done.record()
+        else:
+            pending.ids_host = tokens
+
+    def _sampling_tensors(self, held, host: HostStep):
+        """(temperature, top_p, top_k, seeds, positions) [num_sampled] each, on the device.
+        The position mixed into a seeded draw is the sequence length before the new token."""
+        positions = host.seq_lens[np.searchsorted(host.query_start_loc[1:],
+                                                  host.logits_indices, side="right")]
+        floats = torch.tensor([[h.sampling.temperature for h in held],
+                               [h.sampling.top_p for h in held]], dtype=torch.float32)
+        ints = torch.tensor([[h.sampling.top_k for h in held], [to_int64(h.seed) for h in held],
+                             positions.tolist()], dtype=torch.long)
+        floats, ints = floats.to(self.device), ints.to(self.device)
+        return floats[0], floats[1], ints[0], ints[1], ints[2]

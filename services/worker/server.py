@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -19,8 +20,9 @@ import torch
 from meshserve.internal.v1 import worker_pb2 as pb
 from meshserve.internal.v1 import worker_pb2_grpc as pb_grpc
 from services.process import announce, run_service
-from services.worker.plan import StepPlan, StepResult
+from services.step import StepPlan, StepResult
 from services.worker.settings import WorkerSettings
+from services.worker.runner import PendingStep
 from services.worker.shard import WorkerShard
 
 log = logging.getLogger("meshserve.worker")
@@ -29,8 +31,16 @@ log = logging.getLogger("meshserve.worker")
 class WorkerServicer(pb_grpc.WorkerServicer):
     def __init__(self, shard: WorkerShard):
         self.shard = shard
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        # The model thread: every step and collective, in plan order. The current CUDA
+        # device is per thread, so it is set there once.
+        init = (torch.cuda.set_device, (shard.device,)) if shard.device.type == "cuda" else (
+            None, ())
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model",
+                                          initializer=init[0], initargs=init[1])
         self._busy = asyncio.Lock()
+
+    async def on_model_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     async def Describe(self, request, context) -> pb.DescribeResponse:
         return self.shard.describe()
@@ -45,31 +55,47 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                                 "this worker already serves a scheduler's step stream")
         async with self._busy:
             # A new stream is a new scheduler: nothing of the last one's sequences holds.
-            self.shard.runner.last_sampled.clear()
+            await self.on_model_thread(self.shard.runner.reset)
             plans: asyncio.Queue = asyncio.Queue()
             reader = asyncio.create_task(_read_into(request_iterator, plans))
             try:
-                while True:
-                    msg = await plans.get()
-                    if msg is None:
-                        return
-                    result = await self._run(StepPlan.from_pb(msg))
-                    if result is not None:
-                        yield result.to_pb()
+                async for result in self._steps(plans):
+                    yield result.to_pb()
             finally:
                 reader.cancel()
 
-    async def _run(self, plan: StepPlan) -> StepResult | None:
+    async def _steps(self, plans: asyncio.Queue):
+        """Launches each plan as it comes; a step's result is awaited only once the next plan
+        is launched (or none is waiting), so the device never idles on the host."""
+        pending = None
+        while True:
+            if pending is not None and plans.empty():
+                if (result := await self._finish(*pending)) is not None:
+                    yield result
+                pending = None
+            msg = await plans.get()
+            if msg is None:
+                return
+            plan = StepPlan.from_pb(msg)
+            launched = await self._launch(plan)
+            if pending is not None and (result := await self._finish(*pending)) is not None:
+                yield result
+            pending = (plan, launched)
+
+    async def _launch(self, plan: StepPlan) -> PendingStep:
         shard = self.shard
         hidden = await shard.receive_activations(plan) if not shard.is_first_stage else None
-        loop = asyncio.get_running_loop()
-        out = await loop.run_in_executor(self._thread, shard.runner.execute, plan, hidden)
+        launched = await self.on_model_thread(shard.runner.launch, plan, hidden)
         if not shard.is_last_stage:
-            await shard.send_activations(plan, out)
+            await shard.send_activations(plan, launched.hidden)
+        return launched
+
+    async def _finish(self, plan: StepPlan, launched: PendingStep) -> StepResult | None:
+        if not self.shard.is_sampler:
             return None
-        if not shard.is_sampler:
-            return None
-        return StepResult(plan.step_id, tuple(plan.sampled_seq_ids), tuple(out), plan.micro_batch)
+        ids = await self.on_model_thread(launched.token_ids)
+        return StepResult(plan.step_id, tuple(launched.seq_ids), tuple(ids), plan.micro_batch,
+                          step_time_us=launched.elapsed_us())
 
 
 async def _read_into(request_iterator, queue: asyncio.Queue) -> None:
@@ -85,9 +111,11 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event | None = None) -> 
     # Joining the TP group blocks until every rank has come: keep the loop free meanwhile.
     shard = await loop.run_in_executor(None, WorkerShard.load, settings)
     await shard.start_stage_link()
+    servicer = WorkerServicer(shard)
+    await servicer.on_model_thread(shard.runner.capture_graphs, _capture_progress(shard))
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
                                       ("grpc.max_send_message_length", 64 << 20)])
-    pb_grpc.add_WorkerServicer_to_server(WorkerServicer(shard), server)
+    pb_grpc.add_WorkerServicer_to_server(servicer, server)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     await server.start()
     log.info("worker tp=%d/%d pp=%d/%d on %s:%d (%s, %d KV blocks)", settings.tp_rank,
@@ -98,6 +126,20 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event | None = None) -> 
     await stop.wait()
     await server.stop(grace=1.0)
     await shard.close()
+
+
+def _capture_progress(shard: WorkerShard):
+    graphs = shard.runner.graphs
+    if graphs is None:
+        return None
+    started, done = time.perf_counter(), []
+
+    def progress(size: int) -> None:
+        done.append(size)
+        if len(done) % 8 == 0 or len(done) == len(graphs.sizes):
+            log.info("captured CUDA graphs %d/%d (batch %d) in %.1f s", len(done),
+                     len(graphs.sizes), size, time.perf_counter() - started)
+    return progress
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,6 +25,9 @@ class WorkerSettings:
     max_model_len: int = 0  # 0 = the model's max_position_embeddings
     num_threads: int = 1  # torch threads on CPU
     ready_file: str = ""  # where to write host:port once serving
+    max_num_seqs: int = 256  # live sequences held at once; also the largest CUDA-graph batch
+    attention_backend: str = "auto"  # auto = triton on CUDA, torch on CPU
+    enforce_eager: bool = False  # no CUDA graphs (vLLM's flag)
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> WorkerSettings:
@@ -48,12 +51,18 @@ class WorkerSettings:
         p.add_argument("--max-model-len", type=int, default=0)
         p.add_argument("--num-threads", type=int, default=1)
         p.add_argument("--ready-file", default="", help="write host:port here once serving")
+        p.add_argument("--max-num-seqs", type=int, default=256,
+                       help="live sequences held at once; the largest CUDA-graph batch")
+        p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
+                       help="auto: triton kernels on CUDA, the plain-torch reference on CPU")
+        p.add_argument("--enforce-eager", action="store_true",
+                       help="run every step eagerly (no CUDA graphs)")
         a = p.parse_args(argv)
         split = tuple(int(x) for x in a.layer_split.split(",") if x)
         settings = cls(a.model, a.tp_rank, a.tp_size, a.pp_rank, a.pp_size, a.dist_init, a.host,
                        a.port, a.device, a.dtype, a.block_size, a.num_kv_blocks,
                        a.kv_cache_memory_gb, split, a.max_model_len, a.num_threads,
-                       a.ready_file)
+                       a.ready_file, a.max_num_seqs, a.attention_backend, a.enforce_eager)
         settings.check()
         return settings
 
@@ -67,3 +76,5 @@ class WorkerSettings:
                              "stage's TP ranks)")
         if self.block_size < 1:
             raise SystemExit("--block-size must be >= 1")
+        if self.max_num_seqs < 1:
+            raise SystemExit("--max-num-seqs must be >= 1")

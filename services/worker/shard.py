@@ -23,7 +23,8 @@ from meshserve.internal.v1 import worker_pb2 as pb
 from services.model import (ModelConfig, ParallelContext, allocate_kv_caches, ensure_default_model,
                             init_tp_group, kv_bytes_per_block, load_model, stage_layer_range)
 from services.stagelink.wire import ActivationHeader  # importing it needs no UCX
-from services.worker.plan import StepPlan
+from services.step import StepPlan
+from services.worker.cuda_graphs import bucket_sizes
 from services.worker.runner import ModelRunner
 from services.worker.settings import WorkerSettings
 
@@ -61,13 +62,24 @@ class WorkerShard:
         layers = stage_layer_range(config.num_hidden_layers, s.pp_size, s.pp_rank,
                                    list(s.layer_split) or None)
         model = load_model(model_dir, ctx, layers, dtype=dtype, device=device)
-        num_blocks = s.num_kv_blocks or _blocks_for_memory(s, config, ctx, len(layers), dtype,
-                                                           device)
-        caches = allocate_kv_caches(config, ctx, len(layers), num_blocks, s.block_size, dtype,
-                                    device)
-        runner = ModelRunner(model, caches, s.block_size, device, ctx.is_first_stage,
-                             ctx.is_last_stage, ctx)
         max_len = s.max_model_len or config.max_context_len
+        backend = _pick_backend(s.attention_backend, device)
+        graph_sizes = () if (s.enforce_eager or device.type != "cuda" or backend != "triton") \
+            else bucket_sizes(s.max_num_seqs)
+        runner_args = dict(max_num_seqs=s.max_num_seqs, max_model_len=max_len,
+                           attention_backend=backend)
+        reserve = _activation_reserve(model, config, ctx, len(layers), s, dtype, device,
+                                      runner_args, graph_sizes)
+        num_blocks = s.num_kv_blocks or _blocks_for_memory(s, config, ctx, len(layers), dtype,
+                                                           device, reserve)
+        # One block more than the scheduler sees: the scratch block of padded graph rows.
+        caches = allocate_kv_caches(config, ctx, len(layers), num_blocks + 1, s.block_size,
+                                    dtype, device)
+        runner = ModelRunner(model, caches, s.block_size, device, ctx,
+                             cuda_graph_sizes=graph_sizes, **runner_args)
+        log.info("worker: %s attention, %s", backend,
+                 f"CUDA graphs for batches {graph_sizes[0]}..{graph_sizes[-1]}" if graph_sizes
+                 else "eager steps")
         return cls(s, config, model_dir.name, ctx, device, runner, num_blocks, max_len)
 
     @property
@@ -89,7 +101,7 @@ class WorkerShard:
             pp_size=c.pp_size, num_kv_blocks=self.num_kv_blocks,
             block_size=self.settings.block_size, max_model_len=self.max_model_len,
             eos_token_ids=list(self.config.eos_token_ids), stage_link_address=self.link_address,
-            vocab_size=self.config.vocab_size)
+            vocab_size=self.config.vocab_size, max_num_seqs=self.settings.max_num_seqs)
 
     # -- stage links (PP > 1) ------------------------------------------------------------
 
@@ -169,13 +181,48 @@ def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _blocks_for_memory(s: WorkerSettings, config, ctx, num_layers, dtype, device) -> int:
+def _pick_backend(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    if device.type != "cuda":
+        return "torch"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        log.warning("triton is not installed: plain-torch attention, no CUDA graphs")
+        return "torch"
+    return "triton"
+
+
+def _activation_reserve(model, config, ctx, num_layers, s: WorkerSettings, dtype, device,
+                        runner_args, graph_sizes) -> int:
+    """GPU bytes to leave beside the KV pool: the peak of one eager decode step of the largest
+    graph batch (the graphs' shared pool holds about that), measured on a two-block cache, twice
+    over for the eager prefill steps' own peaks. This also compiles the kernels once."""
+    if device.type != "cuda" or not graph_sizes:
+        return 0
+    probe_caches = allocate_kv_caches(config, ctx, num_layers, 2, s.block_size, dtype, device)
+    probe = ModelRunner(model, probe_caches, s.block_size, device, ctx,
+                        cuda_graph_sizes=graph_sizes[-1:], **runner_args)
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    probe.graphs.warm_up(graph_sizes[-1])
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del probe, probe_caches
+    torch.cuda.empty_cache()
+    return 2 * peak
+
+
+def _blocks_for_memory(s: WorkerSettings, config, ctx, num_layers, dtype, device,
+                       reserve: int = 0) -> int:
     per_block = kv_bytes_per_block(config, ctx, num_layers, s.block_size, dtype)
     if s.kv_cache_memory_gb:
         budget = s.kv_cache_memory_gb * 2**30
     elif device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        budget = free * GPU_KV_CACHE_FRACTION
+        budget = (free - reserve) * GPU_KV_CACHE_FRACTION
     else:
         budget = CPU_KV_CACHE_GB * 2**30
     num_blocks = int(budget // per_block)

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 from services.model import ParallelContext, count_collectives, load_model, stage_layer_range
 from services.model import loader as loader_module
 
-from .conftest import GQA_CONFIG, save_hf_llama
+from tests.checkpoints import GQA_CONFIG, save_hf_llama
 from .paged import BLOCK_SIZE, PagedRunner, hf_greedy, hf_logits
 
 NUM_NEW = 33  # the prefill picks the first token, 32 decode steps through the cache the rest

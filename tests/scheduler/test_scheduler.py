@@ -5,7 +5,7 @@ from __future__ import annotations
 from services.scheduler.block_manager import BlockManager
 from services.scheduler.scheduler import Scheduler, SchedulerConfig
 from services.scheduler.sequence import FinishReason, RequestParams, Sequence
-from services.worker.plan import SamplingOptions
+from services.step import SamplingOptions
 
 GREEDY = SamplingOptions()
 
@@ -23,7 +23,7 @@ def seq(seq_id, prompt_len, max_tokens=4, first_token=100) -> Sequence:
 def run(sched, plan, tokens):
     """Returns plan's sampled seqs the given tokens, in order."""
     ids = plan_sampled(plan)
-    return sched.on_result(plan, ids, tokens[:len(ids)])
+    return sched.on_result(plan, {i: [t] for i, t in zip(ids, tokens)})
 
 
 def plan_sampled(plan):
@@ -35,13 +35,13 @@ def test_prefill_then_async_decode_uses_last_sampled_token():
     sched.add(seq(1, 6))
     p0 = sched.schedule()
     (s,) = p0.seqs
-    assert (s.token_ids, s.num_computed_tokens, s.block_table, s.sample) == (
-        tuple(range(100, 106)), 0, (0, 1), True)
+    assert (s.start.token_ids, s.token_ids, s.num_computed_tokens, s.new_block_ids, s.sample) == (
+        tuple(range(100, 106)), (), 0, (0, 1), True)
     # Planned before step 0 returns: the input is the token the worker just sampled.
     p1 = sched.schedule()
     (d,) = p1.seqs
-    assert (d.token_ids, d.append_last_sampled, d.num_computed_tokens, d.block_table) == (
-        (), True, 6, (0, 1))
+    assert (d.start, d.token_ids, d.append_last_sampled, d.num_computed_tokens, d.new_block_ids) == (
+        None, (), True, 6, ())
     # Only one sample can be pending per sequence: nothing more to plan.
     assert sched.schedule() is None
     run(sched, p0, [7])
@@ -67,7 +67,7 @@ def test_chunked_prefill_under_budget_while_others_decode():
     run(sched, p0, [7])
     sched.add(seq(2, 12, first_token=200))
     p1 = sched.schedule()
-    assert [(s.seq_id, len(s.token_ids) + s.append_last_sampled, s.sample) for s in p1.seqs] == [
+    assert [(s.seq_id, s.num_new_tokens, s.sample) for s in p1.seqs] == [
         (1, 1, True), (2, 4, False)]
     run(sched, p1, [8])
     p2 = sched.schedule()
@@ -122,15 +122,15 @@ def test_preemption_by_recompute_keeps_outputs():
     sched.add(seq(1, 4, max_tokens=4))
     sched.add(seq(2, 4, max_tokens=4, first_token=200))
     p0 = sched.schedule()
-    assert [s.block_table for s in p0.seqs] == [(0, 1), (2, 3)]
+    assert [s.new_block_ids for s in p0.seqs] == [(0, 1), (2, 3)]
     run(sched, p0, [7, 8])
     p1 = sched.schedule()  # seq 1 needs a 3rd block: seq 2 (the newest) is preempted
     assert [s.seq_id for s in p1.seqs] == [1]
-    assert p1.seqs[0].block_table == (0, 1, 3)  # seq 2's blocks were freed last-first
+    assert p1.seqs[0].new_block_ids == (3,)  # seq 2's blocks were freed last-first
     assert sched.num_preemptions == 1
     assert [s.seq_id for s in sched.waiting] == [2]
     assert sched.seqs[2].num_computed_tokens == 0 and sched.seqs[2].output_ids == [8]
-    assert p1.finished_seq_ids == (2,)
+    assert (p1.preempted_seq_ids, p1.finished_seq_ids) == ((2,), ())
     run(sched, p1, [9])
     while 1 in sched.seqs:
         p = sched.schedule()
@@ -139,7 +139,9 @@ def test_preemption_by_recompute_keeps_outputs():
     # Seq 2 comes back: its prompt and its output so far are recomputed as one prefill.
     (s2,) = sched.schedule().seqs
     assert s2.seq_id == 2 and s2.sample
-    assert (s2.num_computed_tokens + len(s2.token_ids), s2.token_ids[-1]) == (5, 8)
+    # It starts again on the workers: every known token travels once more.
+    assert (s2.start.token_ids[-1], len(s2.start.token_ids), s2.num_new_tokens) == (8, 5, 5)
+    assert s2.new_block_ids == tuple(sched.blocks.block_table(2)) and len(s2.new_block_ids) == 3
 
 
 def test_prefix_hit_reported_and_last_token_always_computed():
@@ -152,7 +154,8 @@ def test_prefix_hit_reported_and_last_token_always_computed():
     p = sched.schedule()
     (s,) = p.seqs
     # Block-aligned full hit: the last block is recomputed to get logits.
-    assert (s.num_computed_tokens, s.token_ids) == (4, tuple(range(104, 108)))
+    assert (s.num_computed_tokens, s.num_new_tokens, s.start.token_ids) == (
+        4, 4, tuple(range(100, 108)))
     assert sched.seqs[2].num_cached_prompt_tokens == 4
 
 
@@ -166,3 +169,41 @@ def test_micro_batches_are_disjoint_shares_of_the_sequences():
     assert sched.schedule() is None  # every sequence is in flight
     run(sched, first, [5, 6])
     assert [s.seq_id for s in sched.schedule().seqs] == [0, 1]
+
+
+def test_a_decode_plan_is_a_delta_whatever_the_context_length():
+    sched = make(num_blocks=80, block_size=16, max_num_batched_tokens=1024)
+    sched.add(seq(1, 1000, max_tokens=40))
+    p0 = sched.schedule()
+    assert len(p0.seqs[0].start.token_ids) == 1000 and len(p0.seqs[0].new_block_ids) == 63
+    plans = [p0]
+    for _ in range(30):  # async decodes: one plan queued behind the one in flight
+        plans.append(sched.schedule())
+        run(sched, plans[-2], [7])
+    decodes = plans[1:]
+    assert all(p.seqs[0].start is None and p.seqs[0].token_ids == () for p in decodes)
+    assert all(p.seqs[0].append_last_sampled and p.seqs[0].num_new_tokens == 1 for p in decodes)
+    # Positions 1008 and 1024 open a block: only those steps name one, and only the new one.
+    grew = [(p.seqs[0].num_computed_tokens, p.seqs[0].new_block_ids) for p in decodes
+            if p.seqs[0].new_block_ids]
+    assert grew == [(1008, (63,)), (1024, (64,))]
+
+
+def test_several_ids_per_sequence_stop_at_the_first_that_ends_it():
+    sched = make()
+    sched.add(seq(1, 3, max_tokens=10))
+    p0 = sched.schedule()
+    (update,) = sched.on_result(p0, {1: [5, 6, 2, 9]})  # 2 is EOS: 9 is dropped
+    assert (update.new_token_ids, update.finished) == ([5, 6, 2], FinishReason.EOS)
+    assert sched.seqs == {}
+
+
+def test_no_more_live_sequences_than_the_workers_hold():
+    sched = make(max_live_seqs=2)
+    for i in range(3):
+        sched.add(seq(i, 2, max_tokens=1, first_token=100 + 10 * i))
+    p0 = sched.schedule()
+    assert [s.seq_id for s in p0.seqs] == [0, 1] and [s.seq_id for s in sched.waiting] == [2]
+    run(sched, p0, [5, 6])  # both end (max_tokens 1): their rows are free with the next plan
+    p1 = sched.schedule()
+    assert [s.seq_id for s in p1.seqs] == [2] and set(p1.finished_seq_ids) == {0, 1}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from services.stagelink import ActivationHeader
-from services.worker.plan import StepPlan
+from services.step import StepPlan
 from services.worker.shard import receive_for
 
 

@@ -11,7 +11,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("model", "tp_rank", "tp_size", "pp_rank", "pp_size", "num_kv_blocks", "block_size", "max_model_len", "eos_token_ids", "stage_link_address", "vocab_size")
+    __slots__ = ("model", "tp_rank", "tp_size", "pp_rank", "pp_size", "num_kv_blocks", "block_size", "max_model_len", "eos_token_ids", "stage_link_address", "vocab_size", "max_num_seqs")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TP_RANK_FIELD_NUMBER: _ClassVar[int]
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class DescribeResponse(_message.Message):
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     STAGE_LINK_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     model: str
     tp_rank: int
     tp_size: int
@@ -34,7 +35,8 @@ class DescribeResponse(_message.Message):
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     stage_link_address: bytes
     vocab_size: int
-    def __init__(self, model: _Optional[str] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., pp_rank: _Optional[int] = ..., pp_size: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., stage_link_address: _Optional[bytes] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+    max_num_seqs: int
+    def __init__(self, model: _Optional[str] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., pp_rank: _Optional[int] = ..., pp_size: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., stage_link_address: _Optional[bytes] = ..., vocab_size: _Optional[int] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
 
 class ConnectStageRequest(_message.Message):
     __slots__ = ("next_stage_address",)
@@ -58,46 +60,64 @@ class SamplingOptions(_message.Message):
     seed: int
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
+class SeqStart(_message.Message):
+    __slots__ = ("token_ids", "sampling")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    sampling: SamplingOptions
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ...) -> None: ...
+
 class ScheduledSeq(_message.Message):
-    __slots__ = ("seq_id", "token_ids", "append_last_sampled", "num_computed_tokens", "block_table", "sample", "sampling")
+    __slots__ = ("seq_id", "num_computed_tokens", "num_new_tokens", "new_block_ids", "token_ids", "append_last_sampled", "sample", "start", "draft_token_ids")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_COMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NEW_BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     APPEND_LAST_SAMPLED_FIELD_NUMBER: _ClassVar[int]
-    NUM_COMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    BLOCK_TABLE_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
-    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
+    num_computed_tokens: int
+    num_new_tokens: int
+    new_block_ids: _containers.RepeatedScalarFieldContainer[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     append_last_sampled: bool
-    num_computed_tokens: int
-    block_table: _containers.RepeatedScalarFieldContainer[int]
     sample: bool
-    sampling: SamplingOptions
-    def __init__(self, seq_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., append_last_sampled: _Optional[bool] = ..., num_computed_tokens: _Optional[int] = ..., block_table: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ...) -> None: ...
+    start: SeqStart
+    draft_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, seq_id: _Optional[int] = ..., num_computed_tokens: _Optional[int] = ..., num_new_tokens: _Optional[int] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., append_last_sampled: _Optional[bool] = ..., sample: _Optional[bool] = ..., start: _Optional[_Union[SeqStart, _Mapping]] = ..., draft_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepPlan(_message.Message):
-    __slots__ = ("step_id", "micro_batch", "seqs", "finished_seq_ids", "epoch")
+    __slots__ = ("step_id", "micro_batch", "seqs", "finished_seq_ids", "epoch", "preempted_seq_ids")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     SEQS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTED_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     micro_batch: int
     seqs: _containers.RepeatedCompositeFieldContainer[ScheduledSeq]
     finished_seq_ids: _containers.RepeatedScalarFieldContainer[int]
     epoch: int
-    def __init__(self, step_id: _Optional[int] = ..., micro_batch: _Optional[int] = ..., seqs: _Optional[_Iterable[_Union[ScheduledSeq, _Mapping]]] = ..., finished_seq_ids: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ...) -> None: ...
+    preempted_seq_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, step_id: _Optional[int] = ..., micro_batch: _Optional[int] = ..., seqs: _Optional[_Iterable[_Union[ScheduledSeq, _Mapping]]] = ..., finished_seq_ids: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., preempted_seq_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "micro_batch", "seq_ids", "token_ids")
+    __slots__ = ("step_id", "micro_batch", "seq_ids", "token_ids", "num_token_ids", "step_time_us")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    STEP_TIME_US_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     micro_batch: int
     seq_ids: _containers.RepeatedScalarFieldContainer[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, step_id: _Optional[int] = ..., micro_batch: _Optional[int] = ..., seq_ids: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    num_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    step_time_us: int
+    def __init__(self, step_id: _Optional[int] = ..., micro_batch: _Optional[int] = ..., seq_ids: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_token_ids: _Optional[_Iterable[int]] = ..., step_time_us: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,325 @@
+"""GPU decode speed, every row side by side in one run: the bandwidth roofline, transformers'
+fast path (static cache + compiled decode step), meshserve's worker in process (eager plain-torch
+attention, eager Triton attention, CUDA graphs) and meshserve served through the gateway.
+
+    python bench/bench_decode.py [--shapes 1b,8b] [--batches 1,16,64] [--parts hf,exact,runner,served]
+                                 [--profile] [--out DIR]
+
+Random-weight checkpoints of Llama 3.2 1B and Llama 3.1 8B shapes are written on first use
+(bench/make_random_llama.py). Decode-only time per step: transformers' is the difference between
+a 128-token and an 8-token `generate` (prefill cancels out); meshserve's is the time between the
+results of consecutive decode steps once every prompt is in. Prints markdown for RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from bench.common import machine  # noqa: E402
+from services.model.config import ModelConfig  # noqa: E402
+
+CONTEXT = 128  # prompt tokens per sequence
+STEPS = 128  # decode steps timed (transformers: generate 128 vs 8 tokens)
+MODES = {  # worker flags of each in-process mode
+    "eager, torch attention": dict(attention_backend="torch", enforce_eager=True),
+    "eager, triton attention": dict(attention_backend="triton", enforce_eager=True),
+    "CUDA graphs, triton": dict(attention_backend="triton", enforce_eager=False),
+}
+
+
+def checkpoint(shape: str, root: Path) -> Path:
+    path = root / f"llama-{shape}"
+    if not (path / "config.json").exists():
+        subprocess.run([sys.executable, str(Path(__file__).parent / "make_random_llama.py"),
+                        "--shape", shape, "--out", str(path)], check=True)
+    return path
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a large device-to-device copy."""
+    x = torch.empty(2 * 1024**3, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    start, end = torch.cuda.Event(True), torch.cuda.Event(True)
+    start.record()
+    for _ in range(10):
+        y.copy_(x)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * x.numel() * 2 * 10 / (start.elapsed_time(end) / 1e3)
+
+
+def roofline_ms(model_dir: Path, batch: int, bandwidth: float) -> float:
+    """Weights once plus every sequence's KV (at the mean context of the timed steps)."""
+    c = ModelConfig.from_dir(model_dir)
+    weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 2 * batch * (
+        CONTEXT + STEPS / 2)
+    return (weights + kv) / bandwidth * 1e3
+
+
+# -- transformers ------------------------------------------------------------------------------
+
+def hf_step_ms(model_dir: Path, batches: list[int]) -> dict[int, float]:
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+    model.generation_config.cache_implementation = "static"
+    out = {}
+    for batch in batches:
+        ids = torch.randint(3, 32000, (batch, CONTEXT), device="cuda")
+
+        def run(n: int) -> float:
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           pad_token_id=0)
+            torch.cuda.synchronize()
+            return time.perf_counter() - t
+
+        run(STEPS), run(8)  # compiles
+        long, short = min(run(STEPS) for _ in range(2)), min(run(8) for _ in range(2))
+        out[batch] = (long - short) / (STEPS - 8) * 1e3
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+# -- meshserve in process -----------------------------------------------------------------------
+
+def load_shard(model_dir: Path, max_num_seqs: int, **flags):
+    from services.worker.settings import WorkerSettings
+    from services.worker.shard import WorkerShard
+
+    settings = WorkerSettings(model=str(model_dir), max_num_seqs=max_num_seqs,
+                              kv_cache_memory_gb=8.0, **flags)
+    shard = WorkerShard.load(settings)
+    shard.runner.capture_graphs()
+    return shard
+
+
+def drive(runner, num_blocks: int, prompts: list[list[int]], max_tokens: int,
+          sampling=None) -> tuple[list[float], dict[int, list[int]]]:
+    """Serves prompts to the end with the real scheduler, two plans in flight as the worker
+    runs them; returns the host time of every result and the ids each sequence got."""
+    from services.scheduler.block_manager import BlockManager
+    from services.scheduler.scheduler import Scheduler, SchedulerConfig
+    from services.scheduler.sequence import RequestParams, Sequence
+    from services.step import SamplingOptions
+
+    runner.reset()
+    sched = Scheduler(SchedulerConfig(max_num_seqs=len(prompts), max_num_batched_tokens=8192),
+                      BlockManager(num_blocks, runner.block_size))
+    params = RequestParams(max_tokens, sampling or SamplingOptions(), ignore_eos=True)
+    for i, p in enumerate(prompts):
+        sched.add(Sequence(i, str(i), list(p), params))
+    outputs = {i: [] for i in range(len(prompts))}
+    times, inflight = [], deque()
+    while sched.has_work or inflight:
+        while len(inflight) < 2 and (plan := sched.schedule()) is not None:
+            inflight.append((plan, runner.launch(plan)))
+        plan, pending = inflight.popleft()
+        ids = pending.token_ids()
+        times.append(time.perf_counter())
+        for update in sched.on_result(plan, {s: [t] for s, t in zip(pending.seq_ids, ids)}):
+            outputs[update.seq.seq_id] += update.new_token_ids
+    return times, outputs
+
+
+def step_ms(times: list[float], skip: int = 8) -> float:
+    """Median time between consecutive results past the prefill and warm-up steps."""
+    gaps = [b - a for a, b in zip(times[skip:], times[skip + 1:])]
+    return statistics.median(gaps) * 1e3
+
+
+def prompts_for(batch: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, min(vocab, 32000), (batch, CONTEXT), generator=g).tolist()
+
+
+def runner_rows(model_dir: Path, batches: list[int], profile: bool) -> dict:
+    vocab = ModelConfig.from_dir(model_dir).vocab_size
+    out = {}
+    for mode, flags in MODES.items():
+        shard = load_shard(model_dir, max(batches), **flags)
+        for batch in batches:
+            times, _ = drive(shard.runner, shard.num_kv_blocks, prompts_for(batch, vocab),
+                             STEPS)
+            out[(mode, batch)] = step_ms(times)
+        if profile and not flags["enforce_eager"]:
+            for batch in (1, max(batches)):
+                print(profile_table(shard, batch, vocab), flush=True)
+        del shard
+        torch.cuda.empty_cache()
+    return out
+
+
+def profile_table(shard, batch: int, vocab: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        times, _ = drive(shard.runner, shard.num_kv_blocks, prompts_for(batch, vocab), 40)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18)
+    return f"\n#### profile, CUDA graphs, batch {batch} ({step_ms(times):.3f} ms/step)\n\n{table}"
+
+
+def exactness(model_dir: Path) -> list[str]:
+    """Triton vs plain-torch attention (bf16 logits and greedy ids), and a graph replay vs the
+    same decode step run eagerly (bit-identical logits)."""
+    from services.model.attention import build_attention_metadata
+
+    shard = load_shard(model_dir, 8, attention_backend="triton", enforce_eager=False)
+    runner, model = shard.runner, shard.runner.model
+    lines = []
+    with torch.inference_mode():
+        vocab = model.config.vocab_size
+        prompts = prompts_for(4, vocab, seed=1)
+        lens = [CONTEXT] * 4
+        tables = [list(range(i * 16, i * 16 + 16)) for i in range(4)]
+        ids = torch.tensor(sum(prompts, []), device="cuda")
+        logits = {}
+        for backend in ("torch", "triton"):
+            positions, meta = build_attention_metadata(lens, lens, tables, 16, "cuda")
+            meta.backend = backend
+            hidden = model(positions, meta, runner.kv_caches, input_ids=ids)
+            logits[backend] = model.compute_logits(hidden[meta.query_start_loc[1:] - 1])
+        diff = (logits["torch"] - logits["triton"]).abs().max().item()
+        same = (logits["torch"].argmax(-1) == logits["triton"].argmax(-1)).float().mean().item()
+        lines.append(f"prefill of 4 x {CONTEXT} tokens: triton vs torch logits max |diff| "
+                     f"{diff:.4f}, greedy ids identical {same:.0%}")
+    # Greedy decode, eager vs graphs, on the same prompts: identical ids are expected when
+    # the replayed graph computes exactly the eager step.
+    _, graphed = drive(runner, shard.num_kv_blocks, prompts, 32)
+    eager = load_shard(model_dir, 8, attention_backend="triton", enforce_eager=True)
+    _, eager_ids = drive(eager.runner, eager.num_kv_blocks, prompts, 32)
+    lines.append(f"greedy ids, 4 x 32 decode steps, CUDA graphs vs eager (both triton): "
+                 f"{sum(graphed[i] == eager_ids[i] for i in graphed)}/4 sequences identical")
+    lines.append(f"graph replays in that run: {runner.graphs.num_replays}")
+    del shard, eager
+    torch.cuda.empty_cache()
+    return lines
+
+
+# -- meshserve served -----------------------------------------------------------------------------
+
+async def served_stats(address: str, prompts, max_tokens: int) -> tuple[float, float]:
+    """(median inter-token latency in ms over the streams, generated tokens/s) of concurrent
+    streaming Generate calls."""
+    import grpc
+
+    from meshserve.v1 import generation_pb2 as pb
+    from meshserve.v1 import generation_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+
+        async def one(ids):
+            stamps, n = [], 0
+            call = stub.Generate(pb.GenerateRequest(prompt_token_ids=ids, sampling=pb.SamplingParams(
+                max_tokens=max_tokens, ignore_eos=True)))
+            async for msg in call:
+                n += len(msg.token_ids)
+                stamps.append((time.perf_counter(), n))
+            (t0, n0), (t1, n1) = stamps[0], stamps[-1]
+            return (t1 - t0) / max(1, n1 - n0), n
+
+        await one(prompts[0][:16])  # warm up
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one(p) for p in prompts))
+        elapsed = time.perf_counter() - start
+    itl = statistics.median(r[0] for r in results) * 1e3
+    return itl, sum(r[1] for r in results) / elapsed
+
+
+def served_rows(model_dir: Path, batches: list[int]) -> dict:
+    from deploy.launcher import LocalMesh, MeshSpec
+
+    vocab = ModelConfig.from_dir(model_dir).vocab_size
+    n = str(max(batches))
+    spec = MeshSpec(model=str(model_dir), port=0,
+                    worker_args=("--max-num-seqs", n, "--kv-cache-memory-gb", "8"),
+                    scheduler_args=("--max-num-seqs", n, "--max-num-batched-tokens", "8192"))
+    out = {}
+    mesh = LocalMesh(spec)
+    mesh.start(timeout_s=600)
+    try:
+        for batch in batches:
+            out[batch] = asyncio.run(served_stats(mesh.gateway_address,
+                                                  prompts_for(batch, vocab, seed=2), STEPS))
+    finally:
+        mesh.stop()
+    return out
+
+
+# -- report -----------------------------------------------------------------------------------------
+
+def report(shape, model_dir, batches, bw, hf, runner, served) -> str:
+    def cell(x, fmt=".3f"):
+        return "-" if x is None else format(x, fmt)
+
+    def ratio(x, y):
+        return f"{x / y:.2f}x" if x and y else "-"
+
+    head = (["batch", "roofline ms", "transformers compiled ms"] + [f"{m} ms" for m in MODES]
+            + ["served ITL ms", "served tok/s", "transformers / graphs", "graphs / roofline",
+               "served ITL / graphs step"])
+    lines = [f"\n### Decode, {shape} shape ({model_dir.name}, bf16, context {CONTEXT} + "
+             f"{STEPS} steps)\n", f"Machine: {machine()}; copy bandwidth {bw / 1e12:.2f} TB/s\n",
+             "| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    for b in batches:
+        roof, graphs = roofline_ms(model_dir, b, bw), runner.get(("CUDA graphs, triton", b))
+        itl, rate = served.get(b, (None, None))
+        row = ([str(b), cell(roof), cell(hf.get(b))] + [cell(runner.get((m, b))) for m in MODES]
+               + [cell(itl), cell(rate, ".0f"), ratio(hf.get(b), graphs), ratio(graphs, roof),
+                  ratio(itl, graphs)])
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="1b,8b")
+    p.add_argument("--batches", default="1,16,64")
+    p.add_argument("--parts", default="hf,exact,runner,served")
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--root", default="/tmp/meshserve-bench")
+    p.add_argument("--json", default="", help="also write every figure here")
+    a = p.parse_args()
+    parts = set(a.parts.split(","))
+    batches = [int(b) for b in a.batches.split(",")]
+    bw = copy_bandwidth()
+    figures = {}
+    for shape in a.shapes.split(","):
+        model_dir = checkpoint(shape, Path(a.root))
+        hf = hf_step_ms(model_dir, batches) if "hf" in parts else {}
+        print(f"{shape}: transformers {hf}", flush=True)
+        if "exact" in parts:
+            for line in exactness(model_dir):
+                print(f"{shape}: {line}", flush=True)
+        runner = runner_rows(model_dir, batches, a.profile) if "runner" in parts else {}
+        print(f"{shape}: runner {runner}", flush=True)
+        served = served_rows(model_dir, batches) if "served" in parts else {}
+        print(f"{shape}: served {served}", flush=True)
+        text = report(shape, model_dir, batches, bw, hf, runner, served)
+        print(text, flush=True)
+        figures[shape] = dict(hf=hf, runner={f"{m}|{b}": v for (m, b), v in runner.items()},
+                              served=served, bandwidth=bw)
+    if a.json:
+        Path(a.json).write_text(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()

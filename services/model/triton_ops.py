@@ -1,0 +1,112 @@
+"""Fused elementwise kernels of a decoder layer, in Triton (CUDA; on CPU under TRITON_INTERPRET=1).
+
+Each replaces a chain of small torch kernels whose launches, not their bytes, cost the time of a
+small-batch decode step, and each rounds where the torch reference (layers.py) rounds, so the two
+agree to the bf16 rounding of a few elements:
+
+    fused_add_rms_norm   r = x + residual (rounded to the dtype); y = w ⊙ (r / sqrt(mean(r²) + eps))
+                         with the normalisation in float32, as transformers computes it
+    silu_and_mul         [gate | up] -> silu(gate) ⊙ up
+    rotary_inplace       q, k of a fused qkv row rotated by RoPE: x·cos + rotate_half(x)·sin
+
+One program per token row; a row (hidden size, or heads x head_dim) fits one block.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
+                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        res = tl.load(res_ptr + row * n_cols + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + res.to(tl.float32)).to(x.dtype)  # rounded like a torch add
+        tl.store(res_out_ptr + row * n_cols + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    inv_rms = tl.rsqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
+    normed = (xf * inv_rms).to(x.dtype)  # torch: x.to(input_dtype) before the weight
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * n_cols + cols, (normed.to(tl.float32) * w.to(tl.float32)).to(x.dtype),
+             mask=mask)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual [n, hidden] -> (norm(x + residual), x + residual); residual None: (norm(x), x)."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    res_out = torch.empty_like(x) if residual is not None else x
+    n_rows, n_cols = x.shape
+    if n_rows:
+        _add_rms_norm_kernel[(n_rows,)](
+            x, residual.contiguous() if residual is not None else x, weight, out, res_out, n_cols,
+            eps, HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n_cols),
+            num_warps=_warps(n_cols))
+    return out, res_out
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    gate = tl.load(x_ptr + row * 2 * n_cols + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * 2 * n_cols + n_cols + cols, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    silu = (g / (1.0 + tl.exp(-g))).to(gate.dtype)  # torch rounds silu(gate) before the product
+    tl.store(out_ptr + row * n_cols + cols, (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype),
+             mask=mask)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[n, 2·m] = [gate | up] -> [n, m] silu(gate) ⊙ up."""
+    gate_up = gate_up.contiguous()
+    n_rows, width = gate_up.shape
+    out = torch.empty((n_rows, width // 2), dtype=gate_up.dtype, device=gate_up.device)
+    block = 1024
+    if n_rows:
+        _silu_and_mul_kernel[(n_rows, triton.cdiv(width // 2, block))](
+            gate_up, out, width // 2, BLOCK=block, num_warps=4)
+    return out
+
+
+@triton.jit
+def _rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, row_stride, num_rot_heads,
+                   HALF: tl.constexpr, HEADS_PAD: tl.constexpr):
+    """Rotates the first num_rot_heads heads (q heads, then k heads) of one token row in place."""
+    row = tl.program_id(0).to(tl.int64)
+    heads = tl.arange(0, HEADS_PAD)[:, None]  # [H, 1]
+    j = tl.arange(0, HALF)[None, :]  # [1, d/2]
+    mask = (heads < num_rot_heads) & (j < HALF)
+    base = qkv_ptr + row * row_stride + heads * (2 * HALF)
+    x1 = tl.load(base + j, mask=mask, other=0.0)
+    x2 = tl.load(base + HALF + j, mask=mask, other=0.0)
+    cos1 = tl.load(cos_ptr + row * 2 * HALF + j).to(tl.float32)  # cos = [c, c]: halves are equal
+    sin1 = tl.load(sin_ptr + row * 2 * HALF + j).to(tl.float32)
+    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    tl.store(base + j, (x1f * cos1 - x2f * sin1).to(x1.dtype), mask=mask)
+    tl.store(base + HALF + j, (x2f * cos1 + x1f * sin1).to(x1.dtype), mask=mask)
+
+
+def rotary_inplace(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+                   num_kv_heads: int, head_dim: int) -> None:
+    """qkv [n, (heads + 2·kv_heads)·d] (contiguous): rotates its q and k heads in place by
+    cos/sin [n, d] (each the same d/2 values twice, as RotaryEmbedding.cos_sin makes them)."""
+    n_rows = qkv.shape[0]
+    num_rot = num_heads + num_kv_heads  # q heads then k heads lie side by side
+    if n_rows:
+        _rotary_kernel[(n_rows,)](qkv, cos.contiguous(), sin.contiguous(), qkv.stride(0), num_rot,
+                                  HALF=head_dim // 2, HEADS_PAD=triton.next_power_of_2(num_rot),
+                                  num_warps=4)
+
+
+def _warps(n_cols: int) -> int:
+    return 4 if n_cols <= 2048 else 8

@@ -1,0 +1,161 @@
+"""The step contract as plain data: what one step asks every worker to do, and what comes back.
+
+A delta protocol (as vLLM v1's scheduler output): a sequence's tokens, sampling options and
+first blocks travel once, when it is first scheduled (`SeqStart`); every later step names only
+the sequence, its number of new tokens, the blocks appended since, and the few input tokens the
+workers cannot hold themselves. So a plan's size, and the work to build and read it, grows with
+the tokens computed in the step, never with the context length.
+
+    step k     seq 7: start(tokens=[p0 … p99], sampling), computed 0,  new 64, blocks [3 8 1 4]
+    step k+1   seq 7: computed 64, new 36, blocks [9 2 6], sample                (rest of prompt)
+    step k+2   seq 7: computed 100, new 1, append_last_sampled                    (a decode)
+    step k+17  seq 7: computed 115, new 1, append_last_sampled, blocks [5]        (a block filled)
+
+Inputs of a step for positions [c, c + n): the workers' held tokens (`start.token_ids`) from c
+on, then `token_ids`, then, if `append_last_sampled`, the token the workers sampled last for
+the sequence. Built by the scheduler, sent as `meshserve.internal.v1.StepPlan`, read back
+into these types at the worker's servicer edge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from meshserve.internal.v1 import worker_pb2 as pb
+
+SAMPLING_EPS = 1e-5  # temperatures below this are greedy (logits / T would overflow)
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    temperature: float = 0.0  # < SAMPLING_EPS = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no limit
+    seed: int | None = None  # mixed with the position, so reruns are exact
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < SAMPLING_EPS
+
+    def to_pb(self) -> pb.SamplingOptions:
+        return pb.SamplingOptions(temperature=self.temperature, top_p=self.top_p,
+                                  top_k=self.top_k, seed=self.seed)
+
+    @classmethod
+    def from_pb(cls, msg: pb.SamplingOptions) -> SamplingOptions:
+        seed = msg.seed if msg.HasField("seed") else None
+        return cls(msg.temperature, msg.top_p or 1.0, msg.top_k, seed)
+
+
+@dataclass(frozen=True)
+class SeqStart:
+    """What travels once per sequence: every token known when it is first scheduled (the
+    prompt; after a preemption the outputs so far too) and how to sample it."""
+
+    token_ids: tuple[int, ...]
+    sampling: SamplingOptions
+
+    def to_pb(self) -> pb.SeqStart:
+        return pb.SeqStart(token_ids=self.token_ids, sampling=self.sampling.to_pb())
+
+    @classmethod
+    def from_pb(cls, msg: pb.SeqStart) -> SeqStart:
+        return cls(tuple(msg.token_ids), SamplingOptions.from_pb(msg.sampling))
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    """One sequence's share of a step: KV for positions [num_computed_tokens,
+    num_computed_tokens + num_new_tokens), then (if sample) a token sampled after the last."""
+
+    seq_id: int
+    num_computed_tokens: int
+    num_new_tokens: int
+    new_block_ids: tuple[int, ...] = ()  # appended to its block table (all of it with start)
+    token_ids: tuple[int, ...] = ()  # inputs the workers do not hold (see the module doc)
+    append_last_sampled: bool = False
+    sample: bool = False
+    start: SeqStart | None = None  # set on its first step only
+    draft_token_ids: tuple[int, ...] = ()  # speculative decoding: proposals to verify
+
+    def to_pb(self) -> pb.ScheduledSeq:
+        msg = pb.ScheduledSeq(
+            seq_id=self.seq_id, num_computed_tokens=self.num_computed_tokens,
+            num_new_tokens=self.num_new_tokens, new_block_ids=self.new_block_ids,
+            token_ids=self.token_ids, append_last_sampled=self.append_last_sampled,
+            sample=self.sample, draft_token_ids=self.draft_token_ids)
+        if self.start is not None:
+            msg.start.CopyFrom(self.start.to_pb())
+        return msg
+
+    @classmethod
+    def from_pb(cls, msg: pb.ScheduledSeq) -> ScheduledSeq:
+        start = SeqStart.from_pb(msg.start) if msg.HasField("start") else None
+        return cls(msg.seq_id, msg.num_computed_tokens, msg.num_new_tokens,
+                   tuple(msg.new_block_ids), tuple(msg.token_ids), msg.append_last_sampled,
+                   msg.sample, start, tuple(msg.draft_token_ids))
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    step_id: int
+    seqs: tuple[ScheduledSeq, ...]  # flattened in this order in the batch
+    micro_batch: int = 0
+    finished_seq_ids: tuple[int, ...] = field(default=())  # workers drop their state
+    preempted_seq_ids: tuple[int, ...] = field(default=())  # the same; they start again later
+    epoch: int = 0  # the scheduler process that made it (see StepPlan.epoch in worker.proto)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.seqs)
+
+    @property
+    def sampled_seq_ids(self) -> list[int]:
+        return [s.seq_id for s in self.seqs if s.sample]
+
+    @property
+    def dropped_seq_ids(self) -> tuple[int, ...]:
+        return self.finished_seq_ids + self.preempted_seq_ids
+
+    def to_pb(self) -> pb.StepPlan:
+        return pb.StepPlan(step_id=self.step_id, micro_batch=self.micro_batch,
+                           seqs=[s.to_pb() for s in self.seqs],
+                           finished_seq_ids=self.finished_seq_ids,
+                           preempted_seq_ids=self.preempted_seq_ids, epoch=self.epoch)
+
+    @classmethod
+    def from_pb(cls, msg: pb.StepPlan) -> StepPlan:
+        return cls(msg.step_id, tuple(ScheduledSeq.from_pb(s) for s in msg.seqs),
+                   msg.micro_batch, tuple(msg.finished_seq_ids), tuple(msg.preempted_seq_ids),
+                   msg.epoch)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """Sampled ids of one step: seq_ids[i] received num_token_ids[i] ids (one each unless
+    speculative decoding accepted more), flattened in token_ids."""
+
+    step_id: int
+    seq_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]
+    micro_batch: int = 0
+    num_token_ids: tuple[int, ...] = ()  # () = one id per sequence
+    step_time_us: int = 0  # the worker's wall time for the step (inputs, model, sampling)
+
+    def tokens_by_seq(self) -> dict[int, list[int]]:
+        counts = self.num_token_ids or (1,) * len(self.seq_ids)
+        out, pos = {}, 0
+        for seq_id, n in zip(self.seq_ids, counts):
+            out[seq_id] = list(self.token_ids[pos:pos + n])
+            pos += n
+        return out
+
+    def to_pb(self) -> pb.StepResult:
+        return pb.StepResult(step_id=self.step_id, micro_batch=self.micro_batch,
+                             seq_ids=self.seq_ids, token_ids=self.token_ids,
+                             num_token_ids=self.num_token_ids, step_time_us=self.step_time_us)
+
+    @classmethod
+    def from_pb(cls, msg: pb.StepResult) -> StepResult:
+        return cls(msg.step_id, tuple(msg.seq_ids), tuple(msg.token_ids), msg.micro_batch,
+                   tuple(msg.num_token_ids), msg.step_time_us)

@@ -1,0 +1,147 @@
+"""CUDA graphs of the decode step: one per batch bucket, captured at worker start.
+
+A decode step (one new token per sequence) of B sequences replays the graph of the smallest
+bucket >= B; the rows past B are padding that writes its K/V into a scratch block no sequence
+owns and whose outputs are ignored. A graph reads its inputs from one static device buffer,
+
+    static [5 · bucket] int64 = | input ids | positions | slots | seq lens | rows |
+
+which a step fills with one host-to-device copy, and it resolves "the row's last sampled id"
+and gathers the step's block tables from the persistent batch inside the graph, so a replay
+costs one copy and one launch whatever the model's size. The last stage's graph ends with the
+logits of every row; other stages' with the residual stream. Graphs share one memory pool and
+are captured from the largest bucket down, so they take about the memory of the largest.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import numpy as np
+import torch
+
+from services.model.attention import AttentionMetadata
+from services.worker.input_batch import HostStep
+
+NUM_STATIC_FIELDS = 5
+
+
+def bucket_sizes(max_num_seqs: int) -> tuple[int, ...]:
+    """1, 2, 4, 8, then steps of 8 up to max_num_seqs (vLLM's capture sizes)."""
+    sizes = [s for s in (1, 2, 4) if s < max_num_seqs]
+    sizes += list(range(8, max_num_seqs + 1, 8))
+    if sizes[-1] != max_num_seqs:
+        sizes.append(max_num_seqs)
+    return tuple(sizes)
+
+
+class DecodeGraphs:
+    def __init__(self, runner, sizes: tuple[int, ...]):
+        self.runner = runner
+        self.sizes = tuple(sorted(sizes))
+        self.max_size = self.sizes[-1]
+        device = runner.device
+        self.static = torch.zeros(NUM_STATIC_FIELDS * self.max_size, dtype=torch.long,
+                                  device=device)
+        self.hidden_in = None
+        if not runner.is_first_stage:
+            hidden = runner.model.config.hidden_size
+            self.hidden_in = torch.zeros(self.max_size, hidden, dtype=runner.kv_caches[0].dtype,
+                                         device=device)
+        self.query_start_loc = torch.arange(self.max_size + 1, dtype=torch.int32, device=device)
+        # Padding rows write into the scratch block (the last block of every cache) and read
+        # the scratch row of the block table (its last row), which points there.
+        self.scratch_block = runner.kv_caches[0].shape[1] - 1
+        self.scratch_row = runner.batch.scratch_row
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.num_replays = 0
+
+    def can_run(self, host: HostStep) -> bool:
+        return host.is_decode_only and host.num_seqs <= self.max_size and bool(self.graphs)
+
+    # -- capture -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def capture(self, progress=None) -> None:
+        """Captures every bucket, largest first (the pool then fits them all)."""
+        runner = self.runner
+        torch.cuda.set_device(runner.device)  # the current device is per thread
+        runner.batch.block_table[self.scratch_row].fill_(self.scratch_block)
+        pool = torch.cuda.graph_pool_handle()
+        for size in sorted(self.sizes, reverse=True):
+            self.warm_up(size)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[size] = self._body(size)
+            self.graphs[size] = graph
+            if progress is not None:
+                progress(size)
+        torch.cuda.synchronize()
+
+    @torch.inference_mode()
+    def warm_up(self, size: int) -> None:
+        """Runs the step of a bucket of padding rows eagerly: kernels compile (Triton JIT)
+        outside any capture, and the step's memory peak shows."""
+        torch.cuda.set_device(self.runner.device)
+        self.runner.batch.block_table[self.scratch_row].fill_(self.scratch_block)
+        self._fill(self._padding(size), size)
+        for _ in range(2):
+            self._body(size)
+        torch.cuda.synchronize()
+
+    def _body(self, size: int) -> torch.Tensor:
+        """The decode step over static[: 5 · size]: [size, vocab] logits on the last stage,
+        [size, hidden] residual stream on the others."""
+        runner, batch = self.runner, self.runner.batch
+        ids, positions, slots, seq_lens, rows = self.static[:NUM_STATIC_FIELDS * size].view(
+            NUM_STATIC_FIELDS, size)
+        meta = AttentionMetadata(
+            slot_mapping=slots, query_start_loc=self.query_start_loc[:size + 1],
+            seq_lens=[1] * size, block_tables=batch.block_table.index_select(0, rows),
+            block_size=batch.block_size, query_starts=list(range(size + 1)),
+            seq_lens_tensor=seq_lens.to(torch.int32), max_query_len=1,
+            backend=runner.attention_backend)
+        ids = batch.resolve_last_sampled(ids) if runner.is_first_stage else None
+        hidden_in = self.hidden_in[:size] if self.hidden_in is not None else None
+        hidden = runner.forward(ids, positions, meta, hidden_in)
+        return runner.model.compute_logits(hidden) if runner.is_last_stage else hidden
+
+    # -- replay ------------------------------------------------------------------------------
+
+    def run(self, host: HostStep, hidden_in: torch.Tensor | None) -> torch.Tensor:
+        """Replays the bucket of host's decode step: outputs of its rows [num_seqs, ...]."""
+        size = self.sizes[bisect.bisect_left(self.sizes, host.num_seqs)]
+        n = host.num_seqs
+        fields = self._padding(size)
+        fields[:, :n] = (host.input_ids, host.positions, host.slot_mapping, host.seq_lens,
+                         host.rows)
+        self._fill(fields, size, host.table_updates)
+        if hidden_in is not None:
+            self.hidden_in[:n].copy_(hidden_in)
+        self.graphs[size].replay()
+        self.num_replays += 1
+        return self.outputs[size][:n]
+
+    def _padding(self, size: int) -> np.ndarray:
+        """[5, size]: every row a padding row (id 0, position 0, the scratch slot and row)."""
+        fields = np.zeros((NUM_STATIC_FIELDS, size), dtype=np.int64)
+        fields[2] = self.scratch_block * self.runner.block_size
+        fields[3] = 1
+        fields[4] = self.scratch_row
+        return fields
+
+    def _fill(self, fields: np.ndarray, size: int, table_updates=None) -> None:
+        """One host-to-device copy of the static inputs (and the block-table updates)."""
+        batch = self.runner.batch
+        parts = [fields.reshape(-1)]
+        if table_updates is not None and len(table_updates[0]):
+            parts += list(table_updates)
+        host = torch.from_numpy(np.concatenate(parts)).pin_memory()
+        if len(parts) == 1:
+            self.static[:host.numel()].copy_(host, non_blocking=True)
+            return
+        packed = host.to(self.static.device, non_blocking=True)
+        static_part, index, blocks = packed.split([fields.size, len(parts[1]), len(parts[2])])
+        self.static[:fields.size].copy_(static_part)
+        batch.block_table.view(-1)[index] = blocks.to(torch.int32)

@@ -1,0 +1,70 @@
+"""The fused Triton kernels against the plain-torch layers they replace (Triton's interpreter on
+machines without a GPU; tests/conftest.py sets TRITON_INTERPRET there)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.model.layers import RMSNorm, apply_rotary
+
+triton_ops = pytest.importorskip("services.model.triton_ops")
+
+
+def randn(*shape, dtype=torch.float32, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def norm(hidden: int, eps: float = 1e-5) -> RMSNorm:
+    layer = RMSNorm(hidden, eps)
+    layer.weight.data = 1.0 + 0.1 * randn(hidden, seed=7)
+    return layer
+
+
+@pytest.mark.parametrize("hidden", [128, 96])  # a power of two, and one the block masks
+def test_fused_add_rms_norm_equals_the_torch_norm(hidden):
+    layer = norm(hidden)
+    x, residual = randn(5, hidden, seed=1), randn(5, hidden, seed=2)
+    out, res_out = triton_ops.fused_add_rms_norm(x, residual, layer.weight, layer.eps)
+    ref_out, ref_res = layer(x, residual)  # CPU tensors: the torch reference path
+    torch.testing.assert_close(res_out, ref_res, rtol=0, atol=0)
+    torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-6)
+    alone, same = triton_ops.fused_add_rms_norm(x, None, layer.weight, layer.eps)
+    torch.testing.assert_close(alone, layer(x)[0], rtol=1e-6, atol=1e-6)
+    assert same is x
+
+
+def test_fused_add_rms_norm_rounds_like_torch_in_bf16():
+    layer = norm(256)
+    layer.weight.data = layer.weight.data.bfloat16()
+    x, residual = randn(4, 256, dtype=torch.bfloat16, seed=3), randn(4, 256, dtype=torch.bfloat16)
+    out, res_out = triton_ops.fused_add_rms_norm(x, residual, layer.weight, layer.eps)
+    ref_out, ref_res = layer(x, residual)
+    # About a bf16 step: the GPU rounds to nearest like torch, Triton's interpreter may
+    # truncate, and the mean is summed in another order.
+    torch.testing.assert_close(res_out, ref_res, rtol=2**-7, atol=0)
+    torch.testing.assert_close(out, ref_out, rtol=2**-5, atol=2**-6)
+
+
+def test_silu_and_mul_equals_torch():
+    gate_up = randn(3, 2 * 1500, seed=4)  # two column blocks, the second partly masked
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(triton_ops.silu_and_mul(gate_up),
+                               torch.nn.functional.silu(gate) * up, rtol=1e-6, atol=1e-6)
+
+
+def test_rotary_inplace_rotates_q_and_k_and_leaves_v():
+    from services.model.layers import RotaryEmbedding
+
+    heads, kv_heads, d, n = 4, 2, 16, 6
+    qkv = randn(n, (heads + 2 * kv_heads) * d, seed=5)
+    cos, sin = RotaryEmbedding(d, 10000.0, None).cos_sin(torch.arange(3, 3 + n), torch.float32)
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    expected_q = apply_rotary(q.reshape(n, heads, d), cos, sin).reshape(n, -1)
+    expected_k = apply_rotary(k.reshape(n, kv_heads, d), cos, sin).reshape(n, -1)
+    expected_v = v.clone()
+    triton_ops.rotary_inplace(qkv, cos, sin, heads, kv_heads, d)
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    torch.testing.assert_close(q, expected_q, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(k, expected_k, rtol=1e-6, atol=1e-6)
+    assert torch.equal(v, expected_v)
