@@ -32,11 +32,13 @@ from services.model.config import ModelConfig  # noqa: E402
 
 CONTEXT = 128  # prompt tokens per sequence
 STEPS = 128  # decode steps timed (transformers: generate 128 vs 8 tokens)
-MODES = {  # worker flags of each in-process mode
-    "eager, torch attention": dict(attention_backend="torch", enforce_eager=True),
-    "eager, triton attention": dict(attention_backend="triton", enforce_eager=True),
-    "CUDA graphs, triton": dict(attention_backend="triton", enforce_eager=False),
+MODES = {  # worker flags of each in-process mode, and whether the fused Triton kernels run
+    "eager, torch attention, unfused": (dict(attention_backend="torch", enforce_eager=True), False),
+    "eager, triton attention": (dict(attention_backend="triton", enforce_eager=True), True),
+    "CUDA graphs, triton, unfused": (dict(attention_backend="triton", enforce_eager=False), False),
+    "CUDA graphs, triton": (dict(attention_backend="triton", enforce_eager=False), True),
 }
+MODE_KEYS = dict(zip(["torch", "triton", "graphs-unfused", "graphs"], MODES))
 
 
 def checkpoint(shape: str, root: Path) -> Path:
@@ -150,20 +152,25 @@ def prompts_for(batch: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return torch.randint(3, min(vocab, 32000), (batch, CONTEXT), generator=g).tolist()
 
 
-def runner_rows(model_dir: Path, batches: list[int], profile: bool) -> dict:
+def runner_rows(model_dir: Path, batches: list[int], profile: bool, modes: list[str]) -> dict:
     vocab = ModelConfig.from_dir(model_dir).vocab_size
+    from services.model import layers
+
     out = {}
-    for mode, flags in MODES.items():
+    for mode in modes:
+        flags, fused = MODES[mode]
+        layers.FUSED_KERNELS = fused
         shard = load_shard(model_dir, max(batches), **flags)
         for batch in batches:
             times, _ = drive(shard.runner, shard.num_kv_blocks, prompts_for(batch, vocab),
                              STEPS)
             out[(mode, batch)] = step_ms(times)
-        if profile and not flags["enforce_eager"]:
+        if profile and mode == "CUDA graphs, triton":
             for batch in (1, max(batches)):
                 print(profile_table(shard, batch, vocab), flush=True)
         del shard
         torch.cuda.empty_cache()
+    layers.FUSED_KERNELS = True
     return out
 
 
@@ -177,39 +184,55 @@ def profile_table(shard, batch: int, vocab: int) -> str:
 
 
 def exactness(model_dir: Path) -> list[str]:
-    """Triton vs plain-torch attention (bf16 logits and greedy ids), and a graph replay vs the
-    same decode step run eagerly (bit-identical logits)."""
-    from services.model.attention import build_attention_metadata
+    """bf16 logits of a prefill: Triton attention + fused kernels against the plain-torch
+    reference, both against float32 (the bf16 error); then greedy ids through the served step
+    path, CUDA graphs against the same steps run eagerly (same buckets: bit-identical expected)."""
+    from services.model import ParallelContext, layers, load_model
+    from services.model.attention import allocate_kv_caches, build_attention_metadata
 
-    shard = load_shard(model_dir, 8, attention_backend="triton", enforce_eager=False)
-    runner, model = shard.runner, shard.runner.model
-    lines = []
+    config = ModelConfig.from_dir(model_dir)
+    prompts = prompts_for(4, config.vocab_size, seed=1)
+    lens, tables = [CONTEXT] * 4, [list(range(i * 16, i * 16 + 16)) for i in range(4)]
+    ids = torch.tensor(sum(prompts, []), device="cuda")
+    logits = {}
     with torch.inference_mode():
-        vocab = model.config.vocab_size
-        prompts = prompts_for(4, vocab, seed=1)
-        lens = [CONTEXT] * 4
-        tables = [list(range(i * 16, i * 16 + 16)) for i in range(4)]
-        ids = torch.tensor(sum(prompts, []), device="cuda")
-        logits = {}
-        for backend in ("torch", "triton"):
+        for name, dtype, backend, fused in [("fp32", torch.float32, "torch", False),
+                                            ("torch bf16", torch.bfloat16, "torch", False),
+                                            ("triton bf16", torch.bfloat16, "triton", True)]:
+            layers.FUSED_KERNELS = fused
+            model = load_model(model_dir, ParallelContext(), dtype=dtype, device="cuda")
+            caches = allocate_kv_caches(config, model.ctx, config.num_hidden_layers, 64, 16, dtype,
+                                        "cuda")
             positions, meta = build_attention_metadata(lens, lens, tables, 16, "cuda")
             meta.backend = backend
-            hidden = model(positions, meta, runner.kv_caches, input_ids=ids)
-            logits[backend] = model.compute_logits(hidden[meta.query_start_loc[1:] - 1])
-        diff = (logits["torch"] - logits["triton"]).abs().max().item()
-        same = (logits["torch"].argmax(-1) == logits["triton"].argmax(-1)).float().mean().item()
-        lines.append(f"prefill of 4 x {CONTEXT} tokens: triton vs torch logits max |diff| "
-                     f"{diff:.4f}, greedy ids identical {same:.0%}")
-    # Greedy decode, eager vs graphs, on the same prompts: identical ids are expected when
-    # the replayed graph computes exactly the eager step.
-    _, graphed = drive(runner, shard.num_kv_blocks, prompts, 32)
+            hidden = model(positions, meta, caches, input_ids=ids)  # [4 · CONTEXT, hidden]
+            logits[name] = model.compute_logits(hidden).float()  # every position
+            del model, caches
+            torch.cuda.empty_cache()
+    layers.FUSED_KERNELS = True
+
+    def diff(a, b):
+        return (logits[a] - logits[b]).abs().max().item()
+
+    def agree(a, b):
+        return (logits[a].argmax(-1) == logits[b].argmax(-1)).float().mean().item()
+
+    lines = [f"prefill logits of 4 x {CONTEXT} positions, max |diff|: triton+fused vs torch bf16 "
+             f"{diff('triton bf16', 'torch bf16'):.4f}; vs fp32: triton {diff('triton bf16', 'fp32'):.4f}, "
+             f"torch bf16 {diff('torch bf16', 'fp32'):.4f} (the bf16 error); greedy argmax agreeing "
+             f"with fp32: triton {agree('triton bf16', 'fp32'):.1%}, torch bf16 "
+             f"{agree('torch bf16', 'fp32'):.1%}"]
+    graphed = load_shard(model_dir, 8, attention_backend="triton", enforce_eager=False)
+    _, graph_ids = drive(graphed.runner, graphed.num_kv_blocks, prompts, 32)
+    replays = graphed.runner.graphs.num_replays
+    del graphed
     eager = load_shard(model_dir, 8, attention_backend="triton", enforce_eager=True)
     _, eager_ids = drive(eager.runner, eager.num_kv_blocks, prompts, 32)
-    lines.append(f"greedy ids, 4 x 32 decode steps, CUDA graphs vs eager (both triton): "
-                 f"{sum(graphed[i] == eager_ids[i] for i in graphed)}/4 sequences identical")
-    lines.append(f"graph replays in that run: {runner.graphs.num_replays}")
-    del shard, eager
+    del eager
     torch.cuda.empty_cache()
+    same = sum(graph_ids[i] == eager_ids[i] for i in graph_ids)
+    lines.append(f"greedy ids, 4 sequences x 32 tokens, CUDA graphs ({replays} replays) vs eager "
+                 f"(both triton): {same}/4 sequences identical")
     return lines
 
 
@@ -294,6 +317,7 @@ def main() -> None:
     p.add_argument("--shapes", default="1b,8b")
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--parts", default="hf,exact,runner,served")
+    p.add_argument("--modes", default=",".join(MODE_KEYS), help=f"of {', '.join(MODE_KEYS)}")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--root", default="/tmp/meshserve-bench")
     p.add_argument("--json", default="", help="also write every figure here")
@@ -301,6 +325,7 @@ def main() -> None:
     parts = set(a.parts.split(","))
     batches = [int(b) for b in a.batches.split(",")]
     bw = copy_bandwidth()
+    print(f"{machine()}; copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     figures = {}
     for shape in a.shapes.split(","):
         model_dir = checkpoint(shape, Path(a.root))
@@ -309,7 +334,8 @@ def main() -> None:
         if "exact" in parts:
             for line in exactness(model_dir):
                 print(f"{shape}: {line}", flush=True)
-        runner = runner_rows(model_dir, batches, a.profile) if "runner" in parts else {}
+        modes = [MODE_KEYS[m] for m in a.modes.split(",")]
+        runner = runner_rows(model_dir, batches, a.profile, modes) if "runner" in parts else {}
         print(f"{shape}: runner {runner}", flush=True)
         served = served_rows(model_dir, batches) if "served" in parts else {}
         print(f"{shape}: served {served}", flush=True)

@@ -23,6 +23,23 @@ from services.model.default_model import write_tiny_checkpoint  # noqa: E402
 from tests.checkpoints import GQA_CONFIG, save_hf_llama  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def triton_interpreter_fixes():
+    """Kernels in Triton's interpreter: the two fixes of tests/triton_interpreter.py."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    try:
+        from tests.triton_interpreter import patched
+
+        mp = patched()
+    except ImportError:  # no triton: its tests skip
+        yield
+        return
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default tiny checkpoint, written once per session."""

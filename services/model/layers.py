@@ -217,10 +217,13 @@ class RMSNorm(nn.Module):
         _copy_into(self.weight, source[:], param_name)
 
 
+FUSED_KERNELS = True  # False: the plain-torch reference on GPUs too (benchmarks compare both)
+
+
 def uses_triton(x: torch.Tensor) -> bool:
     """Whether the fused Triton kernels (triton_ops) run on x: on GPUs where triton is installed.
     On CPUs the plain-torch code is the reference."""
-    return x.is_cuda and _triton_available()
+    return FUSED_KERNELS and x.is_cuda and _triton_available()
 
 
 @functools.cache

@@ -8,7 +8,7 @@ owns and whose outputs are ignored. A graph reads its inputs from one static dev
 
 which a step fills with one host-to-device copy, and it resolves "the row's last sampled id"
 and gathers the step's block tables from the persistent batch inside the graph, so a replay
-costs one copy and one launch whatever the model's size. The last stage's graph ends with the
+costs one copy (plus one on the device) and one launch whatever the model's size. The last stage's graph ends with the
 logits of every row; other stages' with the residual stream. Graphs share one memory pool and
 are captured from the largest bucket down, so they take about the memory of the largest.
 """
@@ -36,8 +36,12 @@ def bucket_sizes(max_num_seqs: int) -> tuple[int, ...]:
 
 
 class DecodeGraphs:
-    def __init__(self, runner, sizes: tuple[int, ...]):
+    """capture=False runs each bucket's body eagerly on the same static buffers, padding and
+    scratch rows included: what the CPU tests check of this path."""
+
+    def __init__(self, runner, sizes: tuple[int, ...], capture: bool = True):
         self.runner = runner
+        self.use_capture = capture
         self.sizes = tuple(sorted(sizes))
         self.max_size = self.sizes[-1]
         device = runner.device
@@ -58,16 +62,18 @@ class DecodeGraphs:
         self.num_replays = 0
 
     def can_run(self, host: HostStep) -> bool:
-        return host.is_decode_only and host.num_seqs <= self.max_size and bool(self.graphs)
+        ready = bool(self.graphs) or not self.use_capture
+        return ready and host.is_decode_only and host.num_seqs <= self.max_size
 
     # -- capture -----------------------------------------------------------------------------
 
     @torch.inference_mode()
     def capture(self, progress=None) -> None:
         """Captures every bucket, largest first (the pool then fits them all)."""
-        runner = self.runner
-        torch.cuda.set_device(runner.device)  # the current device is per thread
-        runner.batch.block_table[self.scratch_row].fill_(self.scratch_block)
+        if not self.use_capture:
+            self.warm_up(self.max_size)
+            return
+        torch.cuda.set_device(self.runner.device)  # the current device is per thread
         pool = torch.cuda.graph_pool_handle()
         for size in sorted(self.sizes, reverse=True):
             self.warm_up(size)
@@ -83,9 +89,12 @@ class DecodeGraphs:
     def warm_up(self, size: int) -> None:
         """Runs the step of a bucket of padding rows eagerly: kernels compile (Triton JIT)
         outside any capture, and the step's memory peak shows."""
-        torch.cuda.set_device(self.runner.device)
         self.runner.batch.block_table[self.scratch_row].fill_(self.scratch_block)
-        self._fill(self._padding(size), size)
+        if not self.use_capture:
+            return
+        torch.cuda.set_device(self.runner.device)
+        padding = torch.from_numpy(self._padding(size).reshape(-1))
+        self.static[:padding.numel()].copy_(padding)
         for _ in range(2):
             self._body(size)
         torch.cuda.synchronize()
@@ -109,19 +118,26 @@ class DecodeGraphs:
 
     # -- replay ------------------------------------------------------------------------------
 
-    def run(self, host: HostStep, hidden_in: torch.Tensor | None) -> torch.Tensor:
-        """Replays the bucket of host's decode step: outputs of its rows [num_seqs, ...]."""
+    def run(self, host: HostStep, hidden_in: torch.Tensor | None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Replays the bucket of host's decode step: (outputs of its rows [num_seqs, ...],
+        logits_indices [N], sampled_rows [N] on the device). The outputs are the graph's own
+        memory, which its next replay overwrites."""
         size = self.sizes[bisect.bisect_left(self.sizes, host.num_seqs)]
         n = host.num_seqs
         fields = self._padding(size)
         fields[:, :n] = (host.input_ids, host.positions, host.slot_mapping, host.seq_lens,
                          host.rows)
-        self._fill(fields, size, host.table_updates)
+        (static_part,), sampling = self.runner.batch.upload([fields.reshape(-1)], host)
+        self.static[:fields.size].copy_(static_part)
         if hidden_in is not None:
             self.hidden_in[:n].copy_(hidden_in)
-        self.graphs[size].replay()
+        if self.use_capture:
+            self.graphs[size].replay()
+        else:
+            self.outputs[size] = self._body(size)
         self.num_replays += 1
-        return self.outputs[size][:n]
+        return self.outputs[size][:n], *sampling
 
     def _padding(self, size: int) -> np.ndarray:
         """[5, size]: every row a padding row (id 0, position 0, the scratch slot and row)."""
@@ -130,18 +146,3 @@ class DecodeGraphs:
         fields[3] = 1
         fields[4] = self.scratch_row
         return fields
-
-    def _fill(self, fields: np.ndarray, size: int, table_updates=None) -> None:
-        """One host-to-device copy of the static inputs (and the block-table updates)."""
-        batch = self.runner.batch
-        parts = [fields.reshape(-1)]
-        if table_updates is not None and len(table_updates[0]):
-            parts += list(table_updates)
-        host = torch.from_numpy(np.concatenate(parts)).pin_memory()
-        if len(parts) == 1:
-            self.static[:host.numel()].copy_(host, non_blocking=True)
-            return
-        packed = host.to(self.static.device, non_blocking=True)
-        static_part, index, blocks = packed.split([fields.size, len(parts[1]), len(parts[2])])
-        self.static[:fields.size].copy_(static_part)
-        batch.block_table.view(-1)[index] = blocks.to(torch.int32)

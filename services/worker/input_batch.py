@@ -61,6 +61,20 @@ class HostStep:
     def is_decode_only(self) -> bool:
         return self.num_tokens == self.num_seqs
 
+    @property
+    def all_rows_sampled(self) -> bool:
+        """Every token of the step is a sampled sequence's last (a decode step of samplers)."""
+        return len(self.logits_indices) == self.num_tokens
+
+
+@dataclass
+class DeviceStep:
+    input_ids: torch.Tensor  # [T] long, the markers resolved
+    positions: torch.Tensor  # [T] long
+    attn: AttentionMetadata
+    logits_indices: torch.Tensor  # [N] long
+    sampled_rows: torch.Tensor  # [N] long
+
 
 class InputBatch:
     def __init__(self, max_num_seqs: int, max_blocks_per_seq: int, block_size: int,
@@ -158,18 +172,12 @@ class InputBatch:
                              f"for {seq.num_new_tokens} new positions")
         return ids
 
-    def to_device(self, host: HostStep, backend: str) -> tuple[torch.Tensor, torch.Tensor,
-                                                                AttentionMetadata, torch.Tensor]:
-        """(input_ids [T], positions [T], metadata, logits_indices [N]) on the device, from one
-        host-to-device copy. Applies the step's block-table updates on the device first."""
+    def to_device(self, host: HostStep, backend: str) -> DeviceStep:
+        """The step's inputs on the device, from one host-to-device copy; applies its
+        block-table updates on the device first."""
         parts = (host.input_ids, host.positions, host.slot_mapping, host.query_start_loc,
-                 host.seq_lens, host.rows, host.logits_indices, *host.table_updates)
-        packed = to_device(torch.from_numpy(np.concatenate(parts)), self.device)
-        (ids, positions, slots, query_start, seq_lens, rows, logits_indices, upd_index,
-         upd_blocks) = packed.split([len(p) for p in parts])
-        if len(upd_index):
-            self.block_table.view(-1)[upd_index] = upd_blocks.to(torch.int32)
-        ids = self.resolve_last_sampled(ids)
+                 host.seq_lens, host.rows)
+        (ids, positions, slots, query_start, seq_lens, rows), sampling = self.upload(parts, host)
         meta = AttentionMetadata(
             slot_mapping=slots,
             query_start_loc=query_start.to(torch.int32),
@@ -180,7 +188,20 @@ class InputBatch:
             seq_lens_tensor=seq_lens.to(torch.int32),
             max_query_len=int((host.query_start_loc[1:] - host.query_start_loc[:-1]).max()),
             backend=backend)
-        return ids, positions, meta, logits_indices
+        return DeviceStep(self.resolve_last_sampled(ids), positions, meta, *sampling)
+
+    def upload(self, parts, host: HostStep) -> tuple[list[torch.Tensor], tuple]:
+        """Copies parts (host int64 arrays) with the step's sampling indices and block-table
+        updates in one host-to-device copy; applies the updates. Returns the parts on the
+        device and (logits_indices, sampled_rows) there."""
+        index, blocks = host.table_updates
+        tail = (host.logits_indices, host.sampled_rows, index, blocks)
+        packed = to_device(torch.from_numpy(np.concatenate([*parts, *tail])), self.device)
+        *on_device, logits_indices, sampled_rows, index, blocks = packed.split(
+            [len(p) for p in (*parts, *tail)])
+        if len(index):
+            self.block_table.view(-1)[index] = blocks.to(torch.int32)
+        return on_device, (logits_indices, sampled_rows)
 
     def resolve_last_sampled(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [T] with -(row + 1) markers -> real ids: the markers' rows' last sampled ids."""

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from services.model import ParallelContext, tp_all_gather
+from services.model.attention import to_device
 from services.model.sampler import sample_batch, to_int64
 from services.step import StepPlan
 from services.worker.cuda_graphs import DecodeGraphs
@@ -51,7 +52,7 @@ class ModelRunner:
     def __init__(self, model, kv_caches: list[torch.Tensor], block_size: int,
                  device: torch.device, ctx: ParallelContext, *, max_num_seqs: int = 256,
                  max_model_len: int = 4096, attention_backend: str = "torch",
-                 cuda_graph_sizes: tuple[int, ...] = ()):
+                 cuda_graph_sizes: tuple[int, ...] = (), capture_graphs: bool = True):
         self.model = model
         self.ctx = ctx
         self.kv_caches = kv_caches
@@ -61,7 +62,8 @@ class ModelRunner:
         self.is_first_stage, self.is_last_stage = ctx.is_first_stage, ctx.is_last_stage
         max_blocks = -(-max_model_len // block_size)
         self.batch = InputBatch(max_num_seqs, max_blocks, block_size, device)
-        self.graphs = DecodeGraphs(self, cuda_graph_sizes) if cuda_graph_sizes else None
+        self.graphs = (DecodeGraphs(self, cuda_graph_sizes, capture_graphs) if cuda_graph_sizes
+                       else None)
 
     def reset(self) -> None:
         """A new scheduler: nothing of the last one's sequences holds."""
@@ -89,19 +91,22 @@ class ModelRunner:
             # The previous stage sent each rank its column slice: [num_tokens, hidden / T].
             hidden_in = tp_all_gather(hidden_in, self.ctx, dim=-1)  # [num_tokens, hidden]
         if self.graphs is not None and self.graphs.can_run(host):
-            out = self.graphs.run(host, hidden_in)  # [num_tokens, hidden | vocab]
-            logits = out[host.logits_indices] if self.is_last_stage else None
-            hidden = None if self.is_last_stage else out
+            out, logits_indices, sampled_rows = self.graphs.run(host, hidden_in)
+            if not self.is_last_stage:  # the stage link sends it after the next replay began
+                pending.hidden = out.clone()
+                return pending
+            if not len(host.sampled_rows):
+                return pending
+            logits = out if host.all_rows_sampled else out[logits_indices]
         else:
-            ids, positions, meta, logits_indices = self.batch.to_device(host,
-                                                                        self.attention_backend)
-            hidden = self.forward(ids, positions, meta, hidden_in)
-            logits = self.model.compute_logits(hidden[logits_indices]) if (
-                self.is_last_stage and len(host.logits_indices)) else None
-        if not self.is_last_stage:
-            pending.hidden = hidden
-        elif logits is not None:
-            self._sample(logits, host, pending)
+            step = self.batch.to_device(host, self.attention_backend)
+            hidden = self.forward(step.input_ids, step.positions, step.attn, hidden_in)
+            if not self.is_last_stage or not len(host.sampled_rows):
+                pending.hidden = hidden
+                return pending
+            logits = self.model.compute_logits(hidden[step.logits_indices])
+            sampled_rows = step.sampled_rows
+        self._sample(logits, host, sampled_rows, pending)
         return pending
 
     def forward(self, ids, positions, meta, hidden_in) -> torch.Tensor:
@@ -110,7 +115,8 @@ class ModelRunner:
                           input_ids=ids if self.is_first_stage else None,
                           hidden_states=hidden_in)
 
-    def _sample(self, logits: torch.Tensor, host: HostStep, pending: PendingStep) -> None:
+    def _sample(self, logits: torch.Tensor, host: HostStep, sampled_rows: torch.Tensor,
+                pending: PendingStep) -> None:
         """logits [num_sampled, vocab] -> ids on the device (kept per row for the next decode),
         and on their way to the host."""
         held = self.batch.held_at(host.sampled_rows)
@@ -118,8 +124,7 @@ class ModelRunner:
             tokens = logits.argmax(dim=-1)  # [num_sampled]
         else:
             tokens = sample_batch(logits, *self._sampling_tensors(held, host), all_greedy=False)
-        rows = torch.from_numpy(host.sampled_rows).to(self.device, non_blocking=True)
-        self.batch.last_sampled.index_copy_(0, rows, tokens)
+        self.batch.last_sampled.index_copy_(0, sampled_rows, tokens)
         if self.device.type == "cuda":
             pending.ids_host = torch.empty(tokens.shape, dtype=torch.long, pin_memory=True)
             pending.ids_host.copy_(tokens, non_blocking=True)
@@ -133,9 +138,9 @@ class ModelRunner:
         The position mixed into a seeded draw is the sequence length before the new token."""
         positions = host.seq_lens[np.searchsorted(host.query_start_loc[1:],
                                                   host.logits_indices, side="right")]
-        floats = torch.tensor([[h.sampling.temperature for h in held],
-                               [h.sampling.top_p for h in held]], dtype=torch.float32)
-        ints = torch.tensor([[h.sampling.top_k for h in held], [to_int64(h.seed) for h in held],
-                             positions.tolist()], dtype=torch.long)
-        floats, ints = floats.to(self.device), ints.to(self.device)
+        floats = to_device(torch.tensor([[h.sampling.temperature for h in held],
+                                         [h.sampling.top_p for h in held]]), self.device)
+        ints = to_device(torch.tensor([[h.sampling.top_k for h in held],
+                                       [to_int64(h.seed) for h in held], positions.tolist()]),
+                         self.device)
         return floats[0], floats[1], ints[0], ints[1], ints[2]

@@ -26,12 +26,16 @@ BLOCK_SIZE = 4
 PROMPTS = [[1, 17, 29, 33, 41, 45, 97, 101, 113], [1, 200, 201], [1, 7, 300, 301, 302, 303, 5]]
 
 
-def make_runner(model_dir, num_blocks: int, backend: str = "torch") -> ModelRunner:
+def make_runner(model_dir, num_blocks: int, backend: str = "torch",
+                graph_sizes: tuple[int, ...] = ()) -> ModelRunner:
     model = load_model(model_dir, ParallelContext(), dtype=torch.float32)
     caches = allocate_kv_caches(model.config, model.ctx, model.config.num_hidden_layers,
                                 num_blocks + 1, BLOCK_SIZE, torch.float32, "cpu")
-    return ModelRunner(model, caches, BLOCK_SIZE, torch.device("cpu"), model.ctx,
-                       max_num_seqs=8, max_model_len=256, attention_backend=backend)
+    runner = ModelRunner(model, caches, BLOCK_SIZE, torch.device("cpu"), model.ctx,
+                         max_num_seqs=8, max_model_len=256, attention_backend=backend,
+                         cuda_graph_sizes=graph_sizes, capture_graphs=False)
+    runner.capture_graphs()
+    return runner
 
 
 def serve(runner: ModelRunner, sched: Scheduler, seqs: list[Sequence]) -> dict[int, list[int]]:
@@ -80,6 +84,18 @@ def test_greedy_tokens_equal_transformers_through_chunks_and_preemption(tiny_dir
     # Workers drop a sequence with the plan after its end: only the last one is still held.
     assert len(runner.batch.seqs) == 1
     assert sched.blocks.num_free_blocks == 12
+
+
+def test_the_graph_path_pads_buckets_with_scratch_rows_and_gives_the_same_tokens(tiny_dir,
+                                                                                hf_tiny):
+    """The decode-graph bodies (static buffers, padding rows in the scratch block and row,
+    last sampled ids resolved on the device), run eagerly: 3 sequences pad to a bucket of 4."""
+    pytest.importorskip("triton")
+    sched = Scheduler(SchedulerConfig(), BlockManager(32, BLOCK_SIZE))
+    runner = make_runner(tiny_dir, 32, "triton", graph_sizes=(1, 2, 4))
+    outputs = serve(runner, sched, greedy_seqs(6))
+    assert outputs == {i: hf_greedy(hf_tiny, p, 6) for i, p in enumerate(PROMPTS)}
+    assert runner.graphs.num_replays >= 5  # every decode step went through a bucket
 
 
 def test_a_seeded_draw_does_not_depend_on_what_shares_the_batch(tiny_dir):

@@ -1,0 +1,289 @@
+"""Paged attention in Triton for CUDA GPUs: split-KV decode (flash decoding) and causal prefill.
+
+Same cache layout and semantics as services.model.attention (the plain-torch reference):
+
+    kv_cache [2, num_blocks, block_size, num_kv_heads, head_dim]    (0 = K, 1 = V)
+    position p of sequence i lives in block block_tables[i, p // block_size], slot p % block_size
+
+Math, for one query row q (one head of one token) over the positions P it sees, in float32 and in
+base 2 (c = scale * log2(e)):
+
+    s_p = c * q . k_p                              o = sum_p 2^s_p v_p / sum_p 2^s_p
+    online softmax, tile after tile of BLOCK_N positions:
+        m' = max(m, max_p s_p)
+        l' = l * 2^(m - m') + sum_p 2^(s_p - m')
+        a' = a * 2^(m - m') + sum_p 2^(s_p - m') v_p          o = a / l,  lse = m + log2(l)
+
+GQA: the GROUP = H // KVH query heads that read KV head g are rows of one tile (padded for tl.dot),
+so each K/V tile is loaded once per group. Query head h reads KV head h // GROUP.
+
+Decode, grid (B, KVH, num_splits): split s covers positions [s * L, (s + 1) * L) of [0, seq_len),
+L a multiple of BLOCK_N, and writes o_s and lse_s (-inf when its range is empty) to a float32
+workspace [B, H, num_splits, (D)]; the reduce kernel, grid (B * H,), combines the splits:
+
+    o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M),    M = max_s lse_s
+
+With one split the split kernel writes the output itself. The grid and every launch argument come
+from shapes (B, H, KVH, W, block_size, D) and the GPU's SM count alone; seq_lens is read inside the
+kernel, so the decode call can be captured in a CUDA graph.
+
+Prefill, grid (ceil(max_query_len / BLOCK_Q), KVH, S): a tile is BLOCK_Q tokens x GROUP heads of one
+sequence. Query j of a sequence with q_len queries sits at position seq_len - q_len + j and sees
+positions [0, that position]; the tile walks the pages up to its last query's position.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+_DECODE_TILE = 64  # positions per K/V tile in decode (BLOCK_N)
+_PREFILL_ROWS = 128  # query rows (tokens x group heads) per prefill tile (BLOCK_M)
+_PREFILL_TILE = 32  # positions per K/V tile in prefill (BLOCK_N)
+_MIN_SPLIT_POSITIONS = 256  # a default decode split covers at least this many possible positions
+_MAX_SPLITS = 16
+_PROGRAMS_PER_SM = 8  # default splits stop once B * KVH * splits reaches this many programs per SM
+_INTERPRETER_NUM_SMS = 132  # on CPU (the Triton interpreter) split as on an H200
+_NUM_WARPS = 4
+_REDUCE_NUM_WARPS = 2
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """q [B, H, D], one query per sequence at its last position -> [B, H, D] in q.dtype.
+
+    block_tables [B, W], seq_lens [B] int32 on the device (this step's token included).
+    """
+    batch, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    group = _group_size(q, kv_cache)
+    max_positions = block_tables.shape[1] * block_size
+    if num_splits is None:
+        num_splits = _default_num_splits(max_positions, batch * num_kv_heads, _num_sms(q.device))
+    positions_per_split = triton.cdiv(triton.cdiv(max_positions, num_splits), _DECODE_TILE) * _DECODE_TILE
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [B, H, D]
+    # Workspace [B, H, num_splits, D] and [B, H, num_splits]; one split writes the output (lse unused).
+    partial = out if num_splits == 1 else q.new_empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32)
+    lse = q.new_empty((batch, num_heads, num_splits), dtype=torch.float32)
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q, kv_cache, block_tables, seq_lens, partial, lse,
+        scale * math.log2(math.e), positions_per_split,
+        q.stride(0), q.stride(1),
+        *_cache_strides(kv_cache), block_tables.stride(0),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, BLOCK_N=_DECODE_TILE, DOT_PRECISION=_dot_precision(q),
+        STORE_LSE=num_splits > 1, num_warps=_NUM_WARPS,
+    )  # fmt: skip
+    if num_splits > 1:
+        _decode_reduce_kernel[(batch * num_heads,)](
+            partial, lse, out, num_splits,
+            HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=_REDUCE_NUM_WARPS,
+        )  # fmt: skip
+    return out
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """q [T, H, D], sequence i's queries at rows [query_start_loc[i], query_start_loc[i+1]) -> [T, H, D].
+
+    Those are its last q_len of seq_lens[i] positions, each attending causally (any mix of prefill
+    chunks, cached prefixes and decodes). query_start_loc [S + 1], seq_lens [S] int32 on the device.
+    """
+    num_kv_heads = kv_cache.shape[3]
+    group = _group_size(q, kv_cache)
+    block_m = max(_PREFILL_ROWS, triton.next_power_of_2(group))
+    block_q = block_m // group  # tokens per tile
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, H, D]
+    grid = (triton.cdiv(max_query_len, block_q), num_kv_heads, seq_lens.shape[0])
+    _prefill_kernel[grid](
+        q, kv_cache, block_tables, seq_lens, query_start_loc, out,
+        scale * math.log2(math.e),
+        q.stride(0), q.stride(1),
+        *_cache_strides(kv_cache), block_tables.stride(0),
+        GROUP=group, HEAD_DIM=q.shape[2], BLOCK_SIZE=kv_cache.shape[2],
+        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=_PREFILL_TILE, DOT_PRECISION=_dot_precision(q),
+        num_warps=_NUM_WARPS,
+    )  # fmt: skip
+    return out
+
+
+def _default_num_splits(max_positions: int, num_programs: int, num_sms: int) -> int:
+    """Decode splits, from shapes alone: each covers >= 256 of the max_positions = W * block_size possible
+    positions, at most 16, and no more than the B * KVH = num_programs of one split need to fill the GPU."""
+    by_length = max_positions // _MIN_SPLIT_POSITIONS
+    by_occupancy = triton.cdiv(_PROGRAMS_PER_SM * num_sms, num_programs)
+    return max(1, min(_MAX_SPLITS, by_length, by_occupancy))
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _INTERPRETER_NUM_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _group_size(q: torch.Tensor, kv_cache: torch.Tensor) -> int:
+    """Query heads per KV head, once q [n, H, D] and kv_cache [2, N, block_size, KVH, D] are seen to fit."""
+    num_heads, head_dim = q.shape[1:]
+    num_kv_heads = kv_cache.shape[3]
+    if num_heads % num_kv_heads or kv_cache.shape[4] != head_dim or kv_cache.dtype != q.dtype:
+        raise ValueError(f"q {tuple(q.shape)} {q.dtype} does not fit kv_cache {tuple(kv_cache.shape)} {kv_cache.dtype}")
+    if head_dim & (head_dim - 1) or not q.is_contiguous() or kv_cache.stride(4) != 1:
+        raise ValueError(f"need a power-of-two head_dim, a contiguous q and kv_cache rows, got {tuple(q.shape)}")
+    return num_heads // num_kv_heads
+
+
+def _cache_strides(kv_cache: torch.Tensor) -> tuple[int, int, int, int]:
+    """(K -> V, block, slot, head) strides of kv_cache [2, num_blocks, block_size, kvh, d]."""
+    return kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3)
+
+
+def _dot_precision(q: torch.Tensor) -> str:
+    """float32 inputs get exact products (no TF32); 16-bit inputs run on tensor cores either way."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _load_kv_tile(
+    kv_ptr, table_row_ptr, pos, in_range, kv_head,
+    stride_kv, stride_block, stride_slot, stride_head,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    """K^T [HEAD_DIM, BLOCK_N] and V [BLOCK_N, HEAD_DIM] at positions pos [BLOCK_N]; 0 outside in_range."""
+    block = tl.load(table_row_ptr + pos // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
+    slot = block * stride_block + (pos % BLOCK_SIZE) * stride_slot + kv_head * stride_head  # [BLOCK_N]
+    d = tl.arange(0, HEAD_DIM)
+    k_t = tl.load(kv_ptr + slot[None, :] + d[:, None], mask=in_range[None, :], other=0.0)
+    v = tl.load(kv_ptr + stride_kv + slot[:, None] + d[None, :], mask=in_range[:, None], other=0.0)
+    return k_t, v
+
+
+@triton.jit
+def _online_softmax_step(q, k_t, v, visible, m, l, acc, qk_scale, DOT_PRECISION: tl.constexpr):
+    """Folds one tile into (m [M], l [M], acc [M, D]); visible [M, BLOCK_N].
+
+    Every tile a kernel visits shows each row at least one position, or one was shown before (m is
+    finite), so m - m_new is never -inf - -inf.
+    """
+    s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale  # [M, BLOCK_N], base 2
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l, acc
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, kv_ptr, block_tables_ptr, seq_lens_ptr, partial_ptr, lse_ptr,
+    qk_scale, positions_per_split,
+    stride_qb, stride_qh,
+    stride_kv, stride_block, stride_slot, stride_head, stride_table,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
+):  # fmt: skip
+    """One (sequence, KV head, split): partial [B, H, splits, D] and lse [B, H, splits]."""
+    seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    num_heads, num_splits = GROUP * tl.num_programs(1), tl.num_programs(2)
+    rows = tl.arange(0, GROUP_PAD)
+    heads = kv_head * GROUP + rows  # [GROUP_PAD]
+    is_head = rows < GROUP
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=is_head[:, None], other=0.0)
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    start = split * positions_per_split
+    end = tl.minimum(start + positions_per_split, tl.load(seq_lens_ptr + seq))
+    for tile_start in range(start, end, BLOCK_N):
+        pos = tile_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        in_range = pos < end
+        k_t, v = _load_kv_tile(
+            kv_ptr, block_tables_ptr + seq * stride_table, pos, in_range, kv_head,
+            stride_kv, stride_block, stride_slot, stride_head, BLOCK_SIZE, HEAD_DIM,
+        )  # fmt: skip
+        m, l, acc = _online_softmax_step(q, k_t, v, in_range[None, :], m, l, acc, qk_scale, DOT_PRECISION)
+    # An empty split (l = 0) writes o = 0 and lse = -inf: it weighs nothing in the reduction.
+    has_any = l > 0
+    o = acc / tl.where(has_any, l, 1.0)[:, None]  # [GROUP_PAD, HEAD_DIM]
+    row = (seq * num_heads + heads) * num_splits + split  # [GROUP_PAD]
+    tl.store(partial_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=is_head[:, None])
+    if STORE_LSE:
+        lse = tl.where(has_any, m + tl.log2(tl.where(has_any, l, 1.0)), float("-inf"))
+        tl.store(lse_ptr + row, lse, mask=is_head)
+
+
+@triton.jit
+def _decode_reduce_kernel(partial_ptr, lse_ptr, out_ptr, num_splits, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """One (sequence, head) row: partial [splits, D] weighted by 2^lse [splits] -> out [D]."""
+    row = tl.program_id(0)
+    splits = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    is_split = splits < num_splits
+    lse = tl.load(lse_ptr + row * num_splits + splits, mask=is_split, other=float("-inf"))  # [SPLITS_PAD]
+    max_lse = tl.max(lse, 0)
+    weight = tl.exp2(lse - tl.where(max_lse > float("-inf"), max_lse, 0.0))  # 0 for empty splits
+    partial_rows = partial_ptr + (row * num_splits + splits)[:, None] * HEAD_DIM
+    o = tl.load(partial_rows + d[None, :], mask=is_split[:, None], other=0.0)  # [SPLITS_PAD, HEAD_DIM]
+    total = tl.sum(weight, 0)  # 0 only for seq_len 0, whose output is 0
+    out = tl.sum(weight[:, None] * o, 0) / tl.where(total > 0, total, 1.0)  # [HEAD_DIM]
+    tl.store(out_ptr + row * HEAD_DIM + d, out)
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, kv_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, out_ptr,
+    qk_scale,
+    stride_qt, stride_qh,
+    stride_kv, stride_block, stride_slot, stride_head, stride_table,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One (query tile, KV head, sequence): rows are BLOCK_Q tokens x GROUP heads, token-major."""
+    tile, kv_head, seq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    query_start = tl.load(query_start_ptr + seq)
+    query_len = tl.load(query_start_ptr + seq + 1) - query_start
+    if tile * BLOCK_Q >= query_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    rows = tl.arange(0, BLOCK_M)
+    token = tile * BLOCK_Q + rows // GROUP  # [BLOCK_M], among the sequence's queries
+    heads = kv_head * GROUP + rows % GROUP
+    is_query = (rows < BLOCK_Q * GROUP) & (token < query_len)
+    query_pos = seq_len - query_len + token  # [BLOCK_M]
+    d = tl.arange(0, HEAD_DIM)
+    q_offsets = (query_start + token)[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :]  # [BLOCK_M, D]
+    q = tl.load(q_ptr + q_offsets, mask=is_query[:, None], other=0.0)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    end = tl.minimum(seq_len - query_len + (tile + 1) * BLOCK_Q, seq_len)  # past the tile's last query
+    for tile_start in range(0, end, BLOCK_N):
+        pos = tile_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        in_range = pos < end
+        k_t, v = _load_kv_tile(
+            kv_ptr, block_tables_ptr + seq * stride_table, pos, in_range, kv_head,
+            stride_kv, stride_block, stride_slot, stride_head, BLOCK_SIZE, HEAD_DIM,
+        )  # fmt: skip
+        visible = (pos[None, :] <= query_pos[:, None]) & in_range[None, :]  # [BLOCK_M, BLOCK_N]
+        m, l, acc = _online_softmax_step(q, k_t, v, visible, m, l, acc, qk_scale, DOT_PRECISION)
+    tl.store(out_ptr + q_offsets, acc / l[:, None], mask=is_query[:, None])
