@@ -165,6 +165,7 @@ def runner_rows(model_dir: Path, batches: list[int], profile: bool, modes: list[
             times, _ = drive(shard.runner, shard.num_kv_blocks, prompts_for(batch, vocab),
                              STEPS)
             out[(mode, batch)] = step_ms(times)
+            print(f"  {mode}, batch {batch}: {out[(mode, batch)]:.3f} ms/step", flush=True)
         if profile and mode == "CUDA graphs, triton":
             for batch in (1, max(batches)):
                 print(profile_table(shard, batch, vocab), flush=True)
@@ -179,7 +180,11 @@ def profile_table(shard, batch: int, vocab: int) -> str:
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         times, _ = drive(shard.runner, shard.num_kv_blocks, prompts_for(batch, vocab), 40)
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18)
+    averages = prof.key_averages()
+    try:
+        table = averages.table(sort_by="device_time_total", row_limit=18)
+    except (AttributeError, KeyError, ValueError):
+        table = averages.table(sort_by="cuda_time_total", row_limit=18)
     return f"\n#### profile, CUDA graphs, batch {batch} ({step_ms(times):.3f} ms/step)\n\n{table}"
 
 
@@ -312,6 +317,17 @@ def report(shape, model_dir, batches, bw, hf, runner, served) -> str:
     return "\n".join(lines)
 
 
+def attempt(part, empty, *args):
+    """Runs one part of the benchmark; a failure is printed and the others still run."""
+    try:
+        return part(*args)
+    except Exception:  # noqa: BLE001 - the run must go on to the next part
+        import traceback
+
+        traceback.print_exc()
+        return empty
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="1b,8b")
@@ -327,18 +343,18 @@ def main() -> None:
     bw = copy_bandwidth()
     print(f"{machine()}; copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     figures = {}
+    modes = [MODE_KEYS[m] for m in a.modes.split(",")]
     for shape in a.shapes.split(","):
         model_dir = checkpoint(shape, Path(a.root))
-        hf = hf_step_ms(model_dir, batches) if "hf" in parts else {}
-        print(f"{shape}: transformers {hf}", flush=True)
         if "exact" in parts:
-            for line in exactness(model_dir):
+            for line in attempt(exactness, [], model_dir):
                 print(f"{shape}: {line}", flush=True)
-        modes = [MODE_KEYS[m] for m in a.modes.split(",")]
-        runner = runner_rows(model_dir, batches, a.profile, modes) if "runner" in parts else {}
-        print(f"{shape}: runner {runner}", flush=True)
-        served = served_rows(model_dir, batches) if "served" in parts else {}
+        runner = attempt(runner_rows, {}, model_dir, batches, a.profile, modes) \
+            if "runner" in parts else {}
+        served = attempt(served_rows, {}, model_dir, batches) if "served" in parts else {}
         print(f"{shape}: served {served}", flush=True)
+        hf = attempt(hf_step_ms, {}, model_dir, batches) if "hf" in parts else {}
+        print(f"{shape}: transformers {hf}", flush=True)
         text = report(shape, model_dir, batches, bw, hf, runner, served)
         print(text, flush=True)
         figures[shape] = dict(hf=hf, runner={f"{m}|{b}": v for (m, b), v in runner.items()},
