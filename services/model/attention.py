@@ -144,6 +144,7 @@ def _triton_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMe
                       scale: float) -> torch.Tensor:
     from services.model import triton_attention  # triton is needed only by this backend
 
+    q = q.contiguous()  # a view into the fused qkv where rotary ran in place
     if meta.is_decode_only:
         return triton_attention.paged_decode_attention(
             q, kv_cache, meta.block_tables, meta.seq_lens_tensor, scale)
