@@ -26,10 +26,15 @@ def cmd_up(argv: list[str]) -> int:
     p.add_argument("--port", type=int, default=50051, help="the gateway's port")
     p.add_argument("--redis-url", default="", help="use this Redis instead of a private one")
     p.add_argument("--api-keys", default="", help="comma-separated keys the gateway accepts")
+    p.add_argument("--api-server-count", type=int, default=1,
+                   help="gateway processes sharing the port (vLLM's name for its API servers)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs on the workers")
     a = p.parse_args(argv)
     gateway_args = ("--api-keys", a.api_keys) if a.api_keys else ()
+    worker_args = ("--enforce-eager",) if a.enforce_eager else ()
     spec = MeshSpec(a.model, a.tp, a.pp, a.replicas, a.port, a.redis_url,
-                    gateway_args=gateway_args)
+                    worker_args=worker_args, gateway_args=gateway_args,
+                    api_server_count=max(1, a.api_server_count))
     mesh = LocalMesh(spec)
     print(f"starting meshserve: tp={a.tp} pp={a.pp} replicas={a.replicas}", flush=True)
     try:

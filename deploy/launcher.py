@@ -43,6 +43,9 @@ class MeshSpec:
     scheduler_args: tuple[str, ...] = ()  # extra flags for every scheduler
     gateway_args: tuple[str, ...] = ()
     heartbeat_ttl_s: float = 5.0
+    # Gateway processes sharing the port (SO_REUSEPORT: the kernel spreads connections over
+    # them), as vLLM's --api-server-count: per-token streaming work outgrows one core.
+    api_server_count: int = 1
 
 
 @dataclass
@@ -68,15 +71,19 @@ class LocalMesh:
             self._start_redis()
             for r in range(self.spec.replicas):
                 self.start_replica(f"replica-{r}")
-            gateway = self._spawn("gateway", ["gateway", "--redis-url", self.redis_url,
-                                              "--port", str(self.spec.port), "--model",
-                                              self.spec.model, *self.spec.gateway_args])
-            self.gateway_port = int(self._await_address(gateway, timeout_s).rsplit(":", 1)[1])
+            self.gateway_port = self._start_gateway("gateway", self.spec.port, timeout_s)
+            for i in range(1, self.spec.api_server_count):  # the same port, chosen by the first
+                self._start_gateway(f"gateway-{i}", self.gateway_port, timeout_s)
             self.wait_ready(self.spec.replicas, timeout_s)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _start_gateway(self, name: str, port: int, timeout_s: float) -> int:
+        gateway = self._spawn(name, ["gateway", "--redis-url", self.redis_url, "--port", str(port),
+                                     "--model", self.spec.model, *self.spec.gateway_args])
+        return int(self._await_address(gateway, timeout_s).rsplit(":", 1)[1])
 
     def _start_redis(self) -> None:
         if self.spec.redis_url:
@@ -114,7 +121,7 @@ class LocalMesh:
 
     def _spawn(self, name: str, args: list[str]) -> Child:
         log = self.log_dir / f"{name}.log"
-        if args[0] in ("worker", "gateway"):
+        if args[0] in ("worker", "gateway"):  # each writes the address it serves on
             args = [*args, "--ready-file", str(self.log_dir / f"{name}.address")]
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
         with open(log, "wb") as out:

@@ -131,3 +131,22 @@ def test_pipeline_replica_survives_a_scheduler_killed_mid_step(default_model_dir
         ids, _, _ = generate(pb_grpc.GenerationStub(channel), prompt_token_ids=prompt,
                              sampling=pb.SamplingParams(max_tokens=24, ignore_eos=True))
     assert ids == hf_greedy(default_model_dir, prompt, 24, stop_at_eos=False)
+
+
+def test_gateway_processes_share_one_port_and_outlive_each_other(default_model_dir):
+    """--api-server-count 2: both gateways listen on the port; once one is killed, new
+    connections land on the other and are served."""
+    spec = MeshSpec(port=0, api_server_count=2, worker_args=("--num-kv-blocks", "64"))
+    ids = [1, 17, 29, 33]
+    expected = hf_greedy(default_model_dir, ids, 8)
+    with LocalMesh(spec) as mesh:
+        first, second = [c for c in mesh.children if c.name.startswith("gateway")]
+        assert (first.name, second.name) == ("gateway", "gateway-1")
+        first.proc.kill()
+        first.proc.wait()
+        for _ in range(4):  # a fresh connection each time: the kernel picks the live gateway
+            with grpc.insecure_channel(mesh.gateway_address) as channel:
+                got, _, _ = generate(pb_grpc.GenerationStub(channel), max_tokens=8,
+                                     prompt_token_ids=ids)
+            assert got == expected
+        assert second.proc.poll() is None
