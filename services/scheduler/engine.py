@@ -90,7 +90,11 @@ class Engine:
         if result.step_id != plan.step_id:
             raise WorkerGroupError(f"result of step {result.step_id}, expected {plan.step_id}")
         self.num_steps += 1
-        for update in self.scheduler.on_result(plan, result.tokens_by_seq()):
+        updates = self.scheduler.on_result(plan, result.tokens_by_seq())
+        # The next plan goes to the workers before the streams are woken with these tokens:
+        # the event loop then writes it first, and the device does not wait for the streams.
+        self._fill_pipeline()
+        for update in updates:
             self._deliver(update)
 
     def _deliver(self, update: SeqUpdate) -> None:

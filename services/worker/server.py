@@ -37,6 +37,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             None, ())
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model",
                                           initializer=init[0], initargs=init[1])
+        # Waits for launched steps' ids to reach the host, in order, off the model thread.
+        self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="results")
         self._busy = asyncio.Lock()
 
     async def on_model_thread(self, fn, *args):
@@ -65,22 +67,30 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 reader.cancel()
 
     async def _steps(self, plans: asyncio.Queue):
-        """Launches each plan as it comes; a step's result is awaited only once the next plan
-        is launched (or none is waiting), so the device never idles on the host."""
-        pending = None
-        while True:
-            if pending is not None and plans.empty():
-                if (result := await self._finish(*pending)) is not None:
+        """Launches each plan as soon as it comes and streams the results in plan order. The
+        launches and the waits for results run apart, so a plan that arrives while the device
+        still computes the step before is queued behind it at once: the device does not idle
+        on the host, and a result is not held up by the next plan's launch."""
+        finished: asyncio.Queue = asyncio.Queue()  # result futures in plan order, then the end
+        launcher = asyncio.create_task(self._launch_all(plans, finished))
+        try:
+            while (item := await finished.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                if (result := await item) is not None:
                     yield result
-                pending = None
-            msg = await plans.get()
-            if msg is None:
-                return
-            plan = StepPlan.from_pb(msg)
-            launched = await self._launch(plan)
-            if pending is not None and (result := await self._finish(*pending)) is not None:
-                yield result
-            pending = (plan, launched)
+        finally:
+            launcher.cancel()
+
+    async def _launch_all(self, plans: asyncio.Queue, finished: asyncio.Queue) -> None:
+        try:
+            while (msg := await plans.get()) is not None:
+                plan = StepPlan.from_pb(msg)
+                launched = await self._launch(plan)
+                finished.put_nowait(asyncio.ensure_future(self._finish(plan, launched)))
+            finished.put_nowait(_END)
+        except Exception as exc:  # the result stream fails with it
+            finished.put_nowait(exc)
 
     async def _launch(self, plan: StepPlan) -> PendingStep:
         shard = self.shard
@@ -91,11 +101,16 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         return launched
 
     async def _finish(self, plan: StepPlan, launched: PendingStep) -> StepResult | None:
+        """The step's result once its ids are on the host (waited for off the model thread)."""
         if not self.shard.is_sampler:
             return None
-        ids = await self.on_model_thread(launched.token_ids)
+        loop = asyncio.get_running_loop()
+        ids = await loop.run_in_executor(self._waiter, launched.token_ids)
         return StepResult(plan.step_id, tuple(launched.seq_ids), tuple(ids), plan.micro_batch,
                           step_time_us=launched.elapsed_us())
+
+
+_END = object()
 
 
 async def _read_into(request_iterator, queue: asyncio.Queue) -> None:
