@@ -243,41 +243,65 @@ def exactness(model_dir: Path) -> list[str]:
 
 # -- meshserve served -----------------------------------------------------------------------------
 
-async def served_stats(address: str, prompts, max_tokens: int) -> tuple[float, float]:
+def served_stats(address: str, prompts, max_tokens: int) -> tuple[float, float]:
     """(median inter-token latency in ms over the streams, generated tokens/s) of concurrent
-    streaming Generate calls."""
+    streaming Generate calls, from client processes enough that the clients are not what is
+    measured (one Python process receives only some ten thousand messages a second)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    num_clients = min(len(prompts), 4)
+    shares = [prompts[i::num_clients] for i in range(num_clients)]
+    start_at = time.time() + 6.0  # every client imported and warmed up by then
+    with ProcessPoolExecutor(num_clients, mp_context=multiprocessing.get_context("spawn")) as pool:
+        streams = [r for share in pool.map(client_streams, [address] * num_clients, shares,
+                                           [max_tokens] * num_clients, [start_at] * num_clients)
+                   for r in share]
+    itl = statistics.median(s[0] for s in streams) * 1e3
+    elapsed = max(s[3] for s in streams) - min(s[2] for s in streams)
+    return itl, sum(s[1] for s in streams) / elapsed
+
+
+def client_streams(address: str, prompts, max_tokens: int, start_at: float):
+    """In a client process: per stream (inter-token latency s, tokens, sent at, last at)."""
+    return asyncio.run(_client_streams(address, prompts, max_tokens, start_at))
+
+
+async def _client_streams(address: str, prompts, max_tokens: int, start_at: float):
     import grpc
 
     from meshserve.v1 import generation_pb2 as pb
     from meshserve.v1 import generation_pb2_grpc as pb_grpc
 
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = pb_grpc.GenerationStub(channel)
+    # Several connections: with --api-server-count the kernel spreads them over the gateways.
+    channels = [grpc.aio.insecure_channel(address) for _ in range(4)]
+    stubs = [pb_grpc.GenerationStub(c) for c in channels]
 
-        async def one(ids):
-            stamps, n = [], 0
-            call = stub.Generate(pb.GenerateRequest(prompt_token_ids=ids, sampling=pb.SamplingParams(
-                max_tokens=max_tokens, ignore_eos=True)))
-            async for msg in call:
-                n += len(msg.token_ids)
-                stamps.append((time.perf_counter(), n))
-            (t0, n0), (t1, n1) = stamps[0], stamps[-1]
-            return (t1 - t0) / max(1, n1 - n0), n
+    async def one(stub, ids):
+        sent, stamps, n = time.time(), [], 0
+        call = stub.Generate(pb.GenerateRequest(prompt_token_ids=ids, sampling=pb.SamplingParams(
+            max_tokens=max_tokens, ignore_eos=True)))
+        async for msg in call:
+            n += len(msg.token_ids)
+            stamps.append((time.time(), n))
+        (t0, n0), (t1, n1) = stamps[0], stamps[-1]
+        return (t1 - t0) / max(1, n1 - n0), n, sent, t1
 
-        await one(prompts[0][:16])  # warm up
-        start = time.perf_counter()
-        results = await asyncio.gather(*(one(p) for p in prompts))
-        elapsed = time.perf_counter() - start
-    itl = statistics.median(r[0] for r in results) * 1e3
-    return itl, sum(r[1] for r in results) / elapsed
+    for stub in stubs:
+        await one(stub, prompts[0][:16])  # warm up every connection
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    results = await asyncio.gather(*(one(stubs[i % len(stubs)], p) for i, p in enumerate(prompts)))
+    for channel in channels:
+        await channel.close()
+    return results
 
 
-def served_rows(model_dir: Path, batches: list[int]) -> dict:
+def served_rows(model_dir: Path, batches: list[int], api_servers: int = 1) -> dict:
     from deploy.launcher import LocalMesh, MeshSpec
 
     vocab = ModelConfig.from_dir(model_dir).vocab_size
     n = str(max(batches))
-    spec = MeshSpec(model=str(model_dir), port=0,
+    spec = MeshSpec(model=str(model_dir), port=0, api_server_count=api_servers,
                     worker_args=("--max-num-seqs", n, "--kv-cache-memory-gb", "8"),
                     scheduler_args=("--max-num-seqs", n, "--max-num-batched-tokens", "8192"))
     out = {}
@@ -285,8 +309,10 @@ def served_rows(model_dir: Path, batches: list[int]) -> dict:
     mesh.start(timeout_s=600)
     try:
         for batch in batches:
-            out[batch] = asyncio.run(served_stats(mesh.gateway_address,
-                                                  prompts_for(batch, vocab, seed=2), STEPS))
+            out[batch] = served_stats(mesh.gateway_address, prompts_for(batch, vocab, seed=2),
+                                      STEPS)
+            print(f"  served, {api_servers} gateway(s), batch {batch}: ITL {out[batch][0]:.3f} ms, "
+                  f"{out[batch][1]:.0f} tokens/s", flush=True)
     finally:
         mesh.stop()
     return out
@@ -335,6 +361,8 @@ def main() -> None:
     p.add_argument("--parts", default="hf,exact,runner,served")
     p.add_argument("--modes", default=",".join(MODE_KEYS), help=f"of {', '.join(MODE_KEYS)}")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--api-servers", default="1", help="gateway counts to serve with, e.g. 1,4 "
+                   "(the table shows the last)")
     p.add_argument("--root", default="/tmp/meshserve-bench")
     p.add_argument("--json", default="", help="also write every figure here")
     a = p.parse_args()
@@ -351,8 +379,9 @@ def main() -> None:
                 print(f"{shape}: {line}", flush=True)
         runner = attempt(runner_rows, {}, model_dir, batches, a.profile, modes) \
             if "runner" in parts else {}
-        served = attempt(served_rows, {}, model_dir, batches) if "served" in parts else {}
-        print(f"{shape}: served {served}", flush=True)
+        served = {}
+        for count in (int(c) for c in a.api_servers.split(",")) if "served" in parts else ():
+            served = attempt(served_rows, {}, model_dir, batches, count) or served
         hf = attempt(hf_step_ms, {}, model_dir, batches) if "hf" in parts else {}
         print(f"{shape}: transformers {hf}", flush=True)
         text = report(shape, model_dir, batches, bw, hf, runner, served)
