@@ -19,6 +19,7 @@ into these types at the worker's servicer edge.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 from meshserve.internal.v1 import worker_pb2 as pb
@@ -55,8 +56,8 @@ class SeqStart:
     token_ids: tuple[int, ...]
     sampling: SamplingOptions
 
-    def to_pb(self) -> pb.SeqStart:
-        return pb.SeqStart(token_ids=self.token_ids, sampling=self.sampling.to_pb())
+    def to_pb(self, index: int) -> pb.SeqStart:
+        return pb.SeqStart(token_ids=self.token_ids, sampling=self.sampling.to_pb(), index=index)
 
     @classmethod
     def from_pb(cls, msg: pb.SeqStart) -> SeqStart:
@@ -77,23 +78,6 @@ class ScheduledSeq:
     sample: bool = False
     start: SeqStart | None = None  # set on its first step only
     draft_token_ids: tuple[int, ...] = ()  # speculative decoding: proposals to verify
-
-    def to_pb(self) -> pb.ScheduledSeq:
-        msg = pb.ScheduledSeq(
-            seq_id=self.seq_id, num_computed_tokens=self.num_computed_tokens,
-            num_new_tokens=self.num_new_tokens, new_block_ids=self.new_block_ids,
-            token_ids=self.token_ids, append_last_sampled=self.append_last_sampled,
-            sample=self.sample, draft_token_ids=self.draft_token_ids)
-        if self.start is not None:
-            msg.start.CopyFrom(self.start.to_pb())
-        return msg
-
-    @classmethod
-    def from_pb(cls, msg: pb.ScheduledSeq) -> ScheduledSeq:
-        start = SeqStart.from_pb(msg.start) if msg.HasField("start") else None
-        return cls(msg.seq_id, msg.num_computed_tokens, msg.num_new_tokens,
-                   tuple(msg.new_block_ids), tuple(msg.token_ids), msg.append_last_sampled,
-                   msg.sample, start, tuple(msg.draft_token_ids))
 
 
 @dataclass(frozen=True)
@@ -118,16 +102,53 @@ class StepPlan:
         return self.finished_seq_ids + self.preempted_seq_ids
 
     def to_pb(self) -> pb.StepPlan:
-        return pb.StepPlan(step_id=self.step_id, micro_batch=self.micro_batch,
-                           seqs=[s.to_pb() for s in self.seqs],
-                           finished_seq_ids=self.finished_seq_ids,
-                           preempted_seq_ids=self.preempted_seq_ids, epoch=self.epoch)
+        """Columns of the sequences' fields (see StepPlan in worker.proto)."""
+        seqs = self.seqs
+        msg = pb.StepPlan(
+            step_id=self.step_id, micro_batch=self.micro_batch,
+            finished_seq_ids=self.finished_seq_ids, preempted_seq_ids=self.preempted_seq_ids,
+            epoch=self.epoch, seq_ids=[s.seq_id for s in seqs],
+            num_computed_tokens=[s.num_computed_tokens for s in seqs],
+            num_new_tokens=[s.num_new_tokens for s in seqs], sample=[s.sample for s in seqs],
+            append_last_sampled=[s.append_last_sampled for s in seqs])
+        _put_ragged(msg.num_new_block_ids, msg.new_block_ids, [s.new_block_ids for s in seqs])
+        _put_ragged(msg.num_token_ids, msg.token_ids, [s.token_ids for s in seqs])
+        _put_ragged(msg.num_draft_token_ids, msg.draft_token_ids,
+                    [s.draft_token_ids for s in seqs])
+        msg.starts.extend(s.start.to_pb(i) for i, s in enumerate(seqs) if s.start is not None)
+        return msg
 
     @classmethod
     def from_pb(cls, msg: pb.StepPlan) -> StepPlan:
-        return cls(msg.step_id, tuple(ScheduledSeq.from_pb(s) for s in msg.seqs),
-                   msg.micro_batch, tuple(msg.finished_seq_ids), tuple(msg.preempted_seq_ids),
-                   msg.epoch)
+        n = len(msg.seq_ids)
+        starts = {s.index: SeqStart.from_pb(s) for s in msg.starts}
+        columns = zip(msg.seq_ids, msg.num_computed_tokens, msg.num_new_tokens,
+                      _ragged(msg.num_new_block_ids, msg.new_block_ids, n),
+                      _ragged(msg.num_token_ids, msg.token_ids, n), msg.append_last_sampled,
+                      msg.sample, _ragged(msg.num_draft_token_ids, msg.draft_token_ids, n),
+                      strict=True)
+        seqs = tuple(ScheduledSeq(seq_id, computed, new, blocks, tokens, append, sample,
+                                  starts.get(i), drafts)
+                     for i, (seq_id, computed, new, blocks, tokens, append, sample, drafts)
+                     in enumerate(columns))
+        return cls(msg.step_id, seqs, msg.micro_batch, tuple(msg.finished_seq_ids),
+                   tuple(msg.preempted_seq_ids), msg.epoch)
+
+
+def _put_ragged(counts, flat, rows: list[tuple[int, ...]]) -> None:
+    """rows -> a count column and the flattened values; nothing at all when every row is empty."""
+    if any(rows):
+        counts.extend([len(r) for r in rows])
+        flat.extend(itertools.chain.from_iterable(rows))
+
+
+def _ragged(counts, flat, n: int) -> list[tuple[int, ...]]:
+    """The inverse of _put_ragged: n rows (all empty when the count column is)."""
+    if not counts:
+        return [()] * n
+    values, ends = tuple(flat), itertools.accumulate(counts)
+    starts = itertools.chain((0,), itertools.accumulate(counts))
+    return [values[a:b] for a, b in zip(starts, ends)]
 
 
 @dataclass(frozen=True)
