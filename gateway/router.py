@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from gateway.replica_link import ReplicaLink
 from meshserve.internal.v1 import scheduler_pb2_grpc
 from services.registry import Registry, ReplicaRecord
 from services.registry.block_hash import extra_key, prefix_block_hashes
@@ -27,8 +28,13 @@ class ReplicaHandle:
     record: ReplicaRecord
     stub: scheduler_pb2_grpc.SchedulerStub
     channel: grpc.aio.Channel
+    link: ReplicaLink  # the one SubmitMany stream every request to it shares
     num_inflight: int = 0  # this gateway's requests on it now
     suspect_until: float = 0.0
+
+    async def close(self, grace: float | None = None) -> None:
+        await self.link.close()
+        await self.channel.close(grace)
 
     @property
     def load(self) -> float:
@@ -53,7 +59,7 @@ class Router:
         if self._task:
             self._task.cancel()
         for handle in self.replicas.values():
-            await handle.channel.close()
+            await handle.close()
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -68,13 +74,13 @@ class Router:
         live = {r.replica_id: r for r in records if not r.draining}
         for gone in set(self.replicas) - set(live):
             handle = self.replicas.pop(gone)
-            asyncio.ensure_future(handle.channel.close(grace=30.0))
+            asyncio.ensure_future(handle.close(grace=30.0))
         for rid, record in live.items():
             handle = self.replicas.get(rid)
             if handle is None or handle.record.address != record.address:
                 channel = grpc.aio.insecure_channel(record.address)
-                self.replicas[rid] = ReplicaHandle(record, scheduler_pb2_grpc.SchedulerStub(channel),
-                                                   channel)
+                stub = scheduler_pb2_grpc.SchedulerStub(channel)
+                self.replicas[rid] = ReplicaHandle(record, stub, channel, ReplicaLink(stub))
             else:
                 handle.record = record
 

@@ -26,6 +26,7 @@ from meshserve.internal.v1 import scheduler_pb2
 from meshserve.v1 import generation_pb2 as pb
 from meshserve.v1 import generation_pb2_grpc as pb_grpc
 from gateway.detokenizer import IncrementalDetokenizer
+from gateway.replica_link import ReplicaError
 from gateway.router import Router
 from gateway.settings import GatewaySettings
 from gateway.stops import StopMatcher
@@ -147,7 +148,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 async for item in self._submit(handle, request, state):
                     yield item
                 return
-            except grpc.aio.AioRpcError as exc:
+            except (grpc.aio.AioRpcError, ReplicaError) as exc:
                 if exc.code() not in RETRYABLE or len(tried) >= self.settings.max_attempts:
                     await context.abort(exc.code(), exc.details() or "replica failed")
                 log.warning("replica %s failed (%s); resuming elsewhere",
@@ -161,18 +162,19 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         sampling.CopyFrom(request.sampling)
         sampling.max_tokens = state.max_tokens - len(state.output_ids)
         del sampling.stop[:]
-        call = handle.stub.Submit(scheduler_pb2.SubmitRequest(
+        submit = scheduler_pb2.SubmitRequest(
             request_id=state.request_id, prompt_token_ids=state.prompt_ids + state.output_ids,
-            sampling=sampling, cache_salt=request.cache_salt))
+            sampling=sampling, cache_salt=request.cache_salt)
+        responses = handle.link.submit(submit)
         try:
-            async for msg in call:
+            async for msg in responses:
                 if not state.output_ids:
                     state.num_cached_prompt_tokens = max(state.num_cached_prompt_tokens,
                                                          msg.num_cached_prompt_tokens)
                 state.output_ids += msg.token_ids
                 yield list(msg.token_ids), msg.finish_reason
         finally:
-            call.cancel()  # no-op when finished; frees the blocks when the client left
+            await responses.aclose()  # cancels it there when the client left: blocks freed
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):

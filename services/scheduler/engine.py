@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.scheduler.scheduler import Scheduler, SeqUpdate
@@ -37,23 +38,23 @@ class Engine:
         self.max_inflight_steps = max_inflight_steps
         self.num_steps = 0
         self._inflight: deque[StepPlan] = deque()
-        self._queues: dict[int, asyncio.Queue[Output]] = {}
+        self._sinks: dict[int, Callable[[Output], None]] = {}  # where each sequence's output goes
         self._wake = asyncio.Event()
         self.failure: Exception | None = None
 
     # -- requests ------------------------------------------------------------------------
 
-    def submit(self, seq: Sequence) -> asyncio.Queue[Output]:
+    def submit(self, seq: Sequence, sink: Callable[[Output], None]) -> None:
+        """Queues seq; sink receives its outputs (called on the event loop, never blocking),
+        the last one with a finish reason."""
         if self.failure is not None:
             raise WorkerGroupError(f"replica is broken: {self.failure}")
-        queue: asyncio.Queue[Output] = asyncio.Queue()
-        self._queues[seq.seq_id] = queue
+        self._sinks[seq.seq_id] = sink
         self.scheduler.add(seq)
         self._wake.set()
-        return queue
 
     def cancel(self, seq_id: int) -> bool:
-        self._queues.pop(seq_id, None)
+        self._sinks.pop(seq_id, None)
         seq = self.scheduler.abort(seq_id)
         self._wake.set()
         return seq is not None
@@ -98,16 +99,15 @@ class Engine:
             self._deliver(update)
 
     def _deliver(self, update: SeqUpdate) -> None:
-        queue = self._queues.get(update.seq.seq_id)
-        if queue is None:
+        sink = self._sinks.get(update.seq.seq_id)
+        if sink is None:
             return
-        queue.put_nowait(Output(update.new_token_ids, update.finished,
-                                update.seq.num_cached_prompt_tokens))
         if update.finished is not None:
-            self._queues.pop(update.seq.seq_id, None)
+            self._sinks.pop(update.seq.seq_id, None)
+        sink(Output(update.new_token_ids, update.finished, update.seq.num_cached_prompt_tokens))
 
     def _fail_everything(self) -> None:
         for seq in self.scheduler.fail_all():
-            queue = self._queues.pop(seq.seq_id, None)
-            if queue is not None:
-                queue.put_nowait(Output([], FinishReason.ERROR))
+            sink = self._sinks.pop(seq.seq_id, None)
+            if sink is not None:
+                sink(Output([], FinishReason.ERROR))

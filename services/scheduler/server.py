@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import itertools
 import logging
 import random
@@ -25,13 +26,15 @@ from services.process import run_service
 from services.registry import Registry, ReplicaRecord
 from services.registry.block_hash import extra_key
 from services.scheduler.block_manager import BlockManager
-from services.scheduler.engine import Engine
+from services.scheduler.engine import Engine, Output
 from services.scheduler.scheduler import Scheduler, SchedulerConfig
 from services.scheduler.sequence import FinishReason, RequestParams, Sequence
-from services.scheduler.workers import ReplicaShape, WorkerGroup
+from services.scheduler.workers import ReplicaShape, WorkerGroup, WorkerGroupError
 from services.step import SamplingOptions
 
 log = logging.getLogger("meshserve.scheduler")
+
+REPLICA_FAILED = "the replica's workers failed; retry elsewhere"
 
 FINISH_TO_PB = {
     FinishReason.LENGTH: public_pb.FINISH_REASON_LENGTH,
@@ -94,12 +97,11 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
 
     async def Submit(self, request: pb.SubmitRequest, context):
         seq = self._to_sequence(request)
-        if request.request_id in self._by_request:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
-                                f"request {request.request_id!r} is already running here")
-        await self._check_fits(seq, context)
+        if (refusal := self._refusal(seq)) is not None:
+            await context.abort(*refusal)
         self._by_request[seq.request_id] = seq.seq_id
-        queue = self.engine.submit(seq)
+        queue: asyncio.Queue[Output] = asyncio.Queue()
+        self.engine.submit(seq, queue.put_nowait)
         finished = False
         try:
             while not finished:
@@ -110,8 +112,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                     tokens += out.token_ids
                 finished = out.finish_reason is not None
                 if out.finish_reason is FinishReason.ERROR:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                        "the replica's workers failed; retry elsewhere")
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, REPLICA_FAILED)
                 yield pb.SubmitResponse(token_ids=tokens,
                                         finish_reason=FINISH_TO_PB.get(out.finish_reason, 0),
                                         num_cached_prompt_tokens=out.num_cached_prompt_tokens)
@@ -119,6 +120,69 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
             self._by_request.pop(seq.request_id, None)
             if not finished:  # the caller went away: free its blocks now
                 self.engine.cancel(seq.seq_id)
+
+    async def SubmitMany(self, request_iterator, context):
+        """Requests in, and per wake-up one message with every request's news: all the
+        outputs one step delivers leave together."""
+        outbox = _Outbox()
+        live: dict[int, Sequence] = {}  # stream id -> its sequence
+        reader = asyncio.create_task(self._read_many(request_iterator, outbox, live))
+        try:
+            while True:
+                if outputs := await outbox.take():
+                    yield pb.SubmitManyResponse(outputs=outputs)
+                if reader.done():  # the gateway half-closed: end once its requests have
+                    if reader.exception() is not None:
+                        raise reader.exception()
+                    if not live and outbox.empty():
+                        return
+        finally:
+            reader.cancel()
+            for seq in live.values():  # the gateway went away: free everything it had here
+                self._by_request.pop(seq.request_id, None)
+                self.engine.cancel(seq.seq_id)
+
+    async def _read_many(self, request_iterator, outbox: _Outbox, live: dict) -> None:
+        try:
+            await self._read_many_until_closed(request_iterator, outbox, live)
+        finally:
+            outbox.wake()  # SubmitMany sees the end
+
+    async def _read_many_until_closed(self, request_iterator, outbox: _Outbox, live: dict):
+        async for msg in request_iterator:
+            if msg.cancel:
+                if (seq := live.pop(msg.stream_id, None)) is not None:
+                    self._by_request.pop(seq.request_id, None)
+                    self.engine.cancel(seq.seq_id)
+                continue
+            seq = self._to_sequence(msg.submit)
+            if (refusal := self._refusal(seq)) is not None:
+                code, message = refusal
+                outbox.put(pb.RequestOutput(stream_id=msg.stream_id, error_code=code.value[0],
+                                            error_message=message))
+                continue
+            try:
+                self.engine.submit(seq, functools.partial(self._to_outbox, outbox, live,
+                                                          msg.stream_id))
+            except WorkerGroupError:
+                outbox.put(pb.RequestOutput(stream_id=msg.stream_id, error_message=REPLICA_FAILED,
+                                            error_code=grpc.StatusCode.UNAVAILABLE.value[0]))
+                continue
+            live[msg.stream_id] = seq
+            self._by_request[seq.request_id] = seq.seq_id
+
+    def _to_outbox(self, outbox: _Outbox, live: dict, stream_id: int, out: Output) -> None:
+        if out.finish_reason is not None:
+            seq = live.pop(stream_id, None)
+            if seq is not None:
+                self._by_request.pop(seq.request_id, None)
+        if out.finish_reason is FinishReason.ERROR:
+            outbox.put(pb.RequestOutput(stream_id=stream_id, error_message=REPLICA_FAILED,
+                                        error_code=grpc.StatusCode.UNAVAILABLE.value[0]))
+            return
+        outbox.put(pb.RequestOutput(stream_id=stream_id, response=pb.SubmitResponse(
+            token_ids=out.token_ids, finish_reason=FINISH_TO_PB.get(out.finish_reason, 0),
+            num_cached_prompt_tokens=out.num_cached_prompt_tokens)))
 
     def _to_sequence(self, request: pb.SubmitRequest) -> Sequence:
         s = request.sampling
@@ -129,21 +193,24 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                         list(request.prompt_token_ids), params,
                         extra_key(self.model_name, request.cache_salt))
 
-    async def _check_fits(self, seq: Sequence, context) -> None:
+    def _refusal(self, seq: Sequence) -> tuple[grpc.StatusCode, str] | None:
+        """Why seq cannot run here (status code, what to do), or None."""
         total = len(seq.prompt_ids) + seq.params.max_tokens
+        if seq.request_id in self._by_request:
+            return (grpc.StatusCode.ALREADY_EXISTS,
+                    f"request {seq.request_id!r} is already running here")
         if not seq.prompt_ids or seq.params.max_tokens < 1:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "need a non-empty prompt and max_tokens >= 1")
+            return grpc.StatusCode.INVALID_ARGUMENT, "need a non-empty prompt and max_tokens >= 1"
         if total > self.shape.max_model_len:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"prompt ({len(seq.prompt_ids)}) + max_tokens "
-                                f"({seq.params.max_tokens}) exceeds the context of "
-                                f"{self.shape.max_model_len} tokens")
+            return (grpc.StatusCode.INVALID_ARGUMENT,
+                    f"prompt ({len(seq.prompt_ids)}) + max_tokens ({seq.params.max_tokens}) "
+                    f"exceeds the context of {self.shape.max_model_len} tokens")
         blocks_needed = -(-total // self.shape.block_size)
         if blocks_needed > self.shape.num_kv_blocks:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"the request needs {blocks_needed} KV blocks; this replica "
-                                f"has {self.shape.num_kv_blocks}")
+            return (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the request needs {blocks_needed} KV blocks; this replica has "
+                    f"{self.shape.num_kv_blocks}")
+        return None
 
     async def Cancel(self, request: pb.CancelRequest, context) -> pb.CancelResponse:
         seq_id = self._by_request.get(request.request_id)
@@ -158,6 +225,31 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
             max_batch_size_seen=sched.max_batch_size_seen, num_steps=self.engine.num_steps,
             num_preemptions=sched.num_preemptions, block_size=self.shape.block_size,
             num_prefix_hit_tokens=sched.num_prefix_hit_tokens)
+
+
+class _Outbox:
+    """Outputs waiting for the next SubmitMany message; take() waits until there are some."""
+
+    def __init__(self) -> None:
+        self._outputs: list[pb.RequestOutput] = []
+        self._ready = asyncio.Event()
+
+    def put(self, output: pb.RequestOutput) -> None:
+        self._outputs.append(output)
+        self._ready.set()
+
+    def wake(self) -> None:
+        self._ready.set()
+
+    def empty(self) -> bool:
+        return not self._outputs
+
+    async def take(self) -> list[pb.RequestOutput]:
+        """Everything queued, once there is something or wake() was called."""
+        await self._ready.wait()
+        self._ready.clear()
+        outputs, self._outputs = self._outputs, []
+        return outputs
 
 
 def build_engine(settings: SchedulerSettings, shape: ReplicaShape, workers: WorkerGroup) -> Engine:

@@ -40,6 +40,11 @@ class SchedulerStub:
                 request_serializer=meshserve_dot_internal_dot_v1_dot_scheduler__pb2.SubmitRequest.SerializeToString,
                 response_deserializer=meshserve_dot_internal_dot_v1_dot_scheduler__pb2.SubmitResponse.FromString,
                 _registered_method=True)
+        self.SubmitMany = channel.stream_stream(
+                '/meshserve.internal.v1.Scheduler/SubmitMany',
+                request_serializer=meshserve_dot_internal_dot_v1_dot_scheduler__pb2.SubmitManyRequest.SerializeToString,
+                response_deserializer=meshserve_dot_internal_dot_v1_dot_scheduler__pb2.SubmitManyResponse.FromString,
+                _registered_method=True)
         self.Cancel = channel.unary_unary(
                 '/meshserve.internal.v1.Scheduler/Cancel',
                 request_serializer=meshserve_dot_internal_dot_v1_dot_scheduler__pb2.CancelRequest.SerializeToString,
@@ -59,6 +64,15 @@ class SchedulerServicer:
     def Submit(self, request, context):
         """/ Submits a tokenized request and streams its new token ids as they are sampled.
         / Cancelling the call cancels the request and frees its KV blocks at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitMany(self, request_iterator, context):
+        """/ Many requests of one gateway on one long-lived stream: requests and cancels go in, and
+        / every request's new tokens come out together, one message per step at most, instead of
+        / one message per request per token. Closing the call cancels every request on it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -85,6 +99,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Submit,
                     request_deserializer=meshserve_dot_internal_dot_v1_dot_scheduler__pb2.SubmitRequest.FromString,
                     response_serializer=meshserve_dot_internal_dot_v1_dot_scheduler__pb2.SubmitResponse.SerializeToString,
+            ),
+            'SubmitMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.SubmitMany,
+                    request_deserializer=meshserve_dot_internal_dot_v1_dot_scheduler__pb2.SubmitManyRequest.FromString,
+                    response_serializer=meshserve_dot_internal_dot_v1_dot_scheduler__pb2.SubmitManyResponse.SerializeToString,
             ),
             'Cancel': grpc.unary_unary_rpc_method_handler(
                     servicer.Cancel,
@@ -125,6 +144,33 @@ class Scheduler:
             '/meshserve.internal.v1.Scheduler/Submit',
             meshserve_dot_internal_dot_v1_dot_scheduler__pb2.SubmitRequest.SerializeToString,
             meshserve_dot_internal_dot_v1_dot_scheduler__pb2.SubmitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/meshserve.internal.v1.Scheduler/SubmitMany',
+            meshserve_dot_internal_dot_v1_dot_scheduler__pb2.SubmitManyRequest.SerializeToString,
+            meshserve_dot_internal_dot_v1_dot_scheduler__pb2.SubmitManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,102 @@
+"""One SubmitMany stream from this gateway to a replica's scheduler, shared by every request
+the gateway sends there: the scheduler answers each step with one message for all of them.
+
+    request A ─┐                         ┌─ SubmitManyResponse(outputs=[A: ids, B: ids, …])
+    request B ─┼─► SubmitManyRequest ───►│   one message per scheduler wake-up
+    request C ─┘   (submit / cancel)     └─► demultiplexed into each request's queue
+
+The stream opens with the first request and opens again after it breaks; when it breaks,
+every request on it fails with the stream's status, and the gateway resumes them elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+
+import grpc
+
+from meshserve.internal.v1 import scheduler_pb2 as pb
+from meshserve.internal.v1 import scheduler_pb2_grpc
+
+
+class ReplicaError(Exception):
+    """A request failed at (or on the way to) a replica; code() and details() as grpc's."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class ReplicaLink:
+    def __init__(self, stub: scheduler_pb2_grpc.SchedulerStub):
+        self.stub = stub
+        self._stream_ids = itertools.count(1)
+        self._requests: asyncio.Queue | None = None
+        self._outputs: dict[int, asyncio.Queue] = {}  # stream id -> that request's queue
+        self._reader: asyncio.Task | None = None
+
+    async def submit(self, request: pb.SubmitRequest) -> AsyncIterator[pb.SubmitResponse]:
+        """The request's responses as Submit would stream them; raises ReplicaError."""
+        self._open()
+        stream_id, queue = next(self._stream_ids), asyncio.Queue()
+        self._outputs[stream_id] = queue
+        self._requests.put_nowait(pb.SubmitManyRequest(stream_id=stream_id, submit=request))
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, ReplicaError):
+                    finished = True
+                    raise item
+                finished = item.finish_reason != 0
+                yield item
+        finally:
+            if self._outputs.pop(stream_id, None) is not None and not finished:
+                self._requests.put_nowait(pb.SubmitManyRequest(stream_id=stream_id, cancel=True))
+
+    def _open(self) -> None:
+        if self._reader is not None and not self._reader.done():
+            return
+        self._requests = asyncio.Queue()
+        call = self.stub.SubmitMany(_drain(self._requests))
+        self._reader = asyncio.create_task(self._read(call))
+
+    async def _read(self, call) -> None:
+        error = ReplicaError(grpc.StatusCode.UNAVAILABLE, "the scheduler closed the stream")
+        try:
+            async for msg in call:
+                for out in msg.outputs:
+                    queue = self._outputs.get(out.stream_id)
+                    if queue is None:
+                        continue  # cancelled here meanwhile
+                    if out.error_code:
+                        self._outputs.pop(out.stream_id)
+                        queue.put_nowait(ReplicaError(_CODES[out.error_code], out.error_message))
+                    else:
+                        queue.put_nowait(out.response)
+        except grpc.aio.AioRpcError as exc:
+            error = ReplicaError(exc.code(), exc.details() or "replica stream failed")
+        finally:  # every request still on the stream fails with it
+            outputs, self._outputs = self._outputs, {}
+            for queue in outputs.values():
+                queue.put_nowait(error)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+
+
+async def _drain(queue: asyncio.Queue):
+    while True:
+        yield await queue.get()
