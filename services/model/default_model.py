@@ -59,25 +59,35 @@ MERGE_TEXT = (
 )
 
 
-def default_model_dir() -> Path:
-    """$MESHSERVE_CACHE, else $XDG_CACHE_HOME/meshserve, else ~/.cache/meshserve; + models/<name>."""
+def models_root() -> Path:
+    """$MESHSERVE_CACHE, else $XDG_CACHE_HOME/meshserve, else ~/.cache/meshserve; + models/."""
     root = os.environ.get("MESHSERVE_CACHE")
     if not root:
         xdg = os.environ.get("XDG_CACHE_HOME")
         root = str(Path(xdg) / "meshserve") if xdg else str(Path.home() / ".cache" / "meshserve")
-    return Path(root) / "models" / DEFAULT_MODEL_NAME
+    return Path(root) / "models"
+
+
+def default_model_dir() -> Path:
+    """Where the tiny test model is written: models_root() / its name."""
+    return models_root() / DEFAULT_MODEL_NAME
 
 
 def ensure_default_model() -> Path:
-    """The default model's folder, written on first use. Safe when processes race: each writes a
+    """The tiny test model's folder (what a service with no --model serves), written on first
+    use."""
+    return write_once(default_model_dir(), write_tiny_checkpoint)
+
+
+def write_once(target: Path, write) -> Path:
+    """target, made by write(folder) on first use. Safe when processes race: each writes a
     private temporary folder and renames it into place; the rename is atomic and only one wins."""
-    target = default_model_dir()
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        write_tiny_checkpoint(scratch)
+        write(scratch)
         scratch.chmod(0o755)
         os.rename(scratch, target)
     except OSError:
