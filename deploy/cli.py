@@ -28,7 +28,9 @@ def cmd_up(argv: list[str]) -> int:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages per replica")
     p.add_argument("--replicas", type=int, default=1, help="data-parallel replicas")
-    p.add_argument("--port", type=int, default=50051, help="the gateway's port")
+    p.add_argument("--port", type=int, default=50051, help="the gateway's gRPC port")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="the gateway's OpenAI-compatible HTTP port (0 = any free one)")
     p.add_argument("--redis-url", default="", help="use this Redis instead of a private one")
     p.add_argument("--api-keys", default="", help="comma-separated keys the gateway accepts")
     p.add_argument("--api-server-count", type=int, default=1,
@@ -39,7 +41,7 @@ def cmd_up(argv: list[str]) -> int:
     worker_args = ("--enforce-eager",) if a.enforce_eager else ()
     spec = MeshSpec(resolve_model(a.model), a.tp, a.pp, a.replicas, a.port, a.redis_url,
                     worker_args=worker_args, gateway_args=gateway_args,
-                    api_server_count=max(1, a.api_server_count))
+                    api_server_count=max(1, a.api_server_count), http_port=a.http_port)
     mesh = LocalMesh(spec)
     print(f"starting meshserve: tp={a.tp} pp={a.pp} replicas={a.replicas}", flush=True)
     try:
@@ -50,8 +52,8 @@ def cmd_up(argv: list[str]) -> int:
     except (RuntimeError, TimeoutError) as exc:
         print(f"error: the mesh did not start:\n{exc}", file=sys.stderr)
         return 1
-    print(f"gateway listening on {mesh.gateway_address} (logs in {mesh.log_dir}); "
-          "Ctrl-C stops everything", flush=True)
+    print(f"gateway listening on {mesh.gateway_address} (gRPC) and {mesh.http_url} (OpenAI "
+          f"HTTP; logs in {mesh.log_dir}); Ctrl-C stops everything", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:

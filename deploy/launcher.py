@@ -46,6 +46,7 @@ class MeshSpec:
     # Gateway processes sharing the port (SO_REUSEPORT: the kernel spreads connections over
     # them), as vLLM's --api-server-count: per-token streaming work outgrows one core.
     api_server_count: int = 1
+    http_port: int = 0  # the gateways' OpenAI HTTP port; 0 = any free one
 
 
 @dataclass
@@ -63,6 +64,7 @@ class LocalMesh:
     redis: RedisServer | None = None
     redis_url: str = ""
     gateway_port: int = 0
+    http_port: int = 0
     worker_addresses: dict[str, list[str]] = field(default_factory=dict)
 
     def start(self, timeout_s: float = 120.0) -> LocalMesh:
@@ -71,19 +73,25 @@ class LocalMesh:
             self._start_redis()
             for r in range(self.spec.replicas):
                 self.start_replica(f"replica-{r}")
-            self.gateway_port = self._start_gateway("gateway", self.spec.port, timeout_s)
-            for i in range(1, self.spec.api_server_count):  # the same port, chosen by the first
-                self._start_gateway(f"gateway-{i}", self.gateway_port, timeout_s)
+            self.gateway_port, self.http_port = self._start_gateway(
+                "gateway", self.spec.port, self.spec.http_port, timeout_s)
+            for i in range(1, self.spec.api_server_count):  # the same ports, chosen by the first
+                self._start_gateway(f"gateway-{i}", self.gateway_port, self.http_port, timeout_s)
             self.wait_ready(self.spec.replicas, timeout_s)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _start_gateway(self, name: str, port: int, timeout_s: float) -> int:
+    def _start_gateway(self, name: str, port: int, http_port: int,
+                       timeout_s: float) -> tuple[int, int]:
+        """(gRPC port, HTTP port) the gateway serves on."""
         gateway = self._spawn(name, ["gateway", "--redis-url", self.redis_url, "--port", str(port),
-                                     "--model", self.spec.model, *self.spec.gateway_args])
-        return int(self._await_address(gateway, timeout_s).rsplit(":", 1)[1])
+                                     "--http-port", str(http_port), "--model", self.spec.model,
+                                     *self.spec.gateway_args])
+        grpc_port = int(self._await_address(gateway, timeout_s).rsplit(":", 1)[1])
+        http_file = self.log_dir / f"{name}.address.http"
+        return grpc_port, int(http_file.read_text().rsplit(":", 1)[1])
 
     def _start_redis(self) -> None:
         if self.spec.redis_url:
@@ -147,6 +155,19 @@ class LocalMesh:
     def gateway_address(self) -> str:
         return f"127.0.0.1:{self.gateway_port}"
 
+    @property
+    def http_url(self) -> str:
+        """The OpenAI-compatible base URL (what `openai.OpenAI(base_url=...)` takes)."""
+        return f"http://127.0.0.1:{self.http_port}/v1"
+
+    def _auth_metadata(self) -> tuple:
+        """The gateways' first API key, when they are started with some."""
+        args = list(self.spec.gateway_args)
+        if "--api-keys" not in args:
+            return ()
+        key = args[args.index("--api-keys") + 1].split(",")[0].strip()
+        return (("authorization", f"Bearer {key}"),) if key else ()
+
     def wait_ready(self, num_replicas: int, timeout_s: float) -> None:
         """Until the gateway lists the model with num_replicas live replicas."""
         deadline = time.monotonic() + timeout_s
@@ -155,7 +176,8 @@ class LocalMesh:
             while True:
                 self._check_alive()
                 try:
-                    models = stub.ListModels(generation_pb2.ListModelsRequest(), timeout=2).models
+                    models = stub.ListModels(generation_pb2.ListModelsRequest(), timeout=2,
+                                             metadata=self._auth_metadata()).models
                     if models and models[0].num_replicas >= num_replicas:
                         return
                 except grpc.RpcError:

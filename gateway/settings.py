@@ -19,6 +19,8 @@ class GatewaySettings:
     max_attempts: int = 3  # replicas tried for one request before it fails
     ready_file: str = ""  # where to write host:port once serving
     request_claim_ttl_s: float = 600.0  # how long a client-chosen request id stays claimed
+    http_port: int = 8000  # OpenAI-compatible HTTP (vLLM's port); 0 = any free one, -1 = off
+    chat_template: str = ""  # a jinja file overriding the model's chat template
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> GatewaySettings:
@@ -35,7 +37,12 @@ class GatewaySettings:
         p.add_argument("--ready-file", default="", help="write host:port here once serving")
         p.add_argument("--request-claim-ttl", type=float, default=600.0,
                        help="seconds a client-chosen request_id stays claimed at most")
+        p.add_argument("--http-port", type=int, default=8000,
+                       help="OpenAI-compatible HTTP port (0 = any free port, -1 = no HTTP)")
+        p.add_argument("--chat-template", default="",
+                       help="jinja file to render chat messages with (default: the model's)")
         a = p.parse_args(argv)
         keys = tuple(k.strip() for k in a.api_keys.split(",") if k.strip())
         return cls(a.redis_url, a.model, a.host, a.port, keys, a.max_inflight_requests,
-                   a.refresh_period, a.max_attempts, a.ready_file, a.request_claim_ttl)
+                   a.refresh_period, a.max_attempts, a.ready_file, a.request_claim_ttl,
+                   a.http_port, a.chat_template)

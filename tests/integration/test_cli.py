@@ -12,7 +12,8 @@ from deploy.launcher import free_port
 
 
 def test_up_generate_and_ctrl_c_stops_everything(default_model_dir, tmp_path):
-    up = subprocess.Popen([sys.executable, "-m", "deploy.cli", "up", "--port", "0"],
+    up = subprocess.Popen([sys.executable, "-m", "deploy.cli", "up", "--port", "0",
+                           "--http-port", "0"],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
