@@ -95,9 +95,7 @@ def hf_step_ms(model_dir: Path, batches: list[int]) -> dict[int, float]:
         run(STEPS), run(8)  # compiles
         long, short = min(run(STEPS) for _ in range(2)), min(run(8) for _ in range(2))
         out[batch] = (long - short) / (STEPS - 8) * 1e3
-    del model
-    torch.cuda.empty_cache()
-    return out
+    return out  # the model is freed with this frame
 
 
 # -- meshserve in process -----------------------------------------------------------------------
@@ -383,6 +381,7 @@ def main() -> None:
         for count in (int(c) for c in a.api_servers.split(",")) if "served" in parts else ():
             served = attempt(served_rows, {}, model_dir, batches, count) or served
         hf = attempt(hf_step_ms, {}, model_dir, batches) if "hf" in parts else {}
+        torch.cuda.empty_cache()
         print(f"{shape}: transformers {hf}", flush=True)
         text = report(shape, model_dir, batches, bw, hf, runner, served)
         print(text, flush=True)

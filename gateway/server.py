@@ -26,8 +26,8 @@ from gateway.settings import GatewaySettings
 from gateway.validation import ModelLimits
 from meshserve.v1 import generation_pb2 as pb
 from meshserve.v1 import generation_pb2_grpc as pb_grpc
+from services.model.cache import default_model_dir
 from services.model.config import ModelConfig
-from services.model.default_model import ensure_default_model
 from services.process import announce, run_service
 from services.registry import Registry
 
@@ -94,6 +94,16 @@ def _deny_handler(handler):
         response_serializer=handler.response_serializer)
 
 
+def tiny_model_dir() -> Path:
+    """The tiny test model's folder; made here (the one place the gateway needs torch) only if
+    no worker has made it yet."""
+    if not default_model_dir().is_dir():
+        from services.model.default_model import ensure_default_model
+
+        return ensure_default_model()
+    return default_model_dir()
+
+
 def load_model_limits(model_dir: Path) -> tuple[Tokenizer, ModelLimits]:
     config = ModelConfig.from_dir(model_dir)
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
@@ -102,7 +112,7 @@ def load_model_limits(model_dir: Path) -> tuple[Tokenizer, ModelLimits]:
 
 
 async def serve(settings: GatewaySettings, stop: asyncio.Event | None = None) -> None:
-    model_dir = Path(settings.model) if settings.model else ensure_default_model()
+    model_dir = Path(settings.model) if settings.model else tiny_model_dir()
     tokenizer, limits = load_model_limits(model_dir)
     registry = Registry(settings.redis_url)
     router = Router(registry, settings.refresh_period_s)

@@ -8,9 +8,6 @@ from a fixed text. Loads in transformers (model and tokenizer) and in `tokenizer
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -18,7 +15,11 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-DEFAULT_MODEL_NAME = "meshserve-tiny-llama"
+from services.model.cache import TINY_MODEL_NAME, default_model_dir, models_root, write_once
+
+DEFAULT_MODEL_NAME = TINY_MODEL_NAME  # what a service with no --model serves
+__all__ = ["DEFAULT_MODEL_NAME", "default_model_dir", "ensure_default_model", "models_root",
+           "write_tiny_checkpoint"]
 WEIGHT_SEED = 20240501
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2; the 256 byte tokens follow at 3..258
 
@@ -59,43 +60,10 @@ MERGE_TEXT = (
 )
 
 
-def models_root() -> Path:
-    """$MESHSERVE_CACHE, else $XDG_CACHE_HOME/meshserve, else ~/.cache/meshserve; + models/."""
-    root = os.environ.get("MESHSERVE_CACHE")
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        root = str(Path(xdg) / "meshserve") if xdg else str(Path.home() / ".cache" / "meshserve")
-    return Path(root) / "models"
-
-
-def default_model_dir() -> Path:
-    """Where the tiny test model is written: models_root() / its name."""
-    return models_root() / DEFAULT_MODEL_NAME
-
-
 def ensure_default_model() -> Path:
     """The tiny test model's folder (what a service with no --model serves), written on first
     use."""
     return write_once(default_model_dir(), write_tiny_checkpoint)
-
-
-def write_once(target: Path, write) -> Path:
-    """target, made by write(folder) on first use. Safe when processes race: each writes a
-    private temporary folder and renames it into place; the rename is atomic and only one wins."""
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write(scratch)
-        scratch.chmod(0o755)
-        os.rename(scratch, target)
-    except OSError:
-        if not target.is_dir():  # not a lost race: a real failure
-            raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return target
 
 
 def write_tiny_checkpoint(path: str | Path) -> None:

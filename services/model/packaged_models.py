@@ -16,7 +16,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.model.default_model import models_root, write_once
+from services.model.cache import models_root, write_once
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from services.model import triton_attention  # noqa: E402
