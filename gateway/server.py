@@ -104,16 +104,16 @@ def tiny_model_dir() -> Path:
     return default_model_dir()
 
 
-def load_model_limits(model_dir: Path) -> tuple[Tokenizer, ModelLimits]:
+def load_model_limits(model_dir: Path, name: str = "") -> tuple[Tokenizer, ModelLimits]:
     config = ModelConfig.from_dir(model_dir)
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    return tokenizer, ModelLimits(model_dir.name, config.max_context_len,
+    return tokenizer, ModelLimits(name or model_dir.name, config.max_context_len,
                                   config.vocab_size)
 
 
 async def serve(settings: GatewaySettings, stop: asyncio.Event | None = None) -> None:
     model_dir = Path(settings.model) if settings.model else tiny_model_dir()
-    tokenizer, limits = load_model_limits(model_dir)
+    tokenizer, limits = load_model_limits(model_dir, settings.served_model_name)
     registry = Registry(settings.redis_url)
     router = Router(registry, settings.refresh_period_s)
     await router.start()

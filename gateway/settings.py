@@ -21,6 +21,7 @@ class GatewaySettings:
     request_claim_ttl_s: float = 600.0  # how long a client-chosen request id stays claimed
     http_port: int = 8000  # OpenAI-compatible HTTP (vLLM's port); 0 = any free one, -1 = off
     chat_template: str = ""  # a jinja file overriding the model's chat template
+    served_model_name: str = ""  # the name clients ask for; "" = the model folder's name
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> GatewaySettings:
@@ -31,6 +32,10 @@ class GatewaySettings:
         p.add_argument("--port", type=int, default=50051)
         p.add_argument("--api-keys", default=os.environ.get("MESHSERVE_API_KEYS", ""),
                        help="comma-separated keys (or env MESHSERVE_API_KEYS); none = no auth")
+        p.add_argument("--api-key", action="append", default=[],
+                       help="one more accepted key (vLLM's flag; may repeat)")
+        p.add_argument("--served-model-name", default="",
+                       help="the name clients ask for (default: the model folder's name)")
         p.add_argument("--max-inflight-requests", type=int, default=256)
         p.add_argument("--refresh-period", type=float, default=0.5)
         p.add_argument("--max-attempts", type=int, default=3)
@@ -42,7 +47,7 @@ class GatewaySettings:
         p.add_argument("--chat-template", default="",
                        help="jinja file to render chat messages with (default: the model's)")
         a = p.parse_args(argv)
-        keys = tuple(k.strip() for k in a.api_keys.split(",") if k.strip())
+        keys = tuple(k.strip() for k in [*a.api_keys.split(","), *a.api_key] if k.strip())
         return cls(a.redis_url, a.model, a.host, a.port, keys, a.max_inflight_requests,
                    a.refresh_period, a.max_attempts, a.ready_file, a.request_claim_ttl,
-                   a.http_port, a.chat_template)
+                   a.http_port, a.chat_template, a.served_model_name)

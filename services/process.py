@@ -26,7 +26,9 @@ def announce(ready_file: str, host: str, port: int) -> None:
 
 def run_service(serve: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     """Runs serve(stop) on a new event loop; SIGINT or SIGTERM sets stop (a clean shutdown)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    level = os.environ.get("MESHSERVE_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
     async def run() -> None:
         stop = asyncio.Event()

@@ -69,18 +69,22 @@ class SchedulerSettings:
         p.add_argument("--port", type=int, default=0)
         p.add_argument("--advertise-host", default="", help="address the gateway should dial")
         p.add_argument("--replica-id", default="")
-        p.add_argument("--model-name", default="")
+        p.add_argument("--served-model-name", "--model-name", dest="model_name", default="",
+                       help="the name clients ask for (default: the model folder's name)")
         p.add_argument("--max-num-seqs", type=int, default=64)
         p.add_argument("--max-num-batched-tokens", type=int, default=512)
         p.add_argument("--no-chunked-prefill", action="store_true")
-        p.add_argument("--no-prefix-caching", action="store_true")
+        p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                       default=True, help="reuse cached prompt blocks (on by default)")
+        p.add_argument("--no-prefix-caching", dest="enable_prefix_caching",
+                       action="store_false", help=argparse.SUPPRESS)
         p.add_argument("--heartbeat-ttl", type=float, default=5.0)
         p.add_argument("--max-inflight-steps", type=int, default=0,
                        help="plans in flight at once (0 = pipeline stages + 1)")
         a = p.parse_args(argv)
         return cls(tuple(w for w in a.workers.split(",") if w), a.redis_url, a.host, a.port,
                    a.advertise_host, a.replica_id, a.model_name, a.max_num_seqs,
-                   a.max_num_batched_tokens, not a.no_chunked_prefill, not a.no_prefix_caching,
+                   a.max_num_batched_tokens, not a.no_chunked_prefill, a.enable_prefix_caching,
                    a.heartbeat_ttl, a.max_inflight_steps)
 
 

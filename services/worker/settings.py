@@ -28,6 +28,7 @@ class WorkerSettings:
     max_num_seqs: int = 256  # live sequences held at once; also the largest CUDA-graph batch
     attention_backend: str = "auto"  # auto = triton on CUDA, torch on CPU
     enforce_eager: bool = False  # no CUDA graphs (vLLM's flag)
+    gpu_memory_utilization: float = 0.9  # share of the GPU's memory this worker may fill
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> WorkerSettings:
@@ -35,9 +36,9 @@ class WorkerSettings:
                                     description="One worker: a TP shard of one PP stage.")
         p.add_argument("--model", default="", help="HF-format model folder (default: tiny model)")
         p.add_argument("--tp-rank", type=int, default=0)
-        p.add_argument("--tp-size", type=int, default=1)
+        p.add_argument("--tp-size", "--tensor-parallel-size", type=int, default=1)
         p.add_argument("--pp-rank", type=int, default=0)
-        p.add_argument("--pp-size", type=int, default=1)
+        p.add_argument("--pp-size", "--pipeline-parallel-size", type=int, default=1)
         p.add_argument("--dist-init", default="",
                        help="init method of this stage's TP group, e.g. tcp://10.0.0.1:29500")
         p.add_argument("--host", default="127.0.0.1")
@@ -57,12 +58,15 @@ class WorkerSettings:
                        help="auto: triton kernels on CUDA, the plain-torch reference on CPU")
         p.add_argument("--enforce-eager", action="store_true",
                        help="run every step eagerly (no CUDA graphs)")
+        p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                       help="share of the GPU's memory for weights, graphs and the KV cache")
         a = p.parse_args(argv)
         split = tuple(int(x) for x in a.layer_split.split(",") if x)
         settings = cls(a.model, a.tp_rank, a.tp_size, a.pp_rank, a.pp_size, a.dist_init, a.host,
                        a.port, a.device, a.dtype, a.block_size, a.num_kv_blocks,
                        a.kv_cache_memory_gb, split, a.max_model_len, a.num_threads,
-                       a.ready_file, a.max_num_seqs, a.attention_backend, a.enforce_eager)
+                       a.ready_file, a.max_num_seqs, a.attention_backend, a.enforce_eager,
+                       a.gpu_memory_utilization)
         settings.check()
         return settings
 
@@ -78,3 +82,5 @@ class WorkerSettings:
             raise SystemExit("--block-size must be >= 1")
         if self.max_num_seqs < 1:
             raise SystemExit("--max-num-seqs must be >= 1")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise SystemExit("--gpu-memory-utilization must be in (0, 1]")

@@ -31,7 +31,6 @@ from services.worker.settings import WorkerSettings
 log = logging.getLogger("meshserve.worker")
 
 CPU_KV_CACHE_GB = 0.0625
-GPU_KV_CACHE_FRACTION = 0.85
 
 
 @dataclass
@@ -221,8 +220,10 @@ def _blocks_for_memory(s: WorkerSettings, config, ctx, num_layers, dtype, device
     if s.kv_cache_memory_gb:
         budget = s.kv_cache_memory_gb * 2**30
     elif device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = (free - reserve) * GPU_KV_CACHE_FRACTION
+        # vLLM's rule: this process fills at most that share of the GPU (weights included).
+        free, total = torch.cuda.mem_get_info(device)
+        mine = total * s.gpu_memory_utilization - torch.cuda.memory_allocated(device)
+        budget = min(free, mine) - reserve
     else:
         budget = CPU_KV_CACHE_GB * 2**30
     num_blocks = int(budget // per_block)

@@ -58,3 +58,11 @@ def _alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as f:
         return f.read().split()[2] != "Z"  # a zombie has exited
+
+
+def test_help_and_version_exit_zero():
+    for args in (["--help"], ["--version"], ["up", "--help"], ["serve", "--help"]):
+        done = subprocess.run([sys.executable, "-m", "deploy.cli", *args], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, (args, done.stderr)
+        assert done.stdout.strip()
