@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import grpc
 from tokenizers import Tokenizer
 
+from gateway.chat_template import ChatTemplate, ChatTemplateError
 from gateway.detokenizer import IncrementalDetokenizer
 from gateway.replica_link import ReplicaError
 from gateway.router import Router
@@ -58,7 +59,8 @@ class GatewayCore:
     failures are GatewayErrors, which each adapter turns into its own status."""
 
     def __init__(self, settings: GatewaySettings, router: Router, tokenizer: Tokenizer,
-                 limits: ModelLimits):
+                 limits: ModelLimits, chat_template: ChatTemplate | None = None):
+        self.chat_template = chat_template
         self.settings = settings
         self.router = router
         self.tokenizer = tokenizer
@@ -120,13 +122,22 @@ class GatewayCore:
     def _admit(self, request: pb.GenerateRequest) -> RequestState:
         try:
             check_request(request, self.limits)
-            ids = (list(request.prompt_token_ids) if request.prompt_token_ids
-                   else self.tokenizer.encode(request.prompt).ids)
+            ids = list(request.prompt_token_ids) or self.tokenizer.encode(
+                self._prompt_text(request)).ids
             check_length(len(ids), request.sampling.max_tokens, self.limits)
-        except InvalidRequest as exc:
+        except (InvalidRequest, ChatTemplateError) as exc:
             raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         return RequestState(request.request_id or uuid.uuid4().hex, ids,
                             request.sampling.max_tokens, [])
+
+    def _prompt_text(self, request: pb.GenerateRequest) -> str:
+        if not request.messages:
+            return request.prompt
+        if self.chat_template is None:
+            raise InvalidRequest(f"{self.limits.name!r} has no chat template: send a prompt, or "
+                                 "start the gateway with --chat-template FILE")
+        return self.chat_template.render([{"role": m.role, "content": m.content}
+                                          for m in request.messages])
 
     def _usage(self, state: RequestState) -> pb.Usage:
         return pb.Usage(prompt_tokens=len(state.prompt_ids),

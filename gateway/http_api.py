@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP door (aiohttp, on the gateway's event loop beside grpc.aio).
 
     POST /v1/completions        prompt (text or token ids) -> text; SSE with "stream": true
-    POST /v1/chat/completions   messages, rendered by the model's chat template
+    POST /v1/chat/completions   messages, which the core renders with the model's chat template
     GET  /v1/models             the served model
     GET  /health                200 while a replica serves the model, else 503
 
@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator
 import grpc
 from aiohttp import web
 
-from gateway.chat_template import ChatTemplate, ChatTemplateError
 from gateway.core import GatewayCore, GatewayError
 from meshserve.v1 import generation_pb2 as pb
 
@@ -45,9 +44,8 @@ def error_response(code: grpc.StatusCode, message: str, param: str | None = None
 
 
 class OpenAIServer:
-    def __init__(self, core: GatewayCore, chat_template: ChatTemplate | None,
-                 api_keys: tuple[str, ...] = ()):
-        self.core, self.chat_template, self.api_keys = core, chat_template, set(api_keys)
+    def __init__(self, core: GatewayCore, api_keys: tuple[str, ...] = ()):
+        self.core, self.api_keys = core, set(api_keys)
         self.app = web.Application(middlewares=[self._auth])
         self.app.add_routes([web.post("/v1/completions", self.completions),
                              web.post("/v1/chat/completions", self.chat_completions),
@@ -102,13 +100,9 @@ class OpenAIServer:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
                 raise BadRequest("messages must be a non-empty list", "messages")
-            if self.chat_template is None:
-                raise BadRequest(f"{self.core.limits.name!r} has no chat template: use "
-                                 "/v1/completions or start the gateway with --chat-template")
-            generate.prompt = self.chat_template.render([_message(m) for m in messages])
-        except (BadRequest, ChatTemplateError) as exc:
-            return error_response(grpc.StatusCode.INVALID_ARGUMENT, str(exc),
-                                  getattr(exc, "param", None))
+            generate.messages.extend(pb.ChatMessage(**_message(m)) for m in messages)
+        except BadRequest as exc:
+            return error_response(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.param)
         return await self._respond(request, body, generate, chat=True)
 
     def _generate_request(self, body: dict) -> pb.GenerateRequest:
@@ -262,14 +256,16 @@ def _number(body: dict, name: str, value, default, kind):
 
 
 def _message(message) -> dict:
-    """A chat message as the template reads it; content parts of type text are joined."""
+    """role and content of a chat message; content parts of type text are joined."""
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise BadRequest("each message needs a role and a content", "messages")
     content = message.get("content") or ""
     if isinstance(content, list):
         content = "".join(part.get("text", "") for part in content
                           if isinstance(part, dict) and part.get("type") == "text")
-    return {**message, "content": content}
+    if not isinstance(content, str):
+        raise BadRequest("a message's content must be text", "messages")
+    return {"role": message["role"], "content": content}
 
 
 async def _event(stream: web.StreamResponse, payload: dict) -> None:

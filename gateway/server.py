@@ -119,7 +119,8 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event | None = None) ->
     await router.start()
     interceptors = [ApiKeyInterceptor(settings.api_keys)] if settings.api_keys else []
     server = grpc.aio.server(interceptors=interceptors)
-    core = GatewayCore(settings, router, tokenizer, limits)
+    template = ChatTemplate.load(model_dir, settings.chat_template)
+    core = GatewayCore(settings, router, tokenizer, limits, template)
     pb_grpc.add_GenerationServicer_to_server(GenerationServicer(core), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -130,7 +131,7 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event | None = None) ->
     await server.start()
     for name in ("", service_names[0]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    http = await start_http(settings, core, model_dir)
+    http = await start_http(settings, core)
     log.info("gateway serving %s at %s:%d (gRPC)%s", limits.name, settings.host, port,
              f" and :{http[1]} (OpenAI HTTP)" if http else "")
     announce(settings.ready_file, settings.host, port)
@@ -144,7 +145,7 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event | None = None) ->
     await registry.close()
 
 
-async def start_http(settings: GatewaySettings, core: GatewayCore, model_dir: Path):
+async def start_http(settings: GatewaySettings, core: GatewayCore):
     """The OpenAI HTTP door on --http-port, shared with the other gateway processes (reuse
     port); its address goes to the ready file + ".http". (runner, port), or None when off."""
     if settings.http_port < 0:
@@ -153,8 +154,7 @@ async def start_http(settings: GatewaySettings, core: GatewayCore, model_dir: Pa
 
     from gateway.http_api import OpenAIServer
 
-    template = ChatTemplate.load(model_dir, settings.chat_template)
-    app = OpenAIServer(core, template, settings.api_keys).app
+    app = OpenAIServer(core, settings.api_keys).app
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.http_port, reuse_port=True)

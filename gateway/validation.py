@@ -26,9 +26,10 @@ def check_request(req: pb.GenerateRequest, limits: ModelLimits) -> None:
     if req.model and req.model != limits.name:
         raise InvalidRequest(f"unknown model {req.model!r}; this gateway serves {limits.name!r} "
                              "(leave model empty for it)")
-    if bool(req.prompt) == bool(req.prompt_token_ids):
-        raise InvalidRequest("set exactly one of prompt and prompt_token_ids (the prompt is "
-                             + ("empty)" if not req.prompt else "given twice)"))
+    given = [bool(req.prompt), bool(req.prompt_token_ids), bool(req.messages)].count(True)
+    if given != 1:
+        raise InvalidRequest("set exactly one of prompt, prompt_token_ids and messages (the "
+                             "prompt is " + ("empty)" if not given else "given twice)"))
     bad = [t for t in req.prompt_token_ids if t >= limits.vocab_size]
     if bad:
         raise InvalidRequest(f"prompt_token_ids holds {bad[0]}, outside the vocabulary "

@@ -20,7 +20,7 @@ def test_a_good_request_passes():
 
 
 @pytest.mark.parametrize("fields,message", [
-    (dict(prompt=""), "exactly one of prompt and prompt_token_ids (the prompt is empty)"),
+    (dict(prompt=""), "prompt_token_ids and messages (the prompt is empty)"),
     (dict(prompt="a", prompt_token_ids=[3]), "given twice"),
     (dict(prompt="a", model="other"), "unknown model 'other'; this gateway serves 'tiny'"),
     (dict(prompt_token_ids=[3, 512]), "holds 512, outside the vocabulary [0, 512)"),
