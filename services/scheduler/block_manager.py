@@ -125,9 +125,6 @@ class BlockManager:
         """block_table(seq_id)[start:], without copying the blocks before start."""
         return self._tables.get(seq_id, [])[start:]
 
-    def num_blocks_held(self, seq_id: Hashable) -> int:
-        return len(self._tables.get(seq_id, ()))
-
     def ref_count(self, block_id: int) -> int:
         return self._ref_counts[block_id]
 

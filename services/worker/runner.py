@@ -74,12 +74,6 @@ class ModelRunner:
             self.graphs.capture(progress)
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan, hidden_in: torch.Tensor | None = None):
-        """Runs the step to the end: the sampled ids (last stage) or the residual stream."""
-        pending = self.launch(plan, hidden_in)
-        return pending.hidden if not self.is_last_stage else pending.token_ids()
-
-    @torch.inference_mode()
     def launch(self, plan: StepPlan, hidden_in: torch.Tensor | None = None) -> PendingStep:
         started = time.perf_counter()
         host = self.batch.prepare(plan)
