@@ -36,6 +36,7 @@ PASS_THROUGH = [
     ("--served-model-name", dict(help="the name clients ask for"), ("scheduler", "gateway")),
     ("--chat-template", dict(help="jinja file for chat requests"), ("gateway",)),
     ("--host", dict(help="the gateway's bind address (default 127.0.0.1)"), ("gateway",)),
+    ("--seed", dict(type=int, help="seed for requests that bring none"), ("scheduler",)),
 ]
 
 
@@ -100,8 +101,9 @@ def cmd_up(argv: list[str], prog: str = "meshserve up") -> int:
     except (RuntimeError, TimeoutError) as exc:
         print(f"error: the mesh did not start:\n{exc}", file=sys.stderr)
         return 1
-    print(f"gateway listening on {mesh.gateway_address} (gRPC) and {mesh.http_url} (OpenAI "
-          f"HTTP; logs in {mesh.log_dir}); Ctrl-C stops everything", flush=True)
+    http = f" and {mesh.http_url} (OpenAI HTTP)" if mesh.http_port >= 0 else ""
+    print(f"gateway listening on {mesh.gateway_address} (gRPC){http}; logs in {mesh.log_dir}; "
+          "Ctrl-C stops everything", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:

@@ -85,11 +85,13 @@ class LocalMesh:
 
     def _start_gateway(self, name: str, port: int, http_port: int,
                        timeout_s: float) -> tuple[int, int]:
-        """(gRPC port, HTTP port) the gateway serves on."""
+        """(gRPC port, HTTP port) the gateway serves on; the HTTP port is -1 when it is off."""
         gateway = self._spawn(name, ["gateway", "--redis-url", self.redis_url, "--port", str(port),
                                      "--http-port", str(http_port), "--model", self.spec.model,
                                      *self.spec.gateway_args])
         grpc_port = int(self._await_address(gateway, timeout_s).rsplit(":", 1)[1])
+        if http_port < 0:
+            return grpc_port, -1
         http_file = self.log_dir / f"{name}.address.http"
         return grpc_port, int(http_file.read_text().rsplit(":", 1)[1])
 
@@ -102,12 +104,17 @@ class LocalMesh:
         self.redis_url = self.redis.url
 
     def start_replica(self, replica_id: str, timeout_s: float = 120.0) -> list[Child]:
-        """Spawns one replica's workers, then its scheduler; returns them (scheduler last)."""
+        """Spawns one replica's workers, then its scheduler; returns them (scheduler last).
+        A replica that ran before and died is started anew: its dead processes are forgotten."""
         s = self.spec
+        self.children = [c for c in self.children
+                         if not c.name.startswith(f"{replica_id}-") or c.proc.poll() is None]
         workers = []
         for stage in range(s.pp):
             # One machine: the stage's TP group meets through a file, no port to race for.
-            dist_init = f"file://{self.log_dir / f'{replica_id}-pp{stage}.dist'}"
+            dist_file = self.log_dir / f"{replica_id}-pp{stage}.dist"
+            dist_file.unlink(missing_ok=True)  # a file store must start empty
+            dist_init = f"file://{dist_file}"
             for rank in range(s.tp):
                 workers.append(self._spawn(
                     f"{replica_id}-worker-pp{stage}-tp{rank}",
@@ -130,7 +137,10 @@ class LocalMesh:
     def _spawn(self, name: str, args: list[str]) -> Child:
         log = self.log_dir / f"{name}.log"
         if args[0] in ("worker", "gateway"):  # each writes the address it serves on
-            args = [*args, "--ready-file", str(self.log_dir / f"{name}.address")]
+            ready = self.log_dir / f"{name}.address"
+            for stale in (ready, ready.with_name(ready.name + ".http")):  # a restart's
+                stale.unlink(missing_ok=True)
+            args = [*args, "--ready-file", str(ready)]
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
         with open(log, "wb") as out:
             proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", *args], stdout=out,
@@ -158,6 +168,8 @@ class LocalMesh:
     @property
     def http_url(self) -> str:
         """The OpenAI-compatible base URL (what `openai.OpenAI(base_url=...)` takes)."""
+        if self.http_port < 0:
+            raise RuntimeError("this mesh was started with its HTTP door off (--http-port -1)")
         return f"http://127.0.0.1:{self.http_port}/v1"
 
     def _auth_metadata(self) -> tuple:

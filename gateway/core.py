@@ -68,7 +68,8 @@ class GatewayCore:
         self._slots = asyncio.Semaphore(settings.max_inflight_requests)
 
     def num_live_replicas(self) -> int:
-        return len(self.router.models().get(self.limits.name, []))
+        """Replicas that would take a request for the model now."""
+        return len(self.router.serving(self.limits.name))
 
     async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
         """The request's responses: new ids and text, the last one with finish reason and usage."""

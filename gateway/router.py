@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -49,6 +50,7 @@ class Router:
     registry: Registry
     refresh_period_s: float = 0.5
     replicas: dict[str, ReplicaHandle] = field(default_factory=dict)
+    on_update: Callable[[], None] | None = None  # called after each refresh of the table
     _task: asyncio.Task | None = None
     _first: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -65,6 +67,8 @@ class Router:
         while True:
             try:
                 self._update(await self.registry.list_replicas())
+                if self.on_update is not None:
+                    self.on_update()
             except Exception as exc:  # keep the last table while Redis is away
                 log.warning("replica refresh failed: %s", exc)
             self._first.set()
@@ -93,12 +97,15 @@ class Router:
             out.setdefault(handle.record.model, []).append(handle.record)
         return out
 
+    def serving(self, model: str) -> list[ReplicaHandle]:
+        """Replicas of model that take requests now (live, not draining, not suspect)."""
+        now = time.monotonic()
+        return [h for h in self.replicas.values()
+                if h.record.model == model and h.suspect_until <= now]
+
     async def pick(self, model: str, prompt_ids: list[int], cache_salt: str,
                    exclude: set[str]) -> ReplicaHandle | None:
-        now = time.monotonic()
-        candidates = [h for h in self.replicas.values()
-                      if h.record.model == model and h.record.replica_id not in exclude
-                      and h.suspect_until <= now]
+        candidates = [h for h in self.serving(model) if h.record.replica_id not in exclude]
         if len(candidates) <= 1:
             return candidates[0] if candidates else None
         hits = await self._prefix_hits(candidates, prompt_ids, extra_key(model, cache_salt))

@@ -15,8 +15,6 @@ import logging
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from tokenizers import Tokenizer
 
 from gateway.chat_template import ChatTemplate
@@ -29,6 +27,7 @@ from meshserve.v1 import generation_pb2_grpc as pb_grpc
 from services.model.cache import default_model_dir
 from services.model.config import ModelConfig
 from services.process import announce, run_service
+from services.grpc_standard import add_health, add_reflection, set_health
 from services.registry import Registry
 
 log = logging.getLogger("meshserve.gateway")
@@ -122,27 +121,42 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event | None = None) ->
     template = ChatTemplate.load(model_dir, settings.chat_template)
     core = GatewayCore(settings, router, tokenizer, limits, template)
     pb_grpc.add_GenerationServicer_to_server(GenerationServicer(core), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    service_names = [pb.DESCRIPTOR.services_by_name["Generation"].full_name,
-                     health.SERVICE_NAME, reflection.SERVICE_NAME]
-    reflection.enable_server_reflection(service_names, server)
+    generation = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+    add_reflection(server, [generation])
+    health = await add_health(server, [generation])
+    _follow_replicas(router, core, health, generation)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     await server.start()
-    for name in ("", service_names[0]):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     http = await start_http(settings, core)
     log.info("gateway serving %s at %s:%d (gRPC)%s", limits.name, settings.host, port,
              f" and :{http[1]} (OpenAI HTTP)" if http else "")
     announce(settings.ready_file, settings.host, port)
     stop = stop or asyncio.Event()
     await stop.wait()
-    await health_servicer.enter_graceful_shutdown()
+    await health.enter_graceful_shutdown()
     if http:
         await http[0].cleanup()
     await server.stop(grace=2.0)
     await router.close()
     await registry.close()
+
+
+def _follow_replicas(router: Router, core: GatewayCore, health, generation: str) -> None:
+    """gRPC health of the Generation service says SERVING while a live replica serves the
+    model, else NOT_SERVING (as /health does): readiness, so a load balancer sends nothing to
+    a gateway with nowhere to go. The server's own entry ("") stays SERVING while the process
+    runs: liveness must not restart gateways because the replicas are away."""
+    last: bool | None = None
+
+    def update() -> None:
+        nonlocal last
+        serving = core.num_live_replicas() > 0
+        if serving != last:
+            last = serving
+            asyncio.ensure_future(set_health(health, [generation], serving))
+
+    router.on_update = update
+    update()
 
 
 async def start_http(settings: GatewaySettings, core: GatewayCore):

@@ -204,8 +204,9 @@ class BlockManager:
                 self._cached[block_hash] = block_id
                 self._block_hashes[block_id] = block_hash
                 self._events.cached(block_hash)
-        state.num_hashed = num_full
-        state.last_hash = hashes[-1]
+        if hashes:  # a chain that skipped a block would give every later block a wrong hash
+            state.num_hashed += len(hashes)
+            state.last_hash = hashes[-1]
 
     def free(self, seq_id: Hashable) -> None:
         """Drop the sequence's references; its unreferenced blocks join the tail, last block first.

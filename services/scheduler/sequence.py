@@ -75,8 +75,9 @@ class Sequence:
         return self.prompt_ids[start:] + self.output_ids[:end - num_prompt]
 
     def token_view(self, end: int) -> TokenView:
-        """token_ids[:end] as a view: its slices are built on demand, never the whole list."""
-        return TokenView(self, end)
+        """token_ids[:end] as a view: its slices are built on demand, never the whole list.
+        It never reaches past the known tokens (num_computed_tokens may: a sample in flight)."""
+        return TokenView(self, min(end, self.num_known_tokens))
 
     @property
     def num_known_tokens(self) -> int:

@@ -22,6 +22,7 @@ import grpc
 from meshserve.internal.v1 import scheduler_pb2 as pb
 from meshserve.internal.v1 import scheduler_pb2_grpc as pb_grpc
 from meshserve.v1 import generation_pb2 as public_pb
+from services.grpc_standard import add_health, set_health
 from services.process import run_service
 from services.registry import Registry, ReplicaRecord
 from services.registry.block_hash import extra_key
@@ -58,6 +59,7 @@ class SchedulerSettings:
     enable_prefix_caching: bool = True
     heartbeat_ttl_s: float = 5.0
     max_inflight_steps: int = 0  # 0 = PP + 1 (one plan queued behind one per stage)
+    seed: int | None = None  # seeds the draws of requests that bring no seed of their own
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> SchedulerSettings:
@@ -81,23 +83,28 @@ class SchedulerSettings:
         p.add_argument("--heartbeat-ttl", type=float, default=5.0)
         p.add_argument("--max-inflight-steps", type=int, default=0,
                        help="plans in flight at once (0 = pipeline stages + 1)")
+        p.add_argument("--seed", type=int, default=None,
+                       help="seed for requests without one: the same requests in the same "
+                            "order sample the same tokens again (default: fresh each start)")
         a = p.parse_args(argv)
         return cls(tuple(w for w in a.workers.split(",") if w), a.redis_url, a.host, a.port,
                    a.advertise_host, a.replica_id, a.model_name, a.max_num_seqs,
                    a.max_num_batched_tokens, not a.no_chunked_prefill, a.enable_prefix_caching,
-                   a.heartbeat_ttl, a.max_inflight_steps)
+                   a.heartbeat_ttl, a.max_inflight_steps, a.seed)
 
 
 class SchedulerServicer(pb_grpc.SchedulerServicer):
     """Converts protobuf to scheduler types at the edge; streams each request's tokens."""
 
-    def __init__(self, engine: Engine, shape: ReplicaShape, model_name: str, replica_id: str):
+    def __init__(self, engine: Engine, shape: ReplicaShape, model_name: str, replica_id: str,
+                 seed: int | None = None):
         self.engine = engine
         self.shape = shape
         self.model_name = model_name
         self.replica_id = replica_id
         self._seq_ids = itertools.count(1)
         self._by_request: dict[str, int] = {}
+        self._seeds = random.Random(seed)  # seed None: from the OS
 
     async def Submit(self, request: pb.SubmitRequest, context):
         seq = self._to_sequence(request)
@@ -190,7 +197,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
 
     def _to_sequence(self, request: pb.SubmitRequest) -> Sequence:
         s = request.sampling
-        seed = s.seed if s.HasField("seed") else random.getrandbits(63)  # same on every TP rank
+        seed = s.seed if s.HasField("seed") else self._seeds.getrandbits(63)  # one for all ranks
         options = SamplingOptions(s.temperature, s.top_p or 1.0, s.top_k, seed)
         params = RequestParams(s.max_tokens, options, s.ignore_eos)
         return Sequence(next(self._seq_ids), request.request_id or uuid.uuid4().hex,
@@ -300,9 +307,11 @@ async def serve(settings: SchedulerSettings, stop: asyncio.Event | None = None) 
     model_name = settings.model_name or shape.model
     replica_id = settings.replica_id or f"replica-{uuid.uuid4().hex[:8]}"
     engine = build_engine(settings, shape, workers)
-    servicer = SchedulerServicer(engine, shape, model_name, replica_id)
+    servicer = SchedulerServicer(engine, shape, model_name, replica_id, settings.seed)
     server = grpc.aio.server()
     pb_grpc.add_SchedulerServicer_to_server(servicer, server)
+    service_names = [pb.DESCRIPTOR.services_by_name["Scheduler"].full_name]
+    health = await add_health(server, service_names, serving=False)  # until it is registered
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     await server.start()
     address = f"{settings.advertise_host or settings.host}:{port}"
@@ -313,12 +322,14 @@ async def serve(settings: SchedulerSettings, stop: asyncio.Event | None = None) 
                            shape.block_size, shape.num_kv_blocks, shape.num_kv_blocks, 0, 0,
                            started_at=time.time(), max_model_len=shape.max_model_len)
     await registry.register(record)
+    await set_health(health, ["", *service_names], True)
     tasks = [asyncio.create_task(engine.run()),
              asyncio.create_task(heartbeat_loop(registry, servicer, record,
                                                 settings.heartbeat_ttl_s / 3))]
     stop = stop or asyncio.Event()
     waiter = asyncio.create_task(stop.wait())
     await asyncio.wait([*tasks, waiter], return_when=asyncio.FIRST_COMPLETED)
+    await health.enter_graceful_shutdown()
     await registry.deregister(replica_id)
     await registry.close()
     await server.stop(grace=1.0)

@@ -19,6 +19,7 @@ import torch
 
 from meshserve.internal.v1 import worker_pb2 as pb
 from meshserve.internal.v1 import worker_pb2_grpc as pb_grpc
+from services.grpc_standard import add_health
 from services.process import announce, run_service
 from services.step import StepPlan, StepResult
 from services.worker.settings import WorkerSettings
@@ -131,6 +132,7 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event | None = None) -> 
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
                                       ("grpc.max_send_message_length", 64 << 20)])
     pb_grpc.add_WorkerServicer_to_server(servicer, server)
+    health = await add_health(server, [pb.DESCRIPTOR.services_by_name["Worker"].full_name])
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     await server.start()
     log.info("worker tp=%d/%d pp=%d/%d on %s:%d (%s, %d KV blocks)", settings.tp_rank,
@@ -139,6 +141,7 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event | None = None) -> 
     announce(settings.ready_file, settings.host, port)
     stop = stop or asyncio.Event()
     await stop.wait()
+    await health.enter_graceful_shutdown()
     await server.stop(grace=1.0)
     await shard.close()
 

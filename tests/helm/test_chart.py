@@ -257,6 +257,14 @@ def test_defaults_match_the_cli_defaults(rendered, tmp_path):
     assert w == cli
 
 
+def test_scheduler_readiness_is_its_grpc_health(rendered):
+    *_, deployment = workers_of(rendered["defaults"], 0)
+    c = container(deployment, "scheduler")
+    probe = c["readinessProbe"]["grpc"]
+    assert probe == {"port": int(flag(c["args"], "--port")),
+                     "service": "meshserve.internal.v1.Scheduler"}
+
+
 # -- gateway, redis, keys, GPUs -------------------------------------------------------------------
 
 def test_gateway_probes_are_grpc_health(rendered):

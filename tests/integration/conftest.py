@@ -36,6 +36,23 @@ def mesh(default_model_dir):
         yield running
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test that used a mesh carries the log tails of every mesh process that has
+    exited: a replica that died explains itself in CI's output."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed:
+        return
+    for value in getattr(item, "funcargs", {}).values():
+        if isinstance(value, LocalMesh):
+            dead = [c for c in value.children if c.proc.poll() is not None]
+            for child in dead:
+                lines = child.log.read_text(errors="replace").splitlines()[-40:]
+                report.sections.append((f"{child.name} exited ({child.proc.returncode})",
+                                        "\n".join(lines)))
+
+
 @pytest.fixture(scope="session")
 def stub(mesh):
     with grpc.insecure_channel(mesh.gateway_address) as channel:

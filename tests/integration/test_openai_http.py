@@ -10,6 +10,7 @@ import urllib.request
 import grpc
 import openai
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deploy.launcher import LocalMesh, MeshSpec
 from meshserve.v1 import generation_pb2_grpc as pb_grpc
@@ -132,3 +133,24 @@ def test_wrong_key_is_401_and_no_replica_is_503(default_model_dir):
                     break
             assert time.monotonic() < deadline, "no 503 once the replica was gone"
             time.sleep(0.2)
+        while _grpc_health(mesh) != health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert time.monotonic() < deadline, "gRPC health still SERVING with no replica"
+            time.sleep(0.2)
+        mesh.start_replica("replica-0")  # a new replica comes: both doors serve again
+        deadline = time.monotonic() + 60
+        while _grpc_health(mesh) != health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline, "gRPC health never said SERVING again"
+            time.sleep(0.2)
+        assert right.completions.create(model="meshserve-tiny-llama", prompt="Hi",
+                                        max_tokens=2).usage.completion_tokens == 2
+
+
+def _grpc_health(mesh: LocalMesh) -> int:
+    """The gateway's gRPC health of the Generation service (its readiness); the server's own
+    entry (liveness) says SERVING throughout."""
+    with grpc.insecure_channel(mesh.gateway_address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        server, generation = (stub.Check(health_pb2.HealthCheckRequest(service=name)).status
+                              for name in ("", "meshserve.v1.Generation"))
+    assert server == health_pb2.HealthCheckResponse.SERVING
+    return generation

@@ -7,10 +7,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 from tokenizers import Tokenizer
 
 from meshserve.v1 import generation_pb2 as pb
-from tests.integration.conftest import (NUM_KV_BLOCKS, generate, hf_greedy, scheduler_stats)
+from tests.integration.conftest import (NUM_KV_BLOCKS, generate, hf_greedy, replica_addresses,
+                                        scheduler_stats)
 
 PROMPT = "The mesh serves tokens"
 
@@ -94,15 +98,46 @@ def test_stop_string_ends_the_stream(stub):
 
 
 def test_list_models_and_health(stub, mesh):
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     models = stub.ListModels(pb.ListModelsRequest()).models
     assert [m.name for m in models] == ["meshserve-tiny-llama"]
     assert models[0].num_replicas == 1
+    (scheduler,) = replica_addresses(mesh.redis_url).values()
+    (worker,) = mesh.worker_addresses["replica-0"]
+    for address, service in [(mesh.gateway_address, "meshserve.v1.Generation"),
+                             (scheduler, "meshserve.internal.v1.Scheduler"),
+                             (worker, "meshserve.internal.v1.Worker")]:
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for name in ("", service):
+                reply = health.Check(health_pb2.HealthCheckRequest(service=name))
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING, (address, name)
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+def test_server_reflection(mesh, version):
+    """grpcurl's questions, in both protocol versions: list, then describe a service."""
+    method = f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"
+    asks = [reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(
+                file_containing_symbol="meshserve.v1.Generation"),
+            reflection_pb2.ServerReflectionRequest(
+                file_containing_symbol=f"grpc.reflection.{version}.ServerReflection")]
     with grpc.insecure_channel(mesh.gateway_address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        reply = health.Check(health_pb2.HealthCheckRequest(service="meshserve.v1.Generation"))
-    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        call = channel.stream_stream(
+            method, request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+        listed, generation, itself = list(call(iter(asks), timeout=10))
+    names = {s.name for s in listed.list_services_response.service}
+    assert {"meshserve.v1.Generation", "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection"} <= names
+    files = [descriptor_pb2.FileDescriptorProto.FromString(raw)
+             for raw in generation.file_descriptor_response.file_descriptor_proto]
+    assert "Generate" in [m.name for m in files[0].service[0].method]
+    (own,) = [descriptor_pb2.FileDescriptorProto.FromString(raw)
+              for raw in itself.file_descriptor_response.file_descriptor_proto]
+    assert (own.package, own.service[0].name) == (f"grpc.reflection.{version}",
+                                                  "ServerReflection")
 
 
 BAD_REQUESTS = {

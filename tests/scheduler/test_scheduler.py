@@ -159,6 +159,26 @@ def test_prefix_hit_reported_and_last_token_always_computed():
     assert sched.seqs[2].num_cached_prompt_tokens == 4
 
 
+def test_a_block_ending_at_a_sample_in_flight_is_cached_once_its_token_is_known():
+    """Prompt of 7 + a decode in flight when the prefill returns: block 1 (tokens 4..7) holds
+    the token being sampled. It is cached after that token is known, with the right chain."""
+    sched = make(block_size=4)
+    sched.add(seq(1, 7, max_tokens=3))
+    prefill = sched.schedule()
+    decode = sched.schedule()  # planned before the prefill returned
+    run(sched, prefill, [50])  # block 0 cached; block 1's last token was not known before now
+    run(sched, decode, [51])
+    sched.abort(1)
+    assert sched.seqs == {}
+    first = list(range(100, 107))
+    sched.add(Sequence(2, "r2", first + [50], RequestParams(1, GREEDY)))  # its prompt + output
+    (s,) = sched.schedule().seqs
+    assert s.num_computed_tokens == 4  # a full hit, less the last block (recomputed for logits)
+    sched.add(Sequence(3, "r3", first + [50, 51], RequestParams(1, GREEDY)))
+    (s,) = sched.schedule().seqs
+    assert s.num_computed_tokens == 8  # both blocks hit: the chain went on correctly
+
+
 def test_micro_batches_are_disjoint_shares_of_the_sequences():
     sched = make(workers_keep_last_token=False, num_micro_batches=2)
     for i in range(4):
