@@ -6,6 +6,8 @@
     meshserve generate [--gateway HOST:PORT] [--max-tokens N] [--temperature T] [--seed S] PROMPT
     meshserve demo [--model DIR|tiny] [--tp N] [--pp N] [PROMPT]  start a mesh, answer, stop
     meshserve models pull                      fetch the default model (SmolLM2-135M-Instruct)
+    meshserve drain --redis-url URL REPLICA    the replica finishes its requests, takes no new
+                                               ones, then leaves (as on SIGTERM)
     meshserve gateway|scheduler|worker ...     one service each, as the Helm chart runs them
     meshserve --version | --log-level LEVEL    (the level goes to every service)
 
@@ -19,20 +21,23 @@ import argparse
 import os
 import signal
 import sys
+import time
+
+from services.arg_types import NON_NEGATIVE, PORT, POSITIVE, float_in, int_at_least
 
 
 # Flags of `up` passed through to its services as they are: (flag, argparse kwargs, services).
 PASS_THROUGH = [
-    ("--max-model-len", dict(type=int, help="context length (default: the model's)"),
+    ("--max-model-len", dict(type=NON_NEGATIVE, help="context length (default: the model's)"),
      ("worker",)),
-    ("--max-num-seqs", dict(type=int, help="sequences per step; rows of the workers' batch"),
+    ("--max-num-seqs", dict(type=POSITIVE, help="sequences per step; rows of the workers' batch"),
      ("worker", "scheduler")),
-    ("--max-num-batched-tokens", dict(type=int, help="token budget of one step"),
+    ("--max-num-batched-tokens", dict(type=POSITIVE, help="token budget of one step"),
      ("scheduler",)),
-    ("--gpu-memory-utilization", dict(type=float, help="share of each GPU a worker fills"),
+    ("--gpu-memory-utilization", dict(type=float_in(0.0, 1.0), help="share of each GPU a worker fills"),
      ("worker",)),
     ("--dtype", dict(help="auto, float32, bfloat16 or float16"), ("worker",)),
-    ("--block-size", dict(type=int, help="tokens per KV block"), ("worker",)),
+    ("--block-size", dict(type=POSITIVE, help="tokens per KV block"), ("worker",)),
     ("--served-model-name", dict(help="the name clients ask for"), ("scheduler", "gateway")),
     ("--chat-template", dict(help="jinja file for chat requests"), ("gateway",)),
     ("--host", dict(help="the gateway's bind address (default 127.0.0.1)"), ("gateway",)),
@@ -43,19 +48,19 @@ PASS_THROUGH = [
 def up_parser(prog: str = "meshserve up") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="A whole mesh on this machine.")
     p.add_argument("--model", default="", help=MODEL_HELP)
-    p.add_argument("--tp", "--tensor-parallel-size", "-tp", type=int, default=1,
+    p.add_argument("--tp", "--tensor-parallel-size", "-tp", type=POSITIVE, default=1,
                    help="tensor-parallel ranks per stage")
-    p.add_argument("--pp", "--pipeline-parallel-size", "-pp", type=int, default=1,
+    p.add_argument("--pp", "--pipeline-parallel-size", "-pp", type=POSITIVE, default=1,
                    help="pipeline stages per replica")
-    p.add_argument("--replicas", "--data-parallel-size", "-dp", type=int, default=1,
+    p.add_argument("--replicas", "--data-parallel-size", "-dp", type=POSITIVE, default=1,
                    help="data-parallel replicas")
-    p.add_argument("--port", type=int, default=50051, help="the gateway's gRPC port")
-    p.add_argument("--http-port", type=int, default=8000,
+    p.add_argument("--port", type=PORT, default=50051, help="the gateway's gRPC port")
+    p.add_argument("--http-port", type=int_at_least(-1), default=8000,
                    help="the gateway's OpenAI-compatible HTTP port (0 = any free one)")
     p.add_argument("--redis-url", default="", help="use this Redis instead of a private one")
     p.add_argument("--api-keys", default="", help="comma-separated keys the gateway accepts")
     p.add_argument("--api-key", action="append", default=[], help="one more key (may repeat)")
-    p.add_argument("--api-server-count", type=int, default=1,
+    p.add_argument("--api-server-count", type=POSITIVE, default=1,
                    help="gateway processes sharing the port (vLLM's name for its API servers)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs on the workers")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
@@ -107,7 +112,8 @@ def cmd_up(argv: list[str], prog: str = "meshserve up") -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:
-            signal.pause()
+            time.sleep(1.0)
+            mesh.supervise()
     except KeyboardInterrupt:
         pass
     finally:
@@ -225,9 +231,32 @@ def cmd_models(argv: list[str]) -> int:
     return 0
 
 
+def cmd_drain(argv: list[str]) -> int:
+    """Marks a replica draining in Redis; its scheduler sees it at its next heartbeat."""
+    import asyncio
+
+    from services.registry import Registry
+
+    p = argparse.ArgumentParser(prog="meshserve drain", description=cmd_drain.__doc__)
+    p.add_argument("--redis-url", required=True, help="the mesh's Redis")
+    p.add_argument("replica", help="its replica id, as its scheduler's log shows it")
+    a = p.parse_args(argv)
+
+    async def mark() -> bool:
+        async with Registry(a.redis_url) as registry:
+            return await registry.set_draining(a.replica, True)
+
+    if not asyncio.run(mark()):
+        print(f"error: no live replica {a.replica!r} in {a.redis_url}", file=sys.stderr)
+        return 1
+    print(f"replica {a.replica} is draining: it finishes its requests, then leaves", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = _take_log_level(sys.argv[1:] if argv is None else argv)
-    commands = ("up", "serve", "generate", "demo", "models", "gateway", "scheduler", "worker")
+    commands = ("up", "serve", "generate", "demo", "models", "drain", "gateway", "scheduler",
+                "worker")
     if argv[:1] in (["-h"], ["--help"]):
         print(__doc__)
         return 0
@@ -250,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_demo(rest)
     if cmd == "models":
         return cmd_models(rest)
+    if cmd == "drain":
+        return cmd_drain(rest)
     if cmd == "gateway":
         from gateway.server import main as run
     elif cmd == "scheduler":

@@ -9,6 +9,7 @@ Used by `meshserve up` and by the integration tests (the same code path users ru
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -23,6 +24,8 @@ import grpc
 
 from deploy.redis_server import RedisServer
 from meshserve.v1 import generation_pb2, generation_pb2_grpc
+
+log = logging.getLogger("meshserve.launcher")
 
 
 def free_port() -> int:
@@ -210,6 +213,13 @@ class LocalMesh:
             lines = c.log.read_text(errors="replace").splitlines()[-num_lines:] if c.log.exists() else []
             parts.append(f"--- {c.name} ---\n" + "\n".join(lines))
         return "\n".join(parts)
+
+    def supervise(self) -> None:
+        """Restarts the private Redis if it died (empty, on its port: the schedulers register
+        again at their next heartbeat, and the gateways keep their table meanwhile)."""
+        if self.redis is not None and not self.redis.alive:
+            log.warning("the private redis-server exited; restarting it on %s", self.redis_url)
+            self.redis.restart()
 
     def kill(self, child: Child, sig: int = signal.SIGKILL) -> None:
         if child.proc.poll() is None:

@@ -152,6 +152,27 @@ class RedisServer:
             self._finalizer()  # runs _shutdown once, then is dead
         self._proc, self._finalizer, self.port = None, None, None
 
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def restart(self) -> None:
+        """Starts it again, empty, on the same port (the clients' URL stays right), after it
+        died or while it runs."""
+        if self.port is None:
+            raise RuntimeError("RedisServer is not started")
+        port = self.port
+        if self.alive:
+            self._proc.terminate()
+            self._proc.wait(timeout=10)
+        os.makedirs(self.workdir, exist_ok=True)
+        self._spawn(self.executable, port)
+        self._wait_until_ready(last_attempt=True)
+
     def __enter__(self) -> "RedisServer":
         return self.start()
 

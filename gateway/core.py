@@ -26,6 +26,7 @@ from gateway.stops import StopMatcher
 from gateway.validation import InvalidRequest, ModelLimits, check_length, check_request
 from meshserve.internal.v1 import scheduler_pb2
 from meshserve.v1 import generation_pb2 as pb
+from services.messages import bounded, shown
 
 log = logging.getLogger("meshserve.gateway")
 
@@ -37,6 +38,7 @@ class GatewayError(Exception):
     """A request refused or failed: the status (grpc's vocabulary) and what to do about it."""
 
     def __init__(self, code: grpc.StatusCode, message: str):
+        message = bounded(message)
         super().__init__(message)
         self.code, self.message = code, message
 
@@ -108,17 +110,20 @@ class GatewayCore:
             claimed = await self.router.registry.claim_request(
                 request_id, owner, self.settings.request_claim_ttl_s)
         except Exception as exc:  # Redis away: serve rather than refuse
-            log.warning("could not claim request id %r: %s", request_id, exc)
+            log.warning("could not claim request id %s: %s", shown(request_id), exc)
             claimed, owner = True, ""
         if not claimed:
             raise GatewayError(grpc.StatusCode.ALREADY_EXISTS,
-                               f"request {request_id!r} is already running; wait for it to "
+                               f"request {shown(request_id)} is already running; wait for it to "
                                "finish or send another request_id")
         try:
             yield
         finally:
-            if owner:
-                await self.router.registry.release_request(request_id, owner)
+            if owner:  # Redis away at the end: the claim lapses after its TTL instead
+                try:
+                    await self.router.registry.release_request(request_id, owner)
+                except Exception as exc:
+                    log.warning("could not release request id %s: %s", shown(request_id), exc)
 
     def _admit(self, request: pb.GenerateRequest) -> RequestState:
         try:
@@ -164,8 +169,10 @@ class GatewayCore:
             except (grpc.aio.AioRpcError, ReplicaError) as exc:
                 if exc.code() not in RETRYABLE or len(tried) >= self.settings.max_attempts:
                     raise GatewayError(exc.code(), exc.details() or "replica failed") from None
-                log.warning("replica %s failed (%s); resuming elsewhere",
-                            handle.record.replica_id, exc.code().name)
+                log.warning("replica %s failed (%s): %s", handle.record.replica_id,
+                            exc.code().name, f"resuming elsewhere after {len(state.output_ids)} "
+                            "tokens (recomputed there)" if state.output_ids
+                            else "sending the request elsewhere")
                 self.router.mark_suspect(handle)
             finally:
                 handle.num_inflight -= 1

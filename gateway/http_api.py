@@ -23,6 +23,7 @@ from aiohttp import web
 
 from gateway.core import GatewayCore, GatewayError
 from meshserve.v1 import generation_pb2 as pb
+from services.messages import bounded, shown
 
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
@@ -39,7 +40,8 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
 def error_response(code: grpc.StatusCode, message: str, param: str | None = None) -> web.Response:
     status, kind = HTTP_STATUS.get(code, (500, "internal_error"))
-    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    body = {"error": {"message": bounded(message), "type": kind, "param": param,
+                      "code": status}}
     return web.json_response(body, status=status)
 
 
@@ -251,7 +253,7 @@ def _number(body: dict, name: str, value, default, kind):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (
             kind is int and value != int(value)) or not math.isfinite(value):
         raise BadRequest(f"{name} must be a{'n integer' if kind is int else ' number'}, "
-                         f"got {value!r}", name)
+                         f"got {shown(value) if isinstance(value, str) else repr(value)}", name)
     return kind(value)
 
 

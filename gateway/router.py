@@ -22,6 +22,11 @@ from services.registry.block_hash import extra_key, prefix_block_hashes
 log = logging.getLogger("meshserve.gateway")
 
 SUSPECT_S = 10.0  # a replica that failed a call is avoided this long
+# A replica whose record is gone from a listing is kept this long before it is dropped: a Redis
+# that restarted empty lists nothing until the next heartbeats (every TTL / 3, about 1.7 s).
+# Replicas that leave on purpose drain first (out of routing at once, their streams finishing);
+# a crashed one fails its calls, which marks it suspect, long before this runs out.
+MISSING_GRACE_S = 5.0
 
 
 @dataclass
@@ -32,6 +37,7 @@ class ReplicaHandle:
     link: ReplicaLink  # the one SubmitMany stream every request to it shares
     num_inflight: int = 0  # this gateway's requests on it now
     suspect_until: float = 0.0
+    missing_since: float | None = None  # when a listing last lacked its record
 
     async def close(self, grace: float | None = None) -> None:
         await self.link.close()
@@ -75,33 +81,38 @@ class Router:
             await asyncio.sleep(self.refresh_period_s)
 
     def _update(self, records: list[ReplicaRecord]) -> None:
-        live = {r.replica_id: r for r in records if not r.draining}
-        for gone in set(self.replicas) - set(live):
-            handle = self.replicas.pop(gone)
-            asyncio.ensure_future(handle.close(grace=30.0))
-        for rid, record in live.items():
+        """The table from a listing. A draining replica stays in it, out of routing, so the
+        streams it is finishing keep their link; a replica whose record is gone (it left, it
+        crashed, or Redis lost it) is dropped only after MISSING_GRACE_S."""
+        now = time.monotonic()
+        listed = {r.replica_id: r for r in records}
+        for rid in set(self.replicas) - set(listed):
+            handle = self.replicas[rid]
+            handle.missing_since = handle.missing_since or now
+            if now - handle.missing_since >= MISSING_GRACE_S:
+                del self.replicas[rid]
+                asyncio.ensure_future(handle.close(grace=30.0))
+        for rid, record in listed.items():
             handle = self.replicas.get(rid)
-            if handle is None or handle.record.address != record.address:
-                channel = grpc.aio.insecure_channel(record.address)
-                stub = scheduler_pb2_grpc.SchedulerStub(channel)
-                self.replicas[rid] = ReplicaHandle(record, stub, channel, ReplicaLink(stub))
-            else:
-                handle.record = record
+            if handle is not None and handle.record.address == record.address:
+                handle.record, handle.missing_since = record, None
+                continue
+            if handle is not None:  # the same replica id at a new address: a restart
+                asyncio.ensure_future(handle.close(grace=30.0))
+            elif record.draining:
+                continue  # nothing of this gateway's runs there, and nothing will
+            channel = grpc.aio.insecure_channel(record.address)
+            stub = scheduler_pb2_grpc.SchedulerStub(channel)
+            self.replicas[rid] = ReplicaHandle(record, stub, channel, ReplicaLink(stub))
 
     async def wait_ready(self, timeout_s: float = 5.0) -> None:
         await asyncio.wait_for(self._first.wait(), timeout_s)
-
-    def models(self) -> dict[str, list[ReplicaRecord]]:
-        out: dict[str, list[ReplicaRecord]] = {}
-        for handle in self.replicas.values():
-            out.setdefault(handle.record.model, []).append(handle.record)
-        return out
 
     def serving(self, model: str) -> list[ReplicaHandle]:
         """Replicas of model that take requests now (live, not draining, not suspect)."""
         now = time.monotonic()
         return [h for h in self.replicas.values()
-                if h.record.model == model and h.suspect_until <= now]
+                if h.record.model == model and not h.record.draining and h.suspect_until <= now]
 
     async def pick(self, model: str, prompt_ids: list[int], cache_salt: str,
                    exclude: set[str]) -> ReplicaHandle | None:

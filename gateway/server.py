@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -93,6 +94,49 @@ def _deny_handler(handler):
         response_serializer=handler.response_serializer)
 
 
+class UndecodableRequestInterceptor(grpc.aio.ServerInterceptor):
+    """A request whose bytes are not its message (invalid UTF-8 in a string field, truncated
+    bytes) gets INVALID_ARGUMENT, not UNKNOWN with a traceback in the log: the handler decodes
+    through a deserializer that cannot raise, and refuses what did not decode."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler  # the public methods take one request; the others are left alone
+        decode, method = handler.request_deserializer, details.method
+
+        def safe_decode(raw: bytes):
+            try:
+                return decode(raw)
+            except Exception as exc:  # protobuf's DecodeError, or a wrong type underneath
+                return _Undecodable(f"the request is not a valid {method} message ({exc}); "
+                                    "send it as protobuf encodes it, strings in UTF-8")
+
+        if handler.response_streaming:
+            inner_stream = handler.unary_stream
+
+            async def unary_stream(request, context):
+                if isinstance(request, _Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                async for response in inner_stream(request, context):
+                    yield response
+
+            return handler._replace(request_deserializer=safe_decode, unary_stream=unary_stream)
+        inner = handler.unary_unary
+
+        async def unary_unary(request, context):
+            if isinstance(request, _Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            return await inner(request, context)
+
+        return handler._replace(request_deserializer=safe_decode, unary_unary=unary_unary)
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    message: str
+
+
 def tiny_model_dir() -> Path:
     """The tiny test model's folder; made here (the one place the gateway needs torch) only if
     no worker has made it yet."""
@@ -116,7 +160,9 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event | None = None) ->
     registry = Registry(settings.redis_url)
     router = Router(registry, settings.refresh_period_s)
     await router.start()
-    interceptors = [ApiKeyInterceptor(settings.api_keys)] if settings.api_keys else []
+    interceptors = [UndecodableRequestInterceptor()]
+    if settings.api_keys:
+        interceptors.append(ApiKeyInterceptor(settings.api_keys))
     server = grpc.aio.server(interceptors=interceptors)
     template = ChatTemplate.load(model_dir, settings.chat_template)
     core = GatewayCore(settings, router, tokenizer, limits, template)

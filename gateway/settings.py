@@ -6,6 +6,8 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from services.arg_types import PORT, POSITIVE, SECONDS, int_at_least
+
 
 @dataclass(frozen=True)
 class GatewaySettings:
@@ -29,20 +31,20 @@ class GatewaySettings:
         p.add_argument("--redis-url", required=True)
         p.add_argument("--model", default="", help="HF-format model folder (default: tiny model)")
         p.add_argument("--host", default="127.0.0.1")
-        p.add_argument("--port", type=int, default=50051)
+        p.add_argument("--port", type=PORT, default=50051)
         p.add_argument("--api-keys", default=os.environ.get("MESHSERVE_API_KEYS", ""),
                        help="comma-separated keys (or env MESHSERVE_API_KEYS); none = no auth")
         p.add_argument("--api-key", action="append", default=[],
                        help="one more accepted key (vLLM's flag; may repeat)")
         p.add_argument("--served-model-name", default="",
                        help="the name clients ask for (default: the model folder's name)")
-        p.add_argument("--max-inflight-requests", type=int, default=256)
-        p.add_argument("--refresh-period", type=float, default=0.5)
-        p.add_argument("--max-attempts", type=int, default=3)
+        p.add_argument("--max-inflight-requests", type=POSITIVE, default=256)
+        p.add_argument("--refresh-period", type=SECONDS, default=0.5)
+        p.add_argument("--max-attempts", type=POSITIVE, default=3)
         p.add_argument("--ready-file", default="", help="write host:port here once serving")
-        p.add_argument("--request-claim-ttl", type=float, default=600.0,
+        p.add_argument("--request-claim-ttl", type=SECONDS, default=600.0,
                        help="seconds a client-chosen request_id stays claimed at most")
-        p.add_argument("--http-port", type=int, default=8000,
+        p.add_argument("--http-port", type=int_at_least(-1), default=8000,
                        help="OpenAI-compatible HTTP port (0 = any free port, -1 = no HTTP)")
         p.add_argument("--chat-template", default="",
                        help="jinja file to render chat messages with (default: the model's)")

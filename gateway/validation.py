@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from meshserve.v1 import generation_pb2 as pb
+from services.messages import shown
 
 MAX_STOP_STRINGS = 16
 
@@ -24,7 +25,7 @@ class ModelLimits:
 def check_request(req: pb.GenerateRequest, limits: ModelLimits) -> None:
     """Everything that can be checked before tokenizing."""
     if req.model and req.model != limits.name:
-        raise InvalidRequest(f"unknown model {req.model!r}; this gateway serves {limits.name!r} "
+        raise InvalidRequest(f"unknown model {shown(req.model)}; this gateway serves {limits.name!r} "
                              "(leave model empty for it)")
     given = [bool(req.prompt), bool(req.prompt_token_ids), bool(req.messages)].count(True)
     if given != 1:

@@ -7,7 +7,7 @@ schedulers heartbeat on a timer and publish prefix changes in batches.
     registry = Registry("redis://127.0.0.1:6379/0", ttl_s=5.0)
     await registry.register(record)                          # scheduler, once at start-up
     await registry.publish_prefix(rid, added=[h1, h2], removed=[])
-    if not await registry.heartbeat(record):                 # every ~ttl_s / 3
+    if not (await registry.heartbeat(record)).was_live:      # every ~ttl_s / 3
         ...                                                  # had expired: republish all hashes
     live = await registry.list_replicas()                    # gateway
     hits = await registry.longest_prefix([r.replica_id for r in live], prompt_block_hashes)
@@ -44,6 +44,16 @@ _DELETE_IF_OWNER = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+@dataclasses.dataclass(frozen=True)
+class Heartbeat:
+    """What a heartbeat found. was_live False: the record had expired (or was never
+    registered), and the prefix set may be gone with it: republish every hash held.
+    drain_requested: the record said draining (`meshserve drain`, via set_draining)."""
+
+    was_live: bool
+    drain_requested: bool
 
 
 class Registry:
@@ -91,18 +101,18 @@ class Registry:
             pipe.delete(self._prefix_key(record.replica_id))
             await pipe.execute()
 
-    async def heartbeat(self, record: ReplicaRecord) -> bool:
-        """Rewrite the record and reset the TTL of the record and the prefix set.
-
-        Returns False when the record had already expired (or was never registered): the prefix
-        set may be gone with it, so the caller should republish every hash it holds.
-        """
+    async def heartbeat(self, record: ReplicaRecord) -> Heartbeat:
+        """Rewrite the record and reset the TTL of the record and the prefix set; say what the
+        record was (see Heartbeat)."""
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(self._replica_key(record.replica_id), self._stamped(record),
                      px=self._ttl_ms, get=True)
             pipe.pexpire(self._prefix_key(record.replica_id), self._ttl_ms)
             previous, _ = await pipe.execute()
-        return previous is not None
+        if previous is None:
+            return Heartbeat(was_live=False, drain_requested=False)
+        return Heartbeat(was_live=True,
+                         drain_requested=ReplicaRecord.from_json(previous).draining)
 
     async def deregister(self, replica_id: str) -> None:
         """Clean shutdown: the record and the prefix set go at once, not after the TTL."""

@@ -22,7 +22,9 @@ import grpc
 from meshserve.internal.v1 import scheduler_pb2 as pb
 from meshserve.internal.v1 import scheduler_pb2_grpc as pb_grpc
 from meshserve.v1 import generation_pb2 as public_pb
+from services.arg_types import NON_NEGATIVE, PORT, POSITIVE, SECONDS
 from services.grpc_standard import add_health, set_health
+from services.messages import shown
 from services.process import run_service
 from services.registry import Registry, ReplicaRecord
 from services.registry.block_hash import extra_key
@@ -60,6 +62,7 @@ class SchedulerSettings:
     heartbeat_ttl_s: float = 5.0
     max_inflight_steps: int = 0  # 0 = PP + 1 (one plan queued behind one per stage)
     seed: int | None = None  # seeds the draws of requests that bring no seed of their own
+    drain_timeout_s: float = 60.0  # a stopping replica finishes its requests for this long
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> SchedulerSettings:
@@ -68,29 +71,33 @@ class SchedulerSettings:
                        help="comma-separated host:port of every worker of this replica")
         p.add_argument("--redis-url", required=True)
         p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-        p.add_argument("--port", type=int, default=0)
+        p.add_argument("--port", type=PORT, default=0)
         p.add_argument("--advertise-host", default="", help="address the gateway should dial")
         p.add_argument("--replica-id", default="")
         p.add_argument("--served-model-name", "--model-name", dest="model_name", default="",
                        help="the name clients ask for (default: the model folder's name)")
-        p.add_argument("--max-num-seqs", type=int, default=64)
-        p.add_argument("--max-num-batched-tokens", type=int, default=512)
+        p.add_argument("--max-num-seqs", type=POSITIVE, default=64)
+        p.add_argument("--max-num-batched-tokens", type=POSITIVE, default=512)
         p.add_argument("--no-chunked-prefill", action="store_true")
         p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                        default=True, help="reuse cached prompt blocks (on by default)")
         p.add_argument("--no-prefix-caching", dest="enable_prefix_caching",
                        action="store_false", help=argparse.SUPPRESS)
-        p.add_argument("--heartbeat-ttl", type=float, default=5.0)
-        p.add_argument("--max-inflight-steps", type=int, default=0,
+        p.add_argument("--heartbeat-ttl", type=SECONDS, default=5.0)
+        p.add_argument("--max-inflight-steps", type=NON_NEGATIVE, default=0,
                        help="plans in flight at once (0 = pipeline stages + 1)")
         p.add_argument("--seed", type=int, default=None,
                        help="seed for requests without one: the same requests in the same "
                             "order sample the same tokens again (default: fresh each start)")
+        p.add_argument("--drain-timeout", type=SECONDS, default=60.0,
+                       help="seconds a replica told to stop (SIGTERM, meshserve drain) keeps "
+                            "serving the requests it has, taking no new ones; the rest then "
+                            "fail over")
         a = p.parse_args(argv)
         return cls(tuple(w for w in a.workers.split(",") if w), a.redis_url, a.host, a.port,
                    a.advertise_host, a.replica_id, a.model_name, a.max_num_seqs,
                    a.max_num_batched_tokens, not a.no_chunked_prefill, a.enable_prefix_caching,
-                   a.heartbeat_ttl, a.max_inflight_steps, a.seed)
+                   a.heartbeat_ttl, a.max_inflight_steps, a.seed, a.drain_timeout)
 
 
 class SchedulerServicer(pb_grpc.SchedulerServicer):
@@ -105,6 +112,8 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         self._seq_ids = itertools.count(1)
         self._by_request: dict[str, int] = {}
         self._seeds = random.Random(seed)  # seed None: from the OS
+        self.draining = asyncio.Event()  # set: no new requests, finish those held
+        self._outboxes: set[_Outbox] = set()  # one per open SubmitMany call
 
     async def Submit(self, request: pb.SubmitRequest, context):
         seq = self._to_sequence(request)
@@ -136,18 +145,20 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         """Requests in, and per wake-up one message with every request's news: all the
         outputs one step delivers leave together."""
         outbox = _Outbox()
+        self._outboxes.add(outbox)
         live: dict[int, Sequence] = {}  # stream id -> its sequence
         reader = asyncio.create_task(self._read_many(request_iterator, outbox, live))
         try:
             while True:
                 if outputs := await outbox.take():
                     yield pb.SubmitManyResponse(outputs=outputs)
-                if reader.done():  # the gateway half-closed: end once its requests have
-                    if reader.exception() is not None:
-                        raise reader.exception()
-                    if not live and outbox.empty():
-                        return
+                if reader.done() and reader.exception() is not None:
+                    raise reader.exception()
+                # The gateway half-closed, or this replica drained: end once its requests have.
+                if (reader.done() or self.draining.is_set()) and not live and outbox.empty():
+                    return
         finally:
+            self._outboxes.discard(outbox)
             reader.cancel()
             for seq in live.values():  # the gateway went away: free everything it had here
                 self._by_request.pop(seq.request_id, None)
@@ -206,10 +217,12 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
 
     def _refusal(self, seq: Sequence) -> tuple[grpc.StatusCode, str] | None:
         """Why seq cannot run here (status code, what to do), or None."""
+        if self.draining.is_set():  # the gateway sends it elsewhere
+            return grpc.StatusCode.UNAVAILABLE, f"replica {self.replica_id} is draining"
         total = len(seq.prompt_ids) + seq.params.max_tokens
         if seq.request_id in self._by_request:
             return (grpc.StatusCode.ALREADY_EXISTS,
-                    f"request {seq.request_id!r} is already running here")
+                    f"request {shown(seq.request_id)} is already running here")
         if not seq.prompt_ids or seq.params.max_tokens < 1:
             return grpc.StatusCode.INVALID_ARGUMENT, "need a non-empty prompt and max_tokens >= 1"
         if total > self.shape.max_model_len:
@@ -287,18 +300,46 @@ async def heartbeat_loop(registry: Registry, servicer: SchedulerServicer, record
         stats = await servicer.GetStats(None, None)
         record = dataclasses.replace(record, num_free_kv_blocks=stats.num_free_kv_blocks,
                                      num_running=stats.num_running,
-                                     num_waiting=stats.num_waiting)
+                                     num_waiting=stats.num_waiting,
+                                     draining=servicer.draining.is_set())
         added, removed = blocks.drain_events()
         try:
             if added or removed:
                 await registry.publish_prefix(record.replica_id, added, removed)
-            if not await registry.heartbeat(record):
+            beat = await registry.heartbeat(record)
+            if not beat.was_live:
                 # The record had expired (Redis restarted, or we stalled): so had the prefix
                 # set. Publish everything the cache holds again.
                 await registry.publish_prefix(record.replica_id, blocks.cached_hashes(), [])
+            if beat.drain_requested and not servicer.draining.is_set():
+                log.info("replica %s: drain requested", record.replica_id)
+                servicer.draining.set()
         except Exception as exc:  # Redis hiccup: try again next period
             log.warning("heartbeat failed: %s", exc)
         await asyncio.sleep(period_s)
+
+
+async def drain(servicer: SchedulerServicer, registry: Registry, replica_id: str,
+                timeout_s: float) -> None:
+    """Takes no new requests (gateways see `draining` in the registry at once and route
+    elsewhere; one that was already on its way is refused with UNAVAILABLE and resumed
+    elsewhere before any token) and finishes the requests it has, for timeout_s at most."""
+    servicer.draining.set()
+    try:
+        await registry.set_draining(replica_id, True)
+    except Exception as exc:  # Redis away: the refusals send requests elsewhere all the same
+        log.warning("could not mark replica %s draining: %s", replica_id, exc)
+    engine = servicer.engine
+    log.info("replica %s draining: %d requests to finish (at most %.0f s)", replica_id,
+             len(engine.scheduler.seqs), timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while engine.scheduler.seqs and engine.failure is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if engine.scheduler.seqs:
+        log.warning("replica %s: %d requests left at the drain timeout; they fail over",
+                    replica_id, len(engine.scheduler.seqs))
+    for outbox in servicer._outboxes:  # the gateways' streams end with OK, not cancelled
+        outbox.wake()
 
 
 async def serve(settings: SchedulerSettings, stop: asyncio.Event | None = None) -> None:
@@ -327,13 +368,16 @@ async def serve(settings: SchedulerSettings, stop: asyncio.Event | None = None) 
              asyncio.create_task(heartbeat_loop(registry, servicer, record,
                                                 settings.heartbeat_ttl_s / 3))]
     stop = stop or asyncio.Event()
-    waiter = asyncio.create_task(stop.wait())
-    await asyncio.wait([*tasks, waiter], return_when=asyncio.FIRST_COMPLETED)
+    waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(servicer.draining.wait())]
+    await asyncio.wait([*tasks, *waiters], return_when=asyncio.FIRST_COMPLETED)
+    if not any(task.done() for task in tasks):  # told to stop, not failed: drain first
+        await set_health(health, ["", *service_names], False)  # not ready: it is leaving
+        await drain(servicer, registry, replica_id, settings.drain_timeout_s)
     await health.enter_graceful_shutdown()
     await registry.deregister(replica_id)
     await registry.close()
     await server.stop(grace=1.0)
-    for task in [*tasks, waiter]:
+    for task in [*tasks, *waiters]:
         task.cancel()
     await workers.close()
     for task in tasks:

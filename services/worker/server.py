@@ -42,6 +42,13 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="results")
         self._busy = asyncio.Lock()
 
+    async def wait_idle(self, timeout_s: float) -> None:
+        """Until no scheduler's step stream is open (a draining scheduler closes it when its
+        last request ends), for timeout_s at most."""
+        deadline = time.monotonic() + timeout_s
+        while self._busy.locked() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
     async def on_model_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
@@ -141,6 +148,7 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event | None = None) -> 
     announce(settings.ready_file, settings.host, port)
     stop = stop or asyncio.Event()
     await stop.wait()
+    await servicer.wait_idle(settings.drain_timeout_s)
     await health.enter_graceful_shutdown()
     await server.stop(grace=1.0)
     await shard.close()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from services.arg_types import NON_NEGATIVE, PORT, POSITIVE, SECONDS, float_in
+
 
 @dataclass(frozen=True)
 class WorkerSettings:
@@ -29,44 +31,48 @@ class WorkerSettings:
     attention_backend: str = "auto"  # auto = triton on CUDA, torch on CPU
     enforce_eager: bool = False  # no CUDA graphs (vLLM's flag)
     gpu_memory_utilization: float = 0.9  # share of the GPU's memory this worker may fill
+    drain_timeout_s: float = 60.0  # on SIGTERM, serve the scheduler's steps this long at most
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> WorkerSettings:
         p = argparse.ArgumentParser(prog="meshserve worker",
                                     description="One worker: a TP shard of one PP stage.")
         p.add_argument("--model", default="", help="HF-format model folder (default: tiny model)")
-        p.add_argument("--tp-rank", type=int, default=0)
-        p.add_argument("--tp-size", "--tensor-parallel-size", type=int, default=1)
-        p.add_argument("--pp-rank", type=int, default=0)
-        p.add_argument("--pp-size", "--pipeline-parallel-size", type=int, default=1)
+        p.add_argument("--tp-rank", type=NON_NEGATIVE, default=0)
+        p.add_argument("--tp-size", "--tensor-parallel-size", type=POSITIVE, default=1)
+        p.add_argument("--pp-rank", type=NON_NEGATIVE, default=0)
+        p.add_argument("--pp-size", "--pipeline-parallel-size", type=POSITIVE, default=1)
         p.add_argument("--dist-init", default="",
                        help="init method of this stage's TP group, e.g. tcp://10.0.0.1:29500")
         p.add_argument("--host", default="127.0.0.1")
-        p.add_argument("--port", type=int, default=0)
+        p.add_argument("--port", type=PORT, default=0)
         p.add_argument("--device", default="auto")
         p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-        p.add_argument("--block-size", type=int, default=16)
-        p.add_argument("--num-kv-blocks", type=int, default=0)
-        p.add_argument("--kv-cache-memory-gb", type=float, default=0.0)
+        p.add_argument("--block-size", type=POSITIVE, default=16)
+        p.add_argument("--num-kv-blocks", type=NON_NEGATIVE, default=0)
+        p.add_argument("--kv-cache-memory-gb", type=float_in(0.0, low_open=False), default=0.0)
         p.add_argument("--layer-split", default="", help="layers per stage, e.g. 10,12,10")
-        p.add_argument("--max-model-len", type=int, default=0)
-        p.add_argument("--num-threads", type=int, default=1)
+        p.add_argument("--max-model-len", type=NON_NEGATIVE, default=0)
+        p.add_argument("--num-threads", type=POSITIVE, default=1)
         p.add_argument("--ready-file", default="", help="write host:port here once serving")
-        p.add_argument("--max-num-seqs", type=int, default=256,
+        p.add_argument("--max-num-seqs", type=POSITIVE, default=256,
                        help="live sequences held at once; the largest CUDA-graph batch")
         p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
                        help="auto: triton kernels on CUDA, the plain-torch reference on CPU")
         p.add_argument("--enforce-eager", action="store_true",
                        help="run every step eagerly (no CUDA graphs)")
-        p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+        p.add_argument("--gpu-memory-utilization", type=float_in(0.0, 1.0), default=0.9,
                        help="share of the GPU's memory for weights, graphs and the KV cache")
+        p.add_argument("--drain-timeout", type=SECONDS, default=60.0,
+                       help="seconds a worker told to stop keeps serving its scheduler's steps "
+                            "(the scheduler drains too); it exits as soon as the scheduler leaves")
         a = p.parse_args(argv)
         split = tuple(int(x) for x in a.layer_split.split(",") if x)
         settings = cls(a.model, a.tp_rank, a.tp_size, a.pp_rank, a.pp_size, a.dist_init, a.host,
                        a.port, a.device, a.dtype, a.block_size, a.num_kv_blocks,
                        a.kv_cache_memory_gb, split, a.max_model_len, a.num_threads,
                        a.ready_file, a.max_num_seqs, a.attention_backend, a.enforce_eager,
-                       a.gpu_memory_utilization)
+                       a.gpu_memory_utilization, a.drain_timeout)
         settings.check()
         return settings
 

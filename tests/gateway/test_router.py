@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
+from gateway import router as router_module
 from gateway.router import Router
 from services.registry import ReplicaRecord
 from services.registry.block_hash import extra_key, prefix_block_hashes
@@ -78,3 +80,40 @@ def test_the_gateway_hashes_the_chain_the_scheduler_caches():
     hashes = prefix_block_hashes(list(range(40)), 16, extra_key("m", ""))
     assert len(hashes) == 2
     assert hashes != prefix_block_hashes(list(range(40)), 16, extra_key("m", "salt"))
+
+
+def test_a_replica_missing_from_a_listing_stays_for_a_grace(monkeypatch):
+    """A Redis that restarted empty lists nothing until the next heartbeats: the table holds."""
+    clock = [100.0]
+    monkeypatch.setattr(router_module.time, "monotonic", lambda: clock[0])
+
+    async def run():
+        router = Router(FakeRegistry({}))
+        router._update([record("r1", 0), record("r2", 0)])
+        router._update([])  # an empty registry
+        kept = sorted(router.replicas)
+        clock[0] += router_module.MISSING_GRACE_S / 2
+        router._update([record("r1", 0)])  # r1 heartbeats again; r2 does not
+        clock[0] += router_module.MISSING_GRACE_S / 2 + 0.1
+        router._update([record("r1", 0)])
+        await router.close()
+        return kept, sorted(router.replicas)
+
+    assert asyncio.run(run()) == (["r1", "r2"], ["r1"])
+
+
+def test_a_draining_replica_leaves_routing_at_once_but_keeps_its_link():
+    """Its streams in flight finish over the link they have; no new request goes there."""
+    async def run():
+        router = Router(FakeRegistry({}))
+        router._update([record("r1", 0), record("r2", 0)])
+        link = router.replicas["r1"].link
+        draining = dataclasses.replace(record("r1", 0), draining=True)
+        router._update([draining, record("r2", 0)])
+        serving = [h.record.replica_id for h in router.serving("m")]
+        kept_link = router.replicas["r1"].link is link
+        router._update([dataclasses.replace(record("r3", 0), draining=True)])  # new, draining
+        await router.close()
+        return serving, kept_link, "r3" in router.replicas
+
+    assert asyncio.run(run()) == (["r2"], True, False)

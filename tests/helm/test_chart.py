@@ -265,6 +265,15 @@ def test_scheduler_readiness_is_its_grpc_health(rendered):
                      "service": "meshserve.internal.v1.Scheduler"}
 
 
+def test_a_replica_drains_within_its_pods_grace(rendered):
+    """Kubernetes waits terminationGracePeriodSeconds before SIGKILL: longer than the drain."""
+    sts, _, deployment = workers_of(rendered["defaults"], 0)
+    for workload, name in ((sts, "worker"), (deployment, "scheduler")):
+        c = container(workload, name)
+        assert flag(c["args"], "--drain-timeout") == "60"
+        assert workload["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 75
+
+
 # -- gateway, redis, keys, GPUs -------------------------------------------------------------------
 
 def test_gateway_probes_are_grpc_health(rendered):

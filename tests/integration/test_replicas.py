@@ -150,3 +150,40 @@ def test_gateway_processes_share_one_port_and_outlive_each_other(default_model_d
                                      prompt_token_ids=ids)
             assert got == expected
         assert second.proc.poll() is None
+
+
+def test_fifty_streams_survive_kill_9_of_a_worker_then_of_a_scheduler(default_model_dir):
+    """Greedy and seeded streams: every one completes, token for token as in a quiet run."""
+    spec = MeshSpec(replicas=3, port=0, http_port=-1, heartbeat_ttl_s=TTL_S,
+                    worker_args=("--num-kv-blocks", "512"))
+    requests = [pb.GenerateRequest(
+        prompt_token_ids=[1] + [(7 * i + j) % 250 + 3 for j in range(4 + i % 9)],
+        sampling=pb.SamplingParams(max_tokens=48, ignore_eos=True,
+                                   **({"temperature": 0.8, "seed": i} if i % 2 else {})))
+        for i in range(50)]
+
+    def run_all(stub, on_first_tokens=None) -> list[list[int]]:
+        streams = [stub.Generate(r, timeout=120) for r in requests]
+        outs = [list(next(s).token_ids) for s in streams]
+        if on_first_tokens:
+            on_first_tokens()
+        for out, s in zip(outs, streams):
+            for msg in s:
+                out += msg.token_ids
+        return outs
+
+    with LocalMesh(spec) as mesh, grpc.insecure_channel(mesh.gateway_address) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        quiet = run_all(stub)
+
+        def faults():
+            worker = next(c for c in mesh.children if c.name == "replica-0-worker-pp0-tp0")
+            mesh.kill(worker)  # its scheduler sees the step stream break and leaves
+            time.sleep(0.3)
+            mesh.kill(scheduler_of(mesh, "replica-1"))
+
+        faulted = run_all(stub, faults)
+        gateway_log = next(c for c in mesh.children if c.name == "gateway").log.read_text()
+    assert faulted == quiet
+    assert all(len(out) == 48 for out in quiet)
+    assert "replica replica-0 failed" in gateway_log and "replica replica-1 failed" in gateway_log

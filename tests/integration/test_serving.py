@@ -171,6 +171,50 @@ def test_bad_input_is_invalid_argument_and_service_keeps_serving(stub, case):
     assert len(ids) == 3 and last.finish_reason == pb.FINISH_REASON_LENGTH
 
 
+def test_client_strings_in_errors_are_bounded(stub):
+    """Echoed strings are cut: the status stays the one the mistake deserves."""
+    with pytest.raises(grpc.RpcError) as err:
+        generate(stub, prompt="hi", model="é" * 3000)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown model" in err.value.details() and "(3000 characters)" in err.value.details()
+    long_id = "😀" * 3000
+    first = stub.Generate(pb.GenerateRequest(prompt="a", request_id=long_id,
+                                             sampling=pb.SamplingParams(max_tokens=800,
+                                                                        ignore_eos=True)))
+    next(first)
+    with pytest.raises(grpc.RpcError) as err:
+        generate(stub, prompt="b", request_id=long_id)
+    first.cancel()
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert len(err.value.details()) < 500
+
+
+def test_a_vanishing_temperature_is_greedy_not_the_least_likely_token(stub):
+    """logits / 1e-40 overflows to inf: such a row takes its argmax, as temperature 0 does."""
+    greedy, tiny = (generate(stub, prompt_token_ids=[1, 9, 8, 7], sampling=pb.SamplingParams(
+        max_tokens=12, ignore_eos=True, temperature=t, seed=3))[0] for t in (0.0, 1e-40))
+    assert tiny == greedy
+
+
+UNDECODABLE = {
+    "invalid UTF-8 in prompt": bytes([1 << 3 | 2, 2, 0xFF, 0xFE]),  # field 1, 2 bytes
+    "truncated": pb.GenerateRequest(prompt="The mesh serves tokens").SerializeToString()[:9],
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNDECODABLE))
+def test_undecodable_request_is_invalid_argument(mesh, stub, case):
+    with grpc.insecure_channel(mesh.gateway_address) as channel:
+        call = channel.unary_stream("/meshserve.v1.Generation/Generate",
+                                    request_serializer=lambda raw: raw,
+                                    response_deserializer=pb.GenerateResponse.FromString)
+        with pytest.raises(grpc.RpcError) as err:
+            list(call(UNDECODABLE[case], timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid /meshserve.v1.Generation/Generate message" in err.value.details()
+    assert len(generate(stub, max_tokens=3, prompt="still serving")[0]) == 3
+
+
 def test_a_request_id_runs_once_at_a_time(stub):
     sampling = pb.SamplingParams(max_tokens=800, ignore_eos=True)
     first = stub.Generate(pb.GenerateRequest(prompt="a", request_id="job-7", sampling=sampling))

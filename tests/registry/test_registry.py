@@ -105,7 +105,7 @@ async def test_heartbeats_keep_replica_and_prefix_set_alive(clean_redis):
         await registry.publish_prefix("r0", added=[11], removed=[])
         for _ in range(6):  # 1.2 s: twice the TTL
             await asyncio.sleep(TTL_S / 3)
-            assert await registry.heartbeat(make_record("r0", num_waiting=9)) is True
+            assert (await registry.heartbeat(make_record("r0", num_waiting=9))).was_live is True
         (replica,) = await registry.list_replicas()
         assert replica.num_waiting == 9
         assert await registry.longest_prefix(["r0"], [11]) == {"r0": 1}
@@ -116,9 +116,9 @@ async def test_heartbeat_after_expiry_says_so(clean_redis):
     async with Registry(clean_redis, ttl_s=TTL_S) as registry:
         await registry.register(make_record("r0"))
         await asyncio.sleep(TTL_S + 0.3)
-        assert await registry.heartbeat(make_record("r0")) is False  # caller must republish
-        assert await registry.heartbeat(make_record("never-registered")) is False
-        assert await registry.heartbeat(make_record("r0")) is True
+        assert (await registry.heartbeat(make_record("r0"))).was_live is False  # republish
+        assert (await registry.heartbeat(make_record("never-registered"))).was_live is False
+        assert (await registry.heartbeat(make_record("r0"))).was_live is True
         assert [r.replica_id for r in await registry.list_replicas()] == ["never-registered", "r0"]
 
 
@@ -176,3 +176,15 @@ async def test_draining_round_trip_keeps_the_ttl(clean_redis):
         assert (await registry.get_replica("r0")).draining is False
         assert await registry.set_draining("gone", True) is False
         assert await registry.get_replica("gone") is None
+
+
+@run_async
+async def test_the_next_heartbeat_tells_the_replica_a_drain_was_asked_for(clean_redis):
+    async with Registry(clean_redis, ttl_s=30) as registry:
+        await registry.register(make_record("r0"))
+        assert (await registry.heartbeat(make_record("r0"))).drain_requested is False
+        await registry.set_draining("r0", True)  # `meshserve drain r0`
+        assert (await registry.heartbeat(make_record("r0"))).drain_requested is True
+        # The replica heartbeats draining from then on: the record keeps saying so.
+        await registry.heartbeat(make_record("r0", draining=True))
+        assert (await registry.get_replica("r0")).draining is True
