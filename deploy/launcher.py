@@ -91,7 +91,7 @@ class LocalMesh:
         """(gRPC port, HTTP port) the gateway serves on; the HTTP port is -1 when it is off."""
         gateway = self._spawn(name, ["gateway", "--redis-url", self.redis_url, "--port", str(port),
                                      "--http-port", str(http_port), "--model", self.spec.model,
-                                     *self.spec.gateway_args])
+                                     "--metrics-port", "0", *self.spec.gateway_args])
         grpc_port = int(self._await_address(gateway, timeout_s).rsplit(":", 1)[1])
         if http_port < 0:
             return grpc_port, -1
@@ -123,7 +123,7 @@ class LocalMesh:
                     f"{replica_id}-worker-pp{stage}-tp{rank}",
                     ["worker", "--model", s.model, "--tp-rank", str(rank), "--tp-size", str(s.tp),
                      "--pp-rank", str(stage), "--pp-size", str(s.pp), "--dist-init", dist_init,
-                     "--port", "0", *s.worker_args]))
+                     "--port", "0", "--metrics-port", "0", *s.worker_args]))
         self.worker_addresses[replica_id] = [self._await_address(w, timeout_s) for w in workers]
         return [*workers, self.start_scheduler(replica_id)]
 
@@ -135,13 +135,15 @@ class LocalMesh:
             name,
             ["scheduler", "--workers", ",".join(self.worker_addresses[replica_id]),
              "--redis-url", self.redis_url, "--replica-id", replica_id,
-             "--heartbeat-ttl", str(self.spec.heartbeat_ttl_s), *self.spec.scheduler_args])
+             "--heartbeat-ttl", str(self.spec.heartbeat_ttl_s), "--metrics-port", "0",
+             *self.spec.scheduler_args])
 
     def _spawn(self, name: str, args: list[str]) -> Child:
         log = self.log_dir / f"{name}.log"
-        if args[0] in ("worker", "gateway"):  # each writes the address it serves on
+        if args[0] in ("worker", "scheduler", "gateway"):  # each writes where it serves
             ready = self.log_dir / f"{name}.address"
-            for stale in (ready, ready.with_name(ready.name + ".http")):  # a restart's
+            for stale in (ready, *(ready.with_name(ready.name + ext)  # a restart's
+                                   for ext in (".http", ".metrics"))):
                 stale.unlink(missing_ok=True)
             args = [*args, "--ready-file", str(ready)]
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
@@ -174,6 +176,16 @@ class LocalMesh:
         if self.http_port < 0:
             raise RuntimeError("this mesh was started with its HTTP door off (--http-port -1)")
         return f"http://127.0.0.1:{self.http_port}/v1"
+
+    def metrics_url(self, name: str, timeout_s: float = 30.0) -> str:
+        """Where the mesh process `name` (e.g. "replica-0-scheduler") serves /metrics."""
+        path = self.log_dir / f"{name}.address.metrics"
+        deadline = time.monotonic() + timeout_s
+        while not path.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} announced no metrics port\n{self.log_tails()}")
+            time.sleep(0.05)
+        return f"http://{path.read_text()}/metrics"
 
     def _auth_metadata(self) -> tuple:
         """The gateways' first API key, when they are started with some."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -68,6 +69,7 @@ class GatewayCore:
         self.tokenizer = tokenizer
         self.limits = limits
         self._slots = asyncio.Semaphore(settings.max_inflight_requests)
+        self.metrics = None  # a GatewayMetrics, when the gateway exports them
 
     def num_live_replicas(self) -> int:
         """Replicas that would take a request for the model now."""
@@ -75,6 +77,39 @@ class GatewayCore:
 
     async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
         """The request's responses: new ids and text, the last one with finish reason and usage."""
+        if self.metrics is None:
+            async for response in self._generate(request):
+                yield response
+            return
+        metrics, started, last, ended = self.metrics, time.monotonic(), 0.0, False
+        try:
+            async for response in self._generate(request):
+                if n := len(response.token_ids):
+                    now = time.monotonic()
+                    if not last:  # every token after the first has an inter-token latency
+                        metrics.ttft.observe(now - started)
+                        for _ in range(n - 1):
+                            metrics.itl.observe(0.0)
+                    else:  # a message may carry several tokens: each gets its share
+                        for _ in range(n):
+                            metrics.itl.observe((now - last) / n)
+                    last = now
+                if response.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                    ended = True
+                    metrics.e2e.observe(time.monotonic() - started)
+                    metrics.success(response.finish_reason)
+                    metrics.prompt_tokens.observe(response.usage.prompt_tokens)
+                    metrics.generation_tokens.observe(response.usage.completion_tokens)
+                yield response
+        except GatewayError as exc:
+            ended = True
+            metrics.failure(exc.code.name)
+            raise
+        finally:
+            if not ended:  # the client left before the end
+                metrics.aborted()
+
+    async def _generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
         if self._slots.locked():
             raise GatewayError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"the gateway is at its limit of "
@@ -111,6 +146,7 @@ class GatewayCore:
                 request_id, owner, self.settings.request_claim_ttl_s)
         except Exception as exc:  # Redis away: serve rather than refuse
             log.warning("could not claim request id %s: %s", shown(request_id), exc)
+            self._redis_error("claim_request")
             claimed, owner = True, ""
         if not claimed:
             raise GatewayError(grpc.StatusCode.ALREADY_EXISTS,
@@ -124,6 +160,11 @@ class GatewayCore:
                     await self.router.registry.release_request(request_id, owner)
                 except Exception as exc:
                     log.warning("could not release request id %s: %s", shown(request_id), exc)
+                    self._redis_error("release_request")
+
+    def _redis_error(self, operation: str) -> None:
+        if self.metrics is not None:
+            self.metrics.redis_error(operation)
 
     def _admit(self, request: pb.GenerateRequest) -> RequestState:
         try:
@@ -169,6 +210,8 @@ class GatewayCore:
             except (grpc.aio.AioRpcError, ReplicaError) as exc:
                 if exc.code() not in RETRYABLE or len(tried) >= self.settings.max_attempts:
                     raise GatewayError(exc.code(), exc.details() or "replica failed") from None
+                if self.metrics is not None:
+                    self.metrics.failover(recomputed=bool(state.output_ids))
                 log.warning("replica %s failed (%s): %s", handle.record.replica_id,
                             exc.code().name, f"resuming elsewhere after {len(state.output_ids)} "
                             "tokens (recomputed there)" if state.output_ids

@@ -46,16 +46,19 @@ def error_response(code: grpc.StatusCode, message: str, param: str | None = None
 
 
 class OpenAIServer:
+    OPEN = ("/health", "/metrics")  # for probes and Prometheus, as vLLM leaves them
+
     def __init__(self, core: GatewayCore, api_keys: tuple[str, ...] = ()):
         self.core, self.api_keys = core, set(api_keys)
         self.app = web.Application(middlewares=[self._auth])
         self.app.add_routes([web.post("/v1/completions", self.completions),
                              web.post("/v1/chat/completions", self.chat_completions),
-                             web.get("/v1/models", self.models), web.get("/health", self.health)])
+                             web.get("/v1/models", self.models), web.get("/health", self.health),
+                             web.get("/metrics", self.metrics)])
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
-        if self.api_keys and request.path != "/health":
+        if self.api_keys and request.path not in self.OPEN:
             scheme, _, key = request.headers.get("Authorization", "").partition(" ")
             if scheme != "Bearer" or key.strip() not in self.api_keys:
                 return error_response(grpc.StatusCode.UNAUTHENTICATED,
@@ -70,6 +73,12 @@ class OpenAIServer:
             return web.json_response({"status": "ok"})
         return error_response(grpc.StatusCode.UNAVAILABLE,
                               f"no live replica serves {self.core.limits.name!r}")
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+        return web.Response(body=generate_latest(REGISTRY),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def models(self, request: web.Request) -> web.Response:
         limits = self.core.limits

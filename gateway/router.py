@@ -57,6 +57,8 @@ class Router:
     refresh_period_s: float = 0.5
     replicas: dict[str, ReplicaHandle] = field(default_factory=dict)
     on_update: Callable[[], None] | None = None  # called after each refresh of the table
+    on_pick: Callable[[str], None] | None = None  # called with why: prefix, load or only
+    on_redis_error: Callable[[str], None] | None = None  # called with the failed operation
     _task: asyncio.Task | None = None
     _first: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -77,6 +79,8 @@ class Router:
                     self.on_update()
             except Exception as exc:  # keep the last table while Redis is away
                 log.warning("replica refresh failed: %s", exc)
+                if self.on_redis_error is not None:
+                    self.on_redis_error("list_replicas")
             self._first.set()
             await asyncio.sleep(self.refresh_period_s)
 
@@ -118,9 +122,16 @@ class Router:
                    exclude: set[str]) -> ReplicaHandle | None:
         candidates = [h for h in self.serving(model) if h.record.replica_id not in exclude]
         if len(candidates) <= 1:
+            self._picked("only" if candidates else None)
             return candidates[0] if candidates else None
         hits = await self._prefix_hits(candidates, prompt_ids, extra_key(model, cache_salt))
-        return max(candidates, key=lambda h: (hits.get(h.record.replica_id, 0), -h.load))
+        best = max(candidates, key=lambda h: (hits.get(h.record.replica_id, 0), -h.load))
+        self._picked("prefix" if hits.get(best.record.replica_id, 0) else "load")
+        return best
+
+    def _picked(self, reason: str | None) -> None:
+        if reason is not None and self.on_pick is not None:
+            self.on_pick(reason)
 
     async def _prefix_hits(self, candidates, prompt_ids, key: bytes) -> dict[str, int]:
         block_size = candidates[0].record.block_size
@@ -132,6 +143,8 @@ class Router:
                                                       hashes)
         except Exception as exc:  # routing by load alone is still correct
             log.warning("prefix lookup failed: %s", exc)
+            if self.on_redis_error is not None:
+                self.on_redis_error("longest_prefix")
             return {}
 
     def mark_suspect(self, handle: ReplicaHandle) -> None:

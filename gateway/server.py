@@ -20,6 +20,7 @@ from tokenizers import Tokenizer
 
 from gateway.chat_template import ChatTemplate
 from gateway.core import GatewayCore, GatewayError
+from gateway.metrics import GatewayMetrics
 from gateway.router import Router
 from gateway.settings import GatewaySettings
 from gateway.validation import ModelLimits
@@ -29,6 +30,7 @@ from services.model.cache import default_model_dir
 from services.model.config import ModelConfig
 from services.process import announce, run_service
 from services.grpc_standard import add_health, add_reflection, set_health
+from services.metrics import serve_metrics
 from services.registry import Registry
 
 log = logging.getLogger("meshserve.gateway")
@@ -166,6 +168,12 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event | None = None) ->
     server = grpc.aio.server(interceptors=interceptors)
     template = ChatTemplate.load(model_dir, settings.chat_template)
     core = GatewayCore(settings, router, tokenizer, limits, template)
+    if not settings.disable_log_stats:
+        core.metrics = GatewayMetrics(router, limits.name, limits.max_context_tokens)
+    if settings.metrics_port >= 0:
+        metrics_port = serve_metrics(settings.metrics_port, settings.host)
+        announce(settings.ready_file and settings.ready_file + ".metrics", settings.host,
+                 metrics_port)
     pb_grpc.add_GenerationServicer_to_server(GenerationServicer(core), server)
     generation = pb.DESCRIPTOR.services_by_name["Generation"].full_name
     add_reflection(server, [generation])

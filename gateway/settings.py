@@ -24,6 +24,8 @@ class GatewaySettings:
     http_port: int = 8000  # OpenAI-compatible HTTP (vLLM's port); 0 = any free one, -1 = off
     chat_template: str = ""  # a jinja file overriding the model's chat template
     served_model_name: str = ""  # the name clients ask for; "" = the model folder's name
+    metrics_port: int = -1  # /metrics on a port of its own too; 0 = any free one, -1 = none
+    disable_log_stats: bool = False  # no request metrics
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> GatewaySettings:
@@ -48,8 +50,14 @@ class GatewaySettings:
                        help="OpenAI-compatible HTTP port (0 = any free port, -1 = no HTTP)")
         p.add_argument("--chat-template", default="",
                        help="jinja file to render chat messages with (default: the model's)")
+        p.add_argument("--metrics-port", type=int_at_least(-1), default=-1,
+                       help="Prometheus /metrics on a port of its own too (0 = any free port, "
+                            "-1 = only on the HTTP port)")
+        p.add_argument("--disable-log-stats", action="store_true",
+                       help="no request metrics (vLLM's flag)")
         a = p.parse_args(argv)
         keys = tuple(k.strip() for k in [*a.api_keys.split(","), *a.api_key] if k.strip())
         return cls(a.redis_url, a.model, a.host, a.port, keys, a.max_inflight_requests,
                    a.refresh_period, a.max_attempts, a.ready_file, a.request_claim_ttl,
-                   a.http_port, a.chat_template, a.served_model_name)
+                   a.http_port, a.chat_template, a.served_model_name, a.metrics_port,
+                   a.disable_log_stats)

@@ -41,6 +41,7 @@ class Engine:
         self._sinks: dict[int, Callable[[Output], None]] = {}  # where each sequence's output goes
         self._wake = asyncio.Event()
         self.failure: Exception | None = None
+        self.metrics = None  # a SchedulerMetrics, when the replica exports them
 
     # -- requests ------------------------------------------------------------------------
 
@@ -91,6 +92,8 @@ class Engine:
         if result.step_id != plan.step_id:
             raise WorkerGroupError(f"result of step {result.step_id}, expected {plan.step_id}")
         self.num_steps += 1
+        if self.metrics is not None:
+            self.metrics.on_step(plan, result)
         updates = self.scheduler.on_result(plan, result.tokens_by_seq())
         # The next plan goes to the workers before the streams are woken with these tokens:
         # the event loop then writes it first, and the device does not wait for the streams.
@@ -104,6 +107,8 @@ class Engine:
             return
         if update.finished is not None:
             self._sinks.pop(update.seq.seq_id, None)
+            if self.metrics is not None:
+                self.metrics.on_finish(update.seq)
         sink(Output(update.new_token_ids, update.finished, update.seq.num_cached_prompt_tokens))
 
     def _fail_everything(self) -> None:

@@ -13,6 +13,7 @@ Pure logic: no I/O, no torch. The engine (engine.py) drives it from the event lo
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -60,6 +61,9 @@ class Scheduler:
         self.num_preemptions = 0
         self.max_batch_size_seen = 0
         self.num_prefix_hit_tokens = 0
+        self.num_prefix_query_tokens = 0  # prompt tokens looked up in the prefix cache
+        self.num_prompt_tokens = 0  # prompts of sequences that got their first token
+        self.num_generation_tokens = 0
 
     # -- requests in and out ---------------------------------------------------------------
 
@@ -158,7 +162,10 @@ class Scheduler:
                 self.blocks.free(seq.seq_id)  # drops the prefix refs; tried again next step
                 seq.num_computed_tokens = 0
                 break
-            self.num_prefix_hit_tokens += seq.num_cached_prompt_tokens if not seq.output_ids else 0
+            if not seq.output_ids:  # a first admission, not a preempted one's return
+                self.num_prefix_hit_tokens += seq.num_cached_prompt_tokens
+                self.num_prefix_query_tokens += len(seq.prompt_ids)
+            seq.scheduled_time = seq.scheduled_time or time.monotonic()
             self.waiting.popleft()
             self.running.append(seq)
             planned.append((seq, num_new))
@@ -232,6 +239,9 @@ class Scheduler:
 
     def _append_tokens(self, seq: Sequence, tokens: list[int]) -> SeqUpdate:
         """Appends tokens up to the first that ends the sequence (EOS or max_tokens)."""
+        if not seq.output_ids and not seq.first_token_time:
+            seq.first_token_time = time.monotonic()
+            self.num_prompt_tokens += len(seq.prompt_ids)
         taken = []
         for token in tokens:
             seq.output_ids.append(token)
@@ -242,6 +252,7 @@ class Scheduler:
                 self._finish(seq, FinishReason.LENGTH)
             if seq.is_finished:
                 break
+        self.num_generation_tokens += len(taken)
         return SeqUpdate(seq, taken, seq.finish_reason)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:

@@ -13,6 +13,7 @@ asks for tokens the workers can supply (known ids, or the one they sampled last)
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 from services.step import SamplingOptions
@@ -51,6 +52,10 @@ class Sequence:
     # What the workers hold of it (the step contract is a delta): -1 = not started there.
     num_tokens_held_by_workers: int = -1
     num_blocks_sent: int = 0
+    # time.monotonic() when it arrived, was first scheduled, got its first token (0 = not yet)
+    arrival_time: float = field(default_factory=time.monotonic)
+    scheduled_time: float = 0.0
+    first_token_time: float = 0.0
 
     @property
     def is_on_workers(self) -> bool:

@@ -22,14 +22,16 @@ import grpc
 from meshserve.internal.v1 import scheduler_pb2 as pb
 from meshserve.internal.v1 import scheduler_pb2_grpc as pb_grpc
 from meshserve.v1 import generation_pb2 as public_pb
-from services.arg_types import NON_NEGATIVE, PORT, POSITIVE, SECONDS
+from services.arg_types import NON_NEGATIVE, PORT, POSITIVE, SECONDS, int_at_least
 from services.grpc_standard import add_health, set_health
 from services.messages import shown
-from services.process import run_service
+from services.metrics import serve_metrics
+from services.process import announce, run_service
 from services.registry import Registry, ReplicaRecord
 from services.registry.block_hash import extra_key
 from services.scheduler.block_manager import BlockManager
 from services.scheduler.engine import Engine, Output
+from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.scheduler import Scheduler, SchedulerConfig
 from services.scheduler.sequence import FinishReason, RequestParams, Sequence
 from services.scheduler.workers import ReplicaShape, WorkerGroup, WorkerGroupError
@@ -63,6 +65,8 @@ class SchedulerSettings:
     max_inflight_steps: int = 0  # 0 = PP + 1 (one plan queued behind one per stage)
     seed: int | None = None  # seeds the draws of requests that bring no seed of their own
     drain_timeout_s: float = 60.0  # a stopping replica finishes its requests for this long
+    metrics_port: int = -1  # Prometheus /metrics on this port; 0 = any free port; -1 = none
+    ready_file: str = ""  # host:port written here once registered (+ ".metrics": that port)
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> SchedulerSettings:
@@ -93,11 +97,15 @@ class SchedulerSettings:
                        help="seconds a replica told to stop (SIGTERM, meshserve drain) keeps "
                             "serving the requests it has, taking no new ones; the rest then "
                             "fail over")
+        p.add_argument("--metrics-port", type=int_at_least(-1), default=-1,
+                       help="Prometheus /metrics on this port (0 = any free port, -1 = none)")
+        p.add_argument("--ready-file", default="", help="write host:port here once serving")
         a = p.parse_args(argv)
         return cls(tuple(w for w in a.workers.split(",") if w), a.redis_url, a.host, a.port,
                    a.advertise_host, a.replica_id, a.model_name, a.max_num_seqs,
                    a.max_num_batched_tokens, not a.no_chunked_prefill, a.enable_prefix_caching,
-                   a.heartbeat_ttl, a.max_inflight_steps, a.seed, a.drain_timeout)
+                   a.heartbeat_ttl, a.max_inflight_steps, a.seed, a.drain_timeout,
+                   a.metrics_port, a.ready_file)
 
 
 class SchedulerServicer(pb_grpc.SchedulerServicer):
@@ -364,6 +372,12 @@ async def serve(settings: SchedulerSettings, stop: asyncio.Event | None = None) 
                            started_at=time.time(), max_model_len=shape.max_model_len)
     await registry.register(record)
     await set_health(health, ["", *service_names], True)
+    engine.metrics = SchedulerMetrics(engine, model_name, replica_id, shape.max_model_len)
+    if settings.metrics_port >= 0:
+        metrics_port = serve_metrics(settings.metrics_port, settings.host)
+        announce(settings.ready_file and settings.ready_file + ".metrics", settings.host,
+                 metrics_port)
+    announce(settings.ready_file, settings.host, port)
     tasks = [asyncio.create_task(engine.run()),
              asyncio.create_task(heartbeat_loop(registry, servicer, record,
                                                 settings.heartbeat_ttl_s / 3))]

@@ -38,6 +38,7 @@ class PendingStep:
     ids_host: torch.Tensor | None = None  # [num_sampled] long, pinned on GPUs
     done: torch.cuda.Event | None = None
     hidden: torch.Tensor | None = None
+    graph_replay: bool = False  # it replayed a CUDA graph (else it ran eagerly)
 
     def token_ids(self) -> list[int]:
         if self.done is not None:
@@ -86,6 +87,7 @@ class ModelRunner:
             hidden_in = tp_all_gather(hidden_in, self.ctx, dim=-1)  # [num_tokens, hidden]
         if self.graphs is not None and self.graphs.can_run(host):
             out, logits_indices, sampled_rows = self.graphs.run(host, hidden_in)
+            pending.graph_replay = True
             if not self.is_last_stage:  # the stage link sends it after the next replay began
                 pending.hidden = out.clone()
                 return pending

@@ -16,10 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import torch
+from prometheus_client import Histogram
 
 from meshserve.internal.v1 import worker_pb2 as pb
 from meshserve.internal.v1 import worker_pb2_grpc as pb_grpc
-from services.grpc_standard import add_health
+from services import metrics as m
+from services.grpc_standard import add_health, set_health
+from services.metrics import serve_metrics
 from services.process import announce, run_service
 from services.step import StepPlan, StepResult
 from services.worker.settings import WorkerSettings
@@ -41,6 +44,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         # Waits for launched steps' ids to reach the host, in order, off the model thread.
         self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="results")
         self._busy = asyncio.Lock()
+        self.metrics = WorkerMetrics(shard)
 
     async def wait_idle(self, timeout_s: float) -> None:
         """Until no scheduler's step stream is open (a draining scheduler closes it when its
@@ -104,6 +108,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         shard = self.shard
         hidden = await shard.receive_activations(plan) if not shard.is_first_stage else None
         launched = await self.on_model_thread(shard.runner.launch, plan, hidden)
+        self.metrics.steps[launched.graph_replay] += 1
         if not shard.is_last_stage:
             await shard.send_activations(plan, launched.hidden)
         return launched
@@ -114,11 +119,39 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             return None
         loop = asyncio.get_running_loop()
         ids = await loop.run_in_executor(self._waiter, launched.token_ids)
+        elapsed_us = launched.elapsed_us()
+        self.metrics.step_time.observe(elapsed_us / 1e6)
         return StepResult(plan.step_id, tuple(launched.seq_ids), tuple(ids), plan.micro_batch,
-                          step_time_us=launched.elapsed_us())
+                          step_time_us=elapsed_us)
 
 
 _END = object()
+
+
+class WorkerMetrics:
+    """Steps by how they ran (a CUDA-graph replay or eager) and, on the sampling rank, their
+    time from launch to ids on the host."""
+
+    def __init__(self, shard: WorkerShard):
+        s = shard.settings
+        self.labels = {"model_name": shard.describe().model, "tp_rank": str(s.tp_rank),
+                       "pp_rank": str(s.pp_rank)}
+        self.steps = {True: 0, False: 0}  # graph replay -> count
+        self._step_time = Histogram(m.PREFIX + "worker_step_time_seconds",
+                                    "Steps on this worker, launch to sampled ids on the host.",
+                                    list(self.labels), buckets=m.STEP_TIME_BUCKETS,
+                                    registry=None)
+        self.step_time = self._step_time.labels(*self.labels.values())
+        m.register_collector(self)
+
+    def collect(self):
+        family = m.CounterMetricFamily(m.PREFIX + "worker_steps",
+                                       "Steps run, by CUDA-graph replay or eager.",
+                                       labels=[*self.labels, "mode"])
+        for graph, count in self.steps.items():
+            family.add_metric([*self.labels.values(), "graph" if graph else "eager"], count)
+        yield family
+        yield from self._step_time.collect()
 
 
 async def _read_into(request_iterator, queue: asyncio.Queue) -> None:
@@ -139,15 +172,21 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event | None = None) -> 
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
                                       ("grpc.max_send_message_length", 64 << 20)])
     pb_grpc.add_WorkerServicer_to_server(servicer, server)
-    health = await add_health(server, [pb.DESCRIPTOR.services_by_name["Worker"].full_name])
+    service_names = [pb.DESCRIPTOR.services_by_name["Worker"].full_name]
+    health = await add_health(server, service_names)  # the model is loaded: it serves
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     await server.start()
     log.info("worker tp=%d/%d pp=%d/%d on %s:%d (%s, %d KV blocks)", settings.tp_rank,
              settings.tp_size, settings.pp_rank, settings.pp_size, settings.host, port,
              shard.device, shard.num_kv_blocks)
+    if settings.metrics_port >= 0:
+        metrics_port = serve_metrics(settings.metrics_port, settings.host)
+        announce(settings.ready_file and settings.ready_file + ".metrics", settings.host,
+                 metrics_port)
     announce(settings.ready_file, settings.host, port)
     stop = stop or asyncio.Event()
     await stop.wait()
+    await set_health(health, ["", *service_names], False)  # leaving, once its scheduler has
     await servicer.wait_idle(settings.drain_timeout_s)
     await health.enter_graceful_shutdown()
     await server.stop(grace=1.0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from services.arg_types import NON_NEGATIVE, PORT, POSITIVE, SECONDS, float_in
+from services.arg_types import NON_NEGATIVE, PORT, POSITIVE, SECONDS, float_in, int_at_least
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class WorkerSettings:
     enforce_eager: bool = False  # no CUDA graphs (vLLM's flag)
     gpu_memory_utilization: float = 0.9  # share of the GPU's memory this worker may fill
     drain_timeout_s: float = 60.0  # on SIGTERM, serve the scheduler's steps this long at most
+    metrics_port: int = -1  # Prometheus /metrics on this port; 0 = any free port; -1 = none
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> WorkerSettings:
@@ -66,13 +67,15 @@ class WorkerSettings:
         p.add_argument("--drain-timeout", type=SECONDS, default=60.0,
                        help="seconds a worker told to stop keeps serving its scheduler's steps "
                             "(the scheduler drains too); it exits as soon as the scheduler leaves")
+        p.add_argument("--metrics-port", type=int_at_least(-1), default=-1,
+                       help="Prometheus /metrics on this port (0 = any free port, -1 = none)")
         a = p.parse_args(argv)
         split = tuple(int(x) for x in a.layer_split.split(",") if x)
         settings = cls(a.model, a.tp_rank, a.tp_size, a.pp_rank, a.pp_size, a.dist_init, a.host,
                        a.port, a.device, a.dtype, a.block_size, a.num_kv_blocks,
                        a.kv_cache_memory_gb, split, a.max_model_len, a.num_threads,
                        a.ready_file, a.max_num_seqs, a.attention_backend, a.enforce_eager,
-                       a.gpu_memory_utilization, a.drain_timeout)
+                       a.gpu_memory_utilization, a.drain_timeout, a.metrics_port)
         settings.check()
         return settings
 

@@ -1,0 +1,104 @@
+"""Prometheus metrics of every service, scraped and parsed with prometheus_client's own parser:
+they move by what the requests did, with vLLM's names under `meshserve:`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from meshserve.v1 import generation_pb2 as pb
+from services.registry import Registry
+from tests.integration.conftest import generate
+
+PROMPTS = [[1, 17, 18, 19], [1, 30, 31, 32, 33, 34], [1, 50, 51]]
+NUM_TOKENS = 5
+SERVICES = ("gateway", "replica-0-scheduler", "replica-0-worker-pp0-tp0")
+
+
+def scrape(url: str) -> dict[tuple, float]:
+    """{(sample name, sorted labels): value} of every meshserve sample."""
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            if family.name.startswith("meshserve:") for s in family.samples}
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    """The sum over the samples of name whose labels include these."""
+    return sum(v for (n, ls), v in samples.items()
+               if n == name and set(labels.items()) <= set(ls))
+
+
+def test_every_service_counts_what_the_requests_did(mesh, stub):
+    urls = {name: mesh.metrics_url(name) for name in SERVICES}
+    before = {name: scrape(url) for name, url in urls.items()}
+    for prompt in PROMPTS:
+        generate(stub, prompt_token_ids=prompt,
+                 sampling=pb.SamplingParams(max_tokens=NUM_TOKENS, ignore_eos=True))
+    time.sleep(0.2)  # the scheduler's last step is counted once its outputs are delivered
+    after = {name: scrape(url) for name, url in urls.items()}
+
+    def moved(service: str, name: str, **labels) -> float:
+        return value(after[service], name, **labels) - value(before[service], name, **labels)
+
+    n, tokens = len(PROMPTS), len(PROMPTS) * NUM_TOKENS
+    prompt_tokens = sum(len(p) for p in PROMPTS)
+    # What the clients saw, at the gateway.
+    assert moved("gateway", "meshserve:request_success_total", finished_reason="length") == n
+    assert moved("gateway", "meshserve:time_to_first_token_seconds_count") == n
+    assert moved("gateway", "meshserve:inter_token_latency_seconds_count") == tokens - n
+    assert moved("gateway", "meshserve:e2e_request_latency_seconds_count") == n
+    assert moved("gateway", "meshserve:request_generation_tokens_sum") == tokens
+    assert moved("gateway", "meshserve:request_prompt_tokens_sum") == prompt_tokens
+    assert moved("gateway", "meshserve:routing_decisions_total", reason="only") == n
+    # What the replica did.
+    scheduler = "replica-0-scheduler"
+    assert moved(scheduler, "meshserve:generation_tokens_total") == tokens
+    assert moved(scheduler, "meshserve:prompt_tokens_total") == prompt_tokens
+    assert moved(scheduler, "meshserve:prefix_cache_queries_total") == prompt_tokens
+    for phase in ("queue", "prefill", "decode", "inference"):
+        assert moved(scheduler, f"meshserve:request_{phase}_time_seconds_count") == n
+    steps = moved(scheduler, "meshserve:steps_total")
+    assert steps >= NUM_TOKENS and moved(scheduler, "meshserve:step_time_seconds_count") == steps
+    assert value(after[scheduler], "meshserve:kv_cache_usage_perc") == 0  # all blocks back
+    assert value(after[scheduler], "meshserve:num_requests_running") == 0
+    # And its worker ran those steps (eagerly: no CUDA graphs on a CPU).
+    worker = "replica-0-worker-pp0-tp0"
+    assert moved(worker, "meshserve:worker_steps_total", mode="eager") == steps
+    assert moved(worker, "meshserve:worker_steps_total", mode="graph") == 0
+    # The OpenAI HTTP port serves the gateway's metrics too, without a key.
+    http = scrape(mesh.http_url.removesuffix("/v1") + "/metrics")
+    assert value(http, "meshserve:request_success_total") == value(
+        after["gateway"], "meshserve:request_success_total")
+
+
+def test_the_gateways_replica_gauges_are_the_registrys(mesh, stub):
+    """A request runs; once the heartbeat has told Redis, the gateway says the same."""
+    async def record():
+        async with Registry(mesh.redis_url) as registry:
+            return await registry.get_replica("replica-0")
+
+    running = stub.Generate(pb.GenerateRequest(prompt="long", sampling=pb.SamplingParams(
+        max_tokens=900, ignore_eos=True)))
+    next(running)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            r = asyncio.run(record())
+            gauges = scrape(mesh.metrics_url("gateway"))
+            shown = {name: value(gauges, f"meshserve:replica_{name}", replica="replica-0")
+                     for name in ("num_requests_running", "num_requests_waiting",
+                                  "kv_cache_usage_perc")}
+            expected = {"num_requests_running": r.num_running,
+                        "num_requests_waiting": r.num_waiting,
+                        "kv_cache_usage_perc": 1 - r.num_free_kv_blocks / r.num_kv_blocks}
+            if r.num_running == 1 and shown == expected:
+                break
+            assert time.monotonic() < deadline, (shown, expected)
+            time.sleep(0.1)
+        assert value(gauges, "meshserve:replica_inflight_requests", replica="replica-0") == 1
+    finally:
+        running.cancel()
