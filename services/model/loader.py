@@ -8,6 +8,7 @@ first, so no memory is touched twice.
 from __future__ import annotations
 
 import json
+import logging
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from safetensors import safe_open
 from services.model.config import ModelConfig
 from services.model.llama import LlamaForCausalLM
 from services.model.parallel import ParallelContext, stage_layer_range
+from services.progress import Progress
+
+log = logging.getLogger("meshserve.model")
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -37,10 +41,13 @@ def load_model(
     model.to(dtype=dtype).to_empty(device=device)
     if model.lm_head_shares_embedding:  # to_empty unties parameters
         model.lm_head.weight = model.model.embed_tokens.weight
-    with torch.no_grad(), ExitStack() as files:
+    sources = list(model.weight_sources())
+    with torch.no_grad(), ExitStack() as files, \
+            Progress(f"loading {model_dir.name}", len(sources), "tensors", log) as progress:
         reader = CheckpointReader(model_dir, files)
-        for name, layer, param_name, shard_id in model.weight_sources():
+        for name, layer, param_name, shard_id in sources:
             layer.load_slice(param_name, reader.get_slice(name), shard_id)
+            progress.update()
     return model.eval().requires_grad_(False)
 
 

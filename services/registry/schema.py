@@ -92,6 +92,11 @@ class ReplicaRecord:
     started_at: float = 0.0
     updated_at: float = 0.0
     max_model_len: int = 0  # context length the replica serves; 0 = unknown
+    # Since it started (for `meshserve status`): prompt tokens looked up in / found in the
+    # prefix cache; and the generation tokens/s over its last heartbeat period.
+    num_prefix_query_tokens: int = 0
+    num_prefix_hit_tokens: int = 0
+    generation_throughput: float = 0.0
 
     @property
     def kv_usage(self) -> float:

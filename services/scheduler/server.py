@@ -67,6 +67,7 @@ class SchedulerSettings:
     drain_timeout_s: float = 60.0  # a stopping replica finishes its requests for this long
     metrics_port: int = -1  # Prometheus /metrics on this port; 0 = any free port; -1 = none
     ready_file: str = ""  # host:port written here once registered (+ ".metrics": that port)
+    disable_log_stats: bool = False  # no step and request histograms
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> SchedulerSettings:
@@ -100,12 +101,14 @@ class SchedulerSettings:
         p.add_argument("--metrics-port", type=int_at_least(-1), default=-1,
                        help="Prometheus /metrics on this port (0 = any free port, -1 = none)")
         p.add_argument("--ready-file", default="", help="write host:port here once serving")
+        p.add_argument("--disable-log-stats", action="store_true",
+                       help="no metrics (vLLM's flag)")
         a = p.parse_args(argv)
         return cls(tuple(w for w in a.workers.split(",") if w), a.redis_url, a.host, a.port,
                    a.advertise_host, a.replica_id, a.model_name, a.max_num_seqs,
                    a.max_num_batched_tokens, not a.no_chunked_prefill, a.enable_prefix_caching,
                    a.heartbeat_ttl, a.max_inflight_steps, a.seed, a.drain_timeout,
-                   a.metrics_port, a.ready_file)
+                   a.metrics_port, a.ready_file, a.disable_log_stats)
 
 
 class SchedulerServicer(pb_grpc.SchedulerServicer):
@@ -303,13 +306,20 @@ def build_engine(settings: SchedulerSettings, shape: ReplicaShape, workers: Work
 async def heartbeat_loop(registry: Registry, servicer: SchedulerServicer, record: ReplicaRecord,
                          period_s: float) -> None:
     """Keeps the replica's record and prefix set alive; batches prefix-index updates."""
-    blocks = servicer.engine.scheduler.blocks
+    sched = servicer.engine.scheduler
+    blocks = sched.blocks
+    last_tokens, last_time = sched.num_generation_tokens, time.monotonic()
     while True:
-        stats = await servicer.GetStats(None, None)
-        record = dataclasses.replace(record, num_free_kv_blocks=stats.num_free_kv_blocks,
-                                     num_running=stats.num_running,
-                                     num_waiting=stats.num_waiting,
-                                     draining=servicer.draining.is_set())
+        now = time.monotonic()
+        throughput = (sched.num_generation_tokens - last_tokens) / max(1e-6, now - last_time)
+        last_tokens, last_time = sched.num_generation_tokens, now
+        record = dataclasses.replace(record, num_free_kv_blocks=blocks.num_free_blocks,
+                                     num_running=len(sched.running),
+                                     num_waiting=len(sched.waiting),
+                                     draining=servicer.draining.is_set(),
+                                     num_prefix_query_tokens=sched.num_prefix_query_tokens,
+                                     num_prefix_hit_tokens=sched.num_prefix_hit_tokens,
+                                     generation_throughput=round(throughput, 1))
         added, removed = blocks.drain_events()
         try:
             if added or removed:
@@ -372,7 +382,8 @@ async def serve(settings: SchedulerSettings, stop: asyncio.Event | None = None) 
                            started_at=time.time(), max_model_len=shape.max_model_len)
     await registry.register(record)
     await set_health(health, ["", *service_names], True)
-    engine.metrics = SchedulerMetrics(engine, model_name, replica_id, shape.max_model_len)
+    if not settings.disable_log_stats:
+        engine.metrics = SchedulerMetrics(engine, model_name, replica_id, shape.max_model_len)
     if settings.metrics_port >= 0:
         metrics_port = serve_metrics(settings.metrics_port, settings.host)
         announce(settings.ready_file and settings.ready_file + ".metrics", settings.host,

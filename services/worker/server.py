@@ -24,6 +24,7 @@ from services import metrics as m
 from services.grpc_standard import add_health, set_health
 from services.metrics import serve_metrics
 from services.process import announce, run_service
+from services.progress import Progress
 from services.step import StepPlan, StepResult
 from services.worker.settings import WorkerSettings
 from services.worker.runner import PendingStep
@@ -197,13 +198,12 @@ def _capture_progress(shard: WorkerShard):
     graphs = shard.runner.graphs
     if graphs is None:
         return None
-    started, done = time.perf_counter(), []
+    bar = Progress("capturing CUDA graphs", len(graphs.sizes), "graphs", log)
 
     def progress(size: int) -> None:
-        done.append(size)
-        if len(done) % 8 == 0 or len(done) == len(graphs.sizes):
-            log.info("captured CUDA graphs %d/%d (batch %d) in %.1f s", len(done),
-                     len(graphs.sizes), size, time.perf_counter() - started)
+        bar.update()
+        if bar.done == len(graphs.sizes):
+            bar.close()
     return progress
 
 

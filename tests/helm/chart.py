@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "meshserve"
 KUBE_VERSION = "1.30.0"  # manifests are checked against this version's schemas
 RELEASE = "demo"
+FULLNAME = f"{RELEASE}-meshserve"
 NAMESPACE = "ml"
 
 

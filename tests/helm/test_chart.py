@@ -8,6 +8,7 @@ each running the stage's `tp` ranks as processes; see docs/deploy.md.
 from __future__ import annotations
 
 import itertools
+import json
 
 import helm_python as helm
 import kubernetes_validate
@@ -17,8 +18,8 @@ import yaml
 from gateway.settings import GatewaySettings
 from services.scheduler.server import SchedulerSettings
 from services.worker.settings import WorkerSettings
-from tests.helm.chart import (CHART, KUBE_VERSION, NAMESPACE, RELEASE, container, env_of, expand,
-                              flag, lint, render)
+from tests.helm.chart import (CHART, FULLNAME, KUBE_VERSION, NAMESPACE, RELEASE, container, env_of,
+                              expand, flag, lint, render)
 from tests.helm.pods import start_worker_pod
 
 CASES = {
@@ -35,7 +36,6 @@ CASES = {
 }
 SHAPE = {"defaults": (1, 1, 1), "tp2-pp2-dp2-gpu": (2, 2, 2), "external-redis": (1, 1, 1),
          "api-keys": (1, 1, 1), "tp4-pp3-model": (4, 3, 1)}  # (tp, pp, replicas)
-FULLNAME = f"{RELEASE}-meshserve"
 POD_ENV = {"POD_IP": "10.1.2.3", "REDIS_URL": "redis://from-secret:6379/0"}
 
 
@@ -440,3 +440,12 @@ def test_every_value_is_documented():
         parent, _, leaf = path.rpartition(".")
         assert any(f"`{path}`" in row or (f"`{parent}." in row and f"`.{leaf}`" in row)
                    for row in rows), f"{path} is not in the values table of docs/deploy.md"
+
+
+def test_the_grafana_dashboard_ships_for_the_sidecar(rendered):
+    cm = rendered["defaults"].get("ConfigMap", f"{FULLNAME}-grafana-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = json.loads(cm["data"]["meshserve.json"])
+    assert shipped == json.loads((CHART / "dashboards" / "meshserve.json").read_text())
+    off = render({"grafanaDashboard": {"enabled": False}})
+    assert [d["metadata"]["name"] for d in off.of_kind("ConfigMap")] == [f"{FULLNAME}-scripts"]

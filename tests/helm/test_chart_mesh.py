@@ -20,7 +20,7 @@ from deploy.launcher import free_port
 from meshserve.v1 import generation_pb2 as pb
 from meshserve.v1 import generation_pb2_grpc as pb_grpc
 from services.model.default_model import default_model_dir, ensure_default_model
-from tests.helm.chart import container, expand, render
+from tests.helm.chart import FULLNAME, container, expand, render
 from tests.helm.pods import start_worker_pod
 
 LOCAL = {"POD_IP": "127.0.0.1"}
@@ -113,7 +113,8 @@ def test_the_rendered_commands_make_a_working_mesh(redis_url, tmp_path):
     pod = start_worker_pod(r, sts["metadata"]["name"], 0, tmp_path, real_env=cache)
     procs = []
     try:
-        (tmp_path / "init.sh").write_text(r.of_kind("ConfigMap")[0]["data"]["wait-for-workers.sh"])
+        scripts = r.get("ConfigMap", f"{FULLNAME}-scripts")
+        (tmp_path / "init.sh").write_text(scripts["data"]["wait-for-workers.sh"])
         try:  # the scheduler's init container: until both ranks listen (TP group formed)
             wait = subprocess.run(["/bin/bash", str(tmp_path / "init.sh"),
                                    *to_local(",".join(init["args"])).split(",")],

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.helm.chart import render
+from tests.helm.chart import FULLNAME, render
 from tests.helm.pods import start_worker_pod
 
 STS = "demo-meshserve-r0-worker"
@@ -59,7 +59,7 @@ def test_sigterm_stops_every_rank_and_the_pod_exits_zero(tp4, tmp_path):
 
 def wait_for_workers(addresses: list[str], tmp_path) -> subprocess.Popen:
     r = render({"tp": 2})
-    (scripts,) = r.of_kind("ConfigMap")
+    scripts = r.get("ConfigMap", f"{FULLNAME}-scripts")
     script = tmp_path / "wait-for-workers.sh"
     script.write_text(scripts["data"]["wait-for-workers.sh"])
     return subprocess.Popen(["/bin/bash", str(script), *addresses], stdout=subprocess.PIPE,

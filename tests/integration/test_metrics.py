@@ -4,8 +4,11 @@ they move by what the requests did, with vLLM's names under `meshserve:`."""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import time
 import urllib.request
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -13,6 +16,7 @@ from meshserve.v1 import generation_pb2 as pb
 from services.registry import Registry
 from tests.integration.conftest import generate
 
+ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = [[1, 17, 18, 19], [1, 30, 31, 32, 33, 34], [1, 50, 51]]
 NUM_TOKENS = 5
 SERVICES = ("gateway", "replica-0-scheduler", "replica-0-worker-pp0-tp0")
@@ -102,3 +106,19 @@ def test_the_gateways_replica_gauges_are_the_registrys(mesh, stub):
         assert value(gauges, "meshserve:replica_inflight_requests", replica="replica-0") == 1
     finally:
         running.cancel()
+
+
+def test_every_panel_of_the_grafana_dashboard_queries_an_exported_metric(mesh, stub):
+    generate(stub, max_tokens=3, prompt="for the histograms")  # every family has samples
+    exported = set()  # every series name the families make, samples or not yet
+    for service in SERVICES:
+        text = urllib.request.urlopen(mesh.metrics_url(service), timeout=10).read().decode()
+        for family in text_string_to_metric_families(text):
+            suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}
+            exported |= {family.name + s for s in suffixes.get(family.type, [""])}
+    dashboard = json.loads((ROOT / "helm/meshserve/dashboards/meshserve.json").read_text())
+    queried = {(panel["title"], name) for panel in dashboard["panels"]
+               for target in panel["targets"]
+               for name in re.findall(r"meshserve:[a-z0-9_]+", target["expr"])}
+    assert len({title for title, _ in queried}) == len(dashboard["panels"])  # each has one
+    assert [(title, name) for title, name in sorted(queried) if name not in exported] == []
