@@ -43,6 +43,9 @@ PASS_THROUGH = [
     ("--chat-template", dict(help="jinja file for chat requests"), ("gateway",)),
     ("--host", dict(help="the gateway's bind address (default 127.0.0.1)"), ("gateway",)),
     ("--seed", dict(type=int, help="seed for requests that bring none"), ("scheduler",)),
+    ("--routing-policy", dict(choices=("prefix", "least-load", "round-robin"),
+                              help="how gateways pick a replica (default prefix)"),
+     ("gateway",)),
 ]
 
 

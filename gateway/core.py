@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -77,37 +76,11 @@ class GatewayCore:
 
     async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
         """The request's responses: new ids and text, the last one with finish reason and usage."""
-        if self.metrics is None:
-            async for response in self._generate(request):
-                yield response
-            return
-        metrics, started, last, ended = self.metrics, time.monotonic(), 0.0, False
-        try:
-            async for response in self._generate(request):
-                if n := len(response.token_ids):
-                    now = time.monotonic()
-                    if not last:  # every token after the first has an inter-token latency
-                        metrics.ttft.observe(now - started)
-                        for _ in range(n - 1):
-                            metrics.itl.observe(0.0)
-                    else:  # a message may carry several tokens: each gets its share
-                        for _ in range(n):
-                            metrics.itl.observe((now - last) / n)
-                    last = now
-                if response.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
-                    ended = True
-                    metrics.e2e.observe(time.monotonic() - started)
-                    metrics.success(response.finish_reason)
-                    metrics.prompt_tokens.observe(response.usage.prompt_tokens)
-                    metrics.generation_tokens.observe(response.usage.completion_tokens)
-                yield response
-        except GatewayError as exc:
-            ended = True
-            metrics.failure(exc.code.name)
-            raise
-        finally:
-            if not ended:  # the client left before the end
-                metrics.aborted()
+        responses = self._generate(request)
+        if self.metrics is not None:
+            responses = self.metrics.observe(responses)
+        async for response in responses:
+            yield response
 
     async def _generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
         if self._slots.locked():
@@ -203,6 +176,7 @@ class GatewayCore:
                                    + (f" (tried {len(tried)})" if tried else "") + "; retry later")
             tried.add(handle.record.replica_id)
             handle.num_inflight += 1
+            handle.num_sent_since_beat += 1
             try:
                 async for item in self._submit(handle, request, state):
                     yield item
@@ -212,10 +186,10 @@ class GatewayCore:
                     raise GatewayError(exc.code(), exc.details() or "replica failed") from None
                 if self.metrics is not None:
                     self.metrics.failover(recomputed=bool(state.output_ids))
-                log.warning("replica %s failed (%s): %s request %s", handle.record.replica_id,
-                            exc.code().name, f"resuming elsewhere after {len(state.output_ids)} "
-                            "tokens (recomputed there):" if state.output_ids
-                            else "sending elsewhere", state.request_id)
+                log.warning("request %s: replica %s failed (%s); %s", state.request_id,
+                            handle.record.replica_id, exc.code().name,
+                            f"resuming elsewhere after {len(state.output_ids)} tokens "
+                            "(recomputed there)" if state.output_ids else "sending it elsewhere")
                 self.router.mark_suspect(handle)
             finally:
                 handle.num_inflight -= 1

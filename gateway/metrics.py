@@ -8,8 +8,12 @@ target then counts each token once."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import AsyncIterator
+
 from prometheus_client import Counter, Histogram
 
+from gateway.core import GatewayError
 from gateway.router import Router
 from meshserve.v1 import generation_pb2 as pb
 from services import metrics as m
@@ -64,14 +68,39 @@ class GatewayMetrics:
         router.on_redis_error = self.redis_error
         m.register_collector(self)
 
+    async def observe(self, responses: AsyncIterator[pb.GenerateResponse]
+                      ) -> AsyncIterator[pb.GenerateResponse]:
+        """responses (one request's stream), passed on, timed and counted as they go."""
+        started, last, ended = time.monotonic(), 0.0, False
+        try:
+            async for response in responses:
+                if n := len(response.token_ids):
+                    now = time.monotonic()
+                    if not last:  # every token after the first has an inter-token latency
+                        self.ttft.observe(now - started)
+                        for _ in range(n - 1):
+                            self.itl.observe(0.0)
+                    else:  # a message may carry several tokens: each gets its share
+                        for _ in range(n):
+                            self.itl.observe((now - last) / n)
+                    last = now
+                if response.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                    ended = True
+                    self.e2e.observe(time.monotonic() - started)
+                    self.success(response.finish_reason)
+                    self.prompt_tokens.observe(response.usage.prompt_tokens)
+                    self.generation_tokens.observe(response.usage.completion_tokens)
+                yield response
+        except GatewayError as exc:
+            ended = True
+            self._failures.labels(self.model_name, exc.code.name).inc()
+            raise
+        finally:
+            if not ended:  # the client left before the end
+                self._success.labels(self.model_name, "abort").inc()
+
     def success(self, finish_reason: int) -> None:
         self._success.labels(self.model_name, FINISHED_REASON.get(finish_reason, "abort")).inc()
-
-    def aborted(self) -> None:
-        self._success.labels(self.model_name, "abort").inc()
-
-    def failure(self, code_name: str) -> None:
-        self._failures.labels(self.model_name, code_name).inc()
 
     def failover(self, recomputed: bool) -> None:
         self._failovers.labels(self.model_name, str(recomputed).lower()).inc()

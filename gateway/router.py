@@ -7,7 +7,9 @@ costs at most one Redis pipeline, to ask which replicas hold its prompt's leadin
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ SUSPECT_S = 10.0  # a replica that failed a call is avoided this long
 # Replicas that leave on purpose drain first (out of routing at once, their streams finishing);
 # a crashed one fails its calls, which marks it suspect, long before this runs out.
 MISSING_GRACE_S = 5.0
+POLICIES = ("prefix", "least-load", "round-robin")
 
 
 @dataclass
@@ -36,6 +39,7 @@ class ReplicaHandle:
     channel: grpc.aio.Channel
     link: ReplicaLink  # the one SubmitMany stream every request to it shares
     num_inflight: int = 0  # this gateway's requests on it now
+    num_sent_since_beat: int = 0  # this gateway's requests sent since its record was written
     suspect_until: float = 0.0
     missing_since: float | None = None  # when a listing last lacked its record
 
@@ -44,11 +48,10 @@ class ReplicaHandle:
         await self.channel.close(grace)
 
     @property
-    def load(self) -> float:
-        """Sequences per KV capacity: what the replica reported plus what we sent since."""
-        r = self.record
-        busy = r.num_running + r.num_waiting + self.num_inflight
-        return busy / max(1, r.num_kv_blocks)
+    def load(self) -> int:
+        """Requests the replica has: running and waiting at its last heartbeat, plus what this
+        gateway sent it since (other gateways' show at the next heartbeat)."""
+        return self.record.num_running + self.record.num_waiting + self.num_sent_since_beat
 
 
 @dataclass
@@ -59,6 +62,11 @@ class Router:
     on_update: Callable[[], None] | None = None  # called after each refresh of the table
     on_pick: Callable[[str], None] | None = None  # called with why: prefix, load or only
     on_redis_error: Callable[[str], None] | None = None  # called with the failed operation
+    policy: str = "prefix"  # one of POLICIES (see pick)
+    prefix_weight: float = 1.0  # cost of one prompt block a replica would still prefill
+    load_weight: float = 8.0  # cost of one request a replica has, in prompt blocks
+    _turns: itertools.count = field(default_factory=itertools.count)
+    _random: random.Random = field(default_factory=random.Random)
     _task: asyncio.Task | None = None
     _first: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -99,6 +107,8 @@ class Router:
         for rid, record in listed.items():
             handle = self.replicas.get(rid)
             if handle is not None and handle.record.address == record.address:
+                if record.updated_at != handle.record.updated_at:  # a new heartbeat counted ours
+                    handle.num_sent_since_beat = 0
                 handle.record, handle.missing_since = record, None
                 continue
             if handle is not None:  # the same replica id at a new address: a restart
@@ -120,14 +130,36 @@ class Router:
 
     async def pick(self, model: str, prompt_ids: list[int], cache_salt: str,
                    exclude: set[str]) -> ReplicaHandle | None:
+        """The replica for a request, by the policy:
+
+        prefix (default): the lowest cost, prefix_weight x the prompt blocks it would still
+            prefill (those past its cached prefix) + load_weight x the requests it has; a long
+            cached prefix behind a full queue loses to an idle replica;
+        least-load: the fewest requests; round-robin: each in turn.
+        Ties go to a random one of the tied."""
         candidates = [h for h in self.serving(model) if h.record.replica_id not in exclude]
         if len(candidates) <= 1:
             self._picked("only" if candidates else None)
             return candidates[0] if candidates else None
+        if self.policy == "round-robin":
+            candidates.sort(key=lambda h: h.record.replica_id)
+            self._picked("round_robin")
+            return candidates[next(self._turns) % len(candidates)]
+        if self.policy == "least-load":
+            self._picked("load")
+            return self._cheapest(candidates, {h.record.replica_id: h.load for h in candidates})
         hits = await self._prefix_hits(candidates, prompt_ids, extra_key(model, cache_salt))
-        best = max(candidates, key=lambda h: (hits.get(h.record.replica_id, 0), -h.load))
+        num_blocks = len(prompt_ids) // candidates[0].record.block_size
+        costs = {h.record.replica_id: self.prefix_weight * (num_blocks - hits.get(
+            h.record.replica_id, 0)) + self.load_weight * h.load for h in candidates}
+        best = self._cheapest(candidates, costs)
         self._picked("prefix" if hits.get(best.record.replica_id, 0) else "load")
         return best
+
+    def _cheapest(self, candidates: list[ReplicaHandle], costs: dict[str, float]):
+        lowest = min(costs.values())
+        return self._random.choice([h for h in candidates
+                                    if costs[h.record.replica_id] == lowest])
 
     def _picked(self, reason: str | None) -> None:
         if reason is not None and self.on_pick is not None:

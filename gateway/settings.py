@@ -6,7 +6,8 @@ import argparse
 import os
 from dataclasses import dataclass
 
-from services.arg_types import PORT, POSITIVE, SECONDS, int_at_least
+from gateway.router import POLICIES
+from services.arg_types import PORT, POSITIVE, SECONDS, float_in, int_at_least
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,9 @@ class GatewaySettings:
     served_model_name: str = ""  # the name clients ask for; "" = the model folder's name
     metrics_port: int = -1  # /metrics on a port of its own too; 0 = any free one, -1 = none
     disable_log_stats: bool = False  # no request metrics
+    routing_policy: str = "prefix"  # prefix | least-load | round-robin (gateway/router.py)
+    prefix_weight: float = 1.0  # cost of a prompt block a replica would still prefill
+    load_weight: float = 8.0  # cost of a request a replica has, in prompt blocks
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> GatewaySettings:
@@ -55,9 +59,16 @@ class GatewaySettings:
                             "-1 = only on the HTTP port)")
         p.add_argument("--disable-log-stats", action="store_true",
                        help="no request metrics (vLLM's flag)")
+        p.add_argument("--routing-policy", default="prefix", choices=POLICIES,
+                       help="prefix: the lowest cost of prefill left plus load (default); "
+                            "least-load; round-robin")
+        p.add_argument("--prefix-weight", type=float_in(0.0, low_open=False), default=1.0,
+                       help="cost of one prompt block a replica has not cached")
+        p.add_argument("--load-weight", type=float_in(0.0, low_open=False), default=8.0,
+                       help="cost of one request a replica has, in prompt blocks")
         a = p.parse_args(argv)
         keys = tuple(k.strip() for k in [*a.api_keys.split(","), *a.api_key] if k.strip())
         return cls(a.redis_url, a.model, a.host, a.port, keys, a.max_inflight_requests,
                    a.refresh_period, a.max_attempts, a.ready_file, a.request_claim_ttl,
                    a.http_port, a.chat_template, a.served_model_name, a.metrics_port,
-                   a.disable_log_stats)
+                   a.disable_log_stats, a.routing_policy, a.prefix_weight, a.load_weight)

@@ -38,7 +38,40 @@ def count_collectives() -> Iterator[Counter[str]]:
             _active_counters.remove(counts)
 
 
-def _record(name: str) -> None:
+class CollectiveTotals:
+    """What this process's TP collectives moved since it started: calls and bytes per
+    operation (the worker's metrics). Collectives inside a CUDA graph run on its replays, which
+    add what their capture recorded (`add_all`)."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self.bytes: Counter[str] = Counter()
+
+    def add(self, name: str, num_bytes: int) -> None:
+        self.calls[name] += 1
+        self.bytes[name] += num_bytes
+
+    def snapshot(self) -> tuple[Counter[str], Counter[str]]:
+        return Counter(self.calls), Counter(self.bytes)
+
+    def since(self, snapshot) -> tuple[Counter[str], Counter[str]]:
+        calls, num_bytes = snapshot
+        return self.calls - calls, self.bytes - num_bytes
+
+    def add_all(self, delta) -> None:
+        self.calls.update(delta[0])
+        self.bytes.update(delta[1])
+
+    def remove(self, delta) -> None:
+        self.calls.subtract(delta[0])
+        self.bytes.subtract(delta[1])
+
+
+TOTALS = CollectiveTotals()
+
+
+def _record(name: str, x: torch.Tensor) -> None:
+    TOTALS.add(name, x.numel() * x.element_size())
     for counts in _active_counters:
         counts[name] += 1
 
@@ -47,7 +80,7 @@ def tp_all_reduce(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     """x <- sum of x over the TP ranks, in place."""
     if ctx.tp_size == 1:
         return x
-    _record("all_reduce")
+    _record("all_reduce", x)
     dist.all_reduce(x, group=ctx.tp_group)
     return x
 
@@ -56,8 +89,8 @@ def tp_all_gather(x: torch.Tensor, ctx: ParallelContext, dim: int = -1) -> torch
     """[..., n, ...] per rank -> [..., n * tp_size, ...], rank order along `dim`."""
     if ctx.tp_size == 1:
         return x
-    _record("all_gather")
     x = x.contiguous()
+    _record("all_gather", x)
     parts = [torch.empty_like(x) for _ in range(ctx.tp_size)]
     dist.all_gather(parts, x, group=ctx.tp_group)
     return torch.cat(parts, dim=dim)

@@ -14,7 +14,7 @@ from services.step import StepPlan, StepResult
 
 
 class SchedulerMetrics:
-    def __init__(self, engine, model_name: str, replica_id: str, max_model_len: int):
+    def __init__(self, engine, model_name: str, replica_id: str):
         self.engine = engine
         self.labels = {"model_name": model_name, "engine": replica_id}
         names, values = list(self.labels), list(self.labels.values())

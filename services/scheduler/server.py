@@ -247,6 +247,12 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                     f"{self.shape.num_kv_blocks}")
         return None
 
+    def end_streams(self) -> None:
+        """After a drain: each SubmitMany call ends with OK once its requests have (the
+        gateways' links close cleanly instead of being cancelled at shutdown)."""
+        for outbox in self._outboxes:
+            outbox.wake()
+
     async def Cancel(self, request: pb.CancelRequest, context) -> pb.CancelResponse:
         seq_id = self._by_request.get(request.request_id)
         return pb.CancelResponse(found=seq_id is not None and self.engine.cancel(seq_id))
@@ -356,8 +362,7 @@ async def drain(servicer: SchedulerServicer, registry: Registry, replica_id: str
     if engine.scheduler.seqs:
         log.warning("replica %s: %d requests left at the drain timeout; they fail over",
                     replica_id, len(engine.scheduler.seqs))
-    for outbox in servicer._outboxes:  # the gateways' streams end with OK, not cancelled
-        outbox.wake()
+    servicer.end_streams()
 
 
 async def serve(settings: SchedulerSettings, stop: asyncio.Event | None = None) -> None:
@@ -383,7 +388,7 @@ async def serve(settings: SchedulerSettings, stop: asyncio.Event | None = None) 
     await registry.register(record)
     await set_health(health, ["", *service_names], True)
     if not settings.disable_log_stats:
-        engine.metrics = SchedulerMetrics(engine, model_name, replica_id, shape.max_model_len)
+        engine.metrics = SchedulerMetrics(engine, model_name, replica_id)
     if settings.metrics_port >= 0:
         metrics_port = serve_metrics(settings.metrics_port, settings.host)
         announce(settings.ready_file and settings.ready_file + ".metrics", settings.host,

@@ -20,6 +20,7 @@ import bisect
 import numpy as np
 import torch
 
+from services.model import comm
 from services.model.attention import AttentionMetadata
 from services.worker.input_batch import HostStep
 
@@ -60,6 +61,7 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.num_replays = 0
+        self.collectives: dict[int, tuple] = {}  # bucket -> what one replay communicates
 
     def can_run(self, host: HostStep) -> bool:
         ready = bool(self.graphs) or not self.use_capture
@@ -78,8 +80,11 @@ class DecodeGraphs:
         for size in sorted(self.sizes, reverse=True):
             self.warm_up(size)
             graph = torch.cuda.CUDAGraph()
+            before = comm.TOTALS.snapshot()
             with torch.cuda.graph(graph, pool=pool):
                 self.outputs[size] = self._body(size)
+            self.collectives[size] = comm.TOTALS.since(before)  # recorded, not yet run
+            comm.TOTALS.remove(self.collectives[size])
             self.graphs[size] = graph
             if progress is not None:
                 progress(size)
@@ -134,6 +139,7 @@ class DecodeGraphs:
             self.hidden_in[:n].copy_(hidden_in)
         if self.use_capture:
             self.graphs[size].replay()
+            comm.TOTALS.add_all(self.collectives[size])
         else:
             self.outputs[size] = self._body(size)
         self.num_replays += 1

@@ -21,6 +21,7 @@ from prometheus_client import Histogram
 from meshserve.internal.v1 import worker_pb2 as pb
 from meshserve.internal.v1 import worker_pb2_grpc as pb_grpc
 from services import metrics as m
+from services.model import comm
 from services.grpc_standard import add_health, set_health
 from services.metrics import serve_metrics
 from services.process import announce, run_service
@@ -134,6 +135,7 @@ class WorkerMetrics:
     time from launch to ids on the host."""
 
     def __init__(self, shard: WorkerShard):
+        self.shard = shard
         s = shard.settings
         self.labels = {"model_name": shard.describe().model, "tp_rank": str(s.tp_rank),
                        "pp_rank": str(s.pp_rank)}
@@ -153,6 +155,27 @@ class WorkerMetrics:
             family.add_metric([*self.labels.values(), "graph" if graph else "eager"], count)
         yield family
         yield from self._step_time.collect()
+        names, values = list(self.labels), list(self.labels.values())
+        for what, doc, counts in (
+                ("tp_collectives", "TP collectives issued (CUDA-graph replays included).",
+                 comm.TOTALS.calls),
+                ("tp_collective_bytes", "Bytes this rank's TP collectives carried.",
+                 comm.TOTALS.bytes)):
+            family = m.CounterMetricFamily(m.PREFIX + what, doc, labels=[*names, "op"])
+            for op in ("all_reduce", "all_gather"):
+                family.add_metric([*values, op], counts.get(op, 0))
+            yield family
+        link = self.shard.link_stats
+        for what, doc, value in (
+                ("stage_link_sent_bytes", "Activation bytes sent to the next stage.",
+                 link.sent_bytes),
+                ("stage_link_send_seconds", "Time in stage-link sends.", link.send_s),
+                ("stage_link_received_bytes", "Activation bytes from the previous stage.",
+                 link.received_bytes),
+                ("stage_link_receive_wait_seconds",
+                 "Time awaiting the previous stage's activations (its compute included).",
+                 link.receive_wait_s)):
+            yield m.counter(what, doc, self.labels, value)
 
 
 async def _read_into(request_iterator, queue: asyncio.Queue) -> None:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +35,16 @@ CPU_KV_CACHE_GB = 0.0625
 
 
 @dataclass
+class LinkStats:
+    """What the stage link carried for this rank since it started (the worker's metrics)."""
+
+    sent_bytes: int = 0
+    send_s: float = 0.0  # awaiting the link's send (the transfer, with any queueing in it)
+    received_bytes: int = 0
+    receive_wait_s: float = 0.0  # awaiting the previous stage's activation (its compute too)
+
+
+@dataclass
 class WorkerShard:
     settings: WorkerSettings
     config: ModelConfig
@@ -47,6 +58,7 @@ class WorkerShard:
     link_address: bytes = b""
     _sends: asyncio.Queue | None = None
     _sender: asyncio.Task | None = None
+    link_stats: LinkStats = field(default_factory=LinkStats)
 
     @classmethod
     def load(cls, s: WorkerSettings) -> WorkerShard:
@@ -120,7 +132,11 @@ class WorkerShard:
         self._sender = asyncio.create_task(self._send_loop())
 
     async def receive_activations(self, plan: StepPlan) -> torch.Tensor:
-        return await receive_for(self.link, plan)
+        started = time.perf_counter()
+        hidden = await receive_for(self.link, plan)
+        self.link_stats.received_bytes += hidden.numel() * hidden.element_size()
+        self.link_stats.receive_wait_s += time.perf_counter() - started
+        return hidden
 
     async def send_activations(self, plan: StepPlan, hidden: torch.Tensor) -> None:
         """Queues this rank's slice of the residual stream for the next stage, in order."""
@@ -136,7 +152,10 @@ class WorkerShard:
     async def _send_loop(self) -> None:
         while True:
             header, hidden = await self._sends.get()
+            started = time.perf_counter()
             await self.link.send(header, hidden)
+            self.link_stats.sent_bytes += hidden.numel() * hidden.element_size()
+            self.link_stats.send_s += time.perf_counter() - started
 
     async def close(self) -> None:
         if self._sender is not None:

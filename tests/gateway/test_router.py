@@ -28,22 +28,40 @@ def record(rid: str, running: int, model: str = "m") -> ReplicaRecord:
                          running, 0)
 
 
-def route(held, records, prompt=tuple(range(40)), exclude=()):
+def route(held, records, prompt=tuple(range(40)), exclude=(), policy="prefix", times=1):
+    """The replica ids picked for `times` requests of prompt (None where none serves)."""
     async def run():
-        router = Router(FakeRegistry(held))
+        router = Router(FakeRegistry(held), policy=policy)
         router._update(records)
         try:
-            handle = await router.pick("m", list(prompt), "", set(exclude))
-            return None if handle is None else handle.record.replica_id, router
+            picks = []
+            for _ in range(times):
+                handle = await router.pick("m", list(prompt), "", set(exclude))
+                picks.append(None if handle is None else handle.record.replica_id)
+            return picks if times > 1 else picks[0], router
         finally:
             await router.close()
 
     return asyncio.run(run())
 
 
-def test_longest_prefix_beats_load():
-    rid, _ = route({"r1": 2, "r2": 1}, [record("r1", 9), record("r2", 0)])
+def test_a_cached_prefix_wins_between_equally_loaded_replicas():
+    rid, _ = route({"r1": 2, "r2": 1}, [record("r1", 1), record("r2", 1)])
     assert rid == "r1"
+
+
+def test_a_long_cached_prefix_behind_a_full_queue_loses_to_an_idle_replica():
+    prompt = tuple(range(40 * 16))  # 40 blocks, all cached on r1
+    assert route({"r1": 40}, [record("r1", 9), record("r2", 0)], prompt)[0] == "r2"  # 72 > 40
+    assert route({"r1": 40}, [record("r1", 2), record("r2", 0)], prompt)[0] == "r1"  # 16 < 40
+
+
+def test_round_robin_takes_each_in_turn_and_least_load_the_fewest_requests():
+    records = [record("r1", 3), record("r2", 1), record("r3", 1)]
+    picks, _ = route({"r1": 2}, records, policy="round-robin", times=6)
+    assert picks == ["r1", "r2", "r3"] * 2
+    picks, _ = route({"r1": 2}, records, policy="least-load", times=40)
+    assert set(picks) == {"r2", "r3"}  # tied: either, at random; never the busy one
 
 
 def test_least_load_when_no_prefix_is_cached():

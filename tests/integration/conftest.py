@@ -7,12 +7,14 @@ import asyncio
 import subprocess
 import sys
 import time
+import urllib.request
 from contextlib import contextmanager
 from functools import lru_cache
 
 import grpc
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.launcher import LocalMesh, MeshSpec
 from meshserve.internal.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -85,6 +87,20 @@ def generate(stub, max_tokens: int = 16, **request) -> tuple[list[int], str, pb.
         text += msg.text
         last = msg
     return ids, text, last
+
+
+def scrape(url: str) -> dict[tuple, float]:
+    """{(sample name, sorted labels): value} of every meshserve sample."""
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            if family.name.startswith("meshserve:") for s in family.samples}
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    """The sum over the samples of name whose labels include these."""
+    return sum(v for (n, ls), v in samples.items()
+               if n == name and set(labels.items()) <= set(ls))
 
 
 @lru_cache(maxsize=4)

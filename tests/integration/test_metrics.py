@@ -14,26 +14,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from meshserve.v1 import generation_pb2 as pb
 from services.registry import Registry
-from tests.integration.conftest import generate
+from tests.integration.conftest import generate, scrape, value
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = [[1, 17, 18, 19], [1, 30, 31, 32, 33, 34], [1, 50, 51]]
 NUM_TOKENS = 5
 SERVICES = ("gateway", "replica-0-scheduler", "replica-0-worker-pp0-tp0")
-
-
-def scrape(url: str) -> dict[tuple, float]:
-    """{(sample name, sorted labels): value} of every meshserve sample."""
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text)
-            if family.name.startswith("meshserve:") for s in family.samples}
-
-
-def value(samples: dict, name: str, **labels) -> float:
-    """The sum over the samples of name whose labels include these."""
-    return sum(v for (n, ls), v in samples.items()
-               if n == name and set(labels.items()) <= set(ls))
 
 
 def test_every_service_counts_what_the_requests_did(mesh, stub):

@@ -12,7 +12,7 @@ from deploy.launcher import LocalMesh, MeshSpec
 from meshserve.v1 import generation_pb2 as pb
 from meshserve.v1 import generation_pb2_grpc as pb_grpc
 from tests.checkpoints import GQA_CONFIG, save_hf_llama
-from tests.integration.conftest import hf_greedy
+from tests.integration.conftest import hf_greedy, scrape, value
 
 PROMPTS = [[1, 50, 60, 70, 80], [1] + list(range(100, 140)), [1, 7]]
 NUM_TOKENS = 32
@@ -36,7 +36,21 @@ def served_greedy(model_dir, tp: int, pp: int) -> list[list[int]]:
                     for t in m.token_ids]
 
         with ThreadPoolExecutor(len(PROMPTS)) as pool:  # batched together
-            return list(pool.map(one, PROMPTS))
+            tokens = list(pool.map(one, PROMPTS))
+        _check_traffic_metrics(mesh, tp, pp)
+        return tokens
+
+
+def _check_traffic_metrics(mesh: LocalMesh, tp: int, pp: int) -> None:
+    """Every worker counted the TP collectives and stage-link bytes it took part in."""
+    for stage in range(pp):
+        for rank in range(tp):
+            samples = scrape(mesh.metrics_url(f"replica-0-worker-pp{stage}-tp{rank}"))
+            all_reduces = value(samples, "meshserve:tp_collectives_total", op="all_reduce")
+            assert (all_reduces > 0) == (tp > 1), (stage, rank, all_reduces)
+            sent = value(samples, "meshserve:stage_link_sent_bytes_total")
+            received = value(samples, "meshserve:stage_link_received_bytes_total")
+            assert (sent > 0) == (stage < pp - 1) and (received > 0) == (stage > 0)
 
 
 def reference(model_dir) -> list[list[int]]:
