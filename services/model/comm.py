@@ -12,6 +12,7 @@ At tp_size 1 both are no-ops and are not counted.
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,6 +47,9 @@ class CollectiveTotals:
     def __init__(self) -> None:
         self.calls: Counter[str] = Counter()
         self.bytes: Counter[str] = Counter()
+        # Wall time of the collectives where the host waits for them (gloo, on CPUs). On GPUs
+        # NCCL runs them on the device inside the step (its time is in the step time).
+        self.host_seconds: Counter[str] = Counter()
 
     def add(self, name: str, num_bytes: int) -> None:
         self.calls[name] += 1
@@ -81,7 +85,10 @@ def tp_all_reduce(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     if ctx.tp_size == 1:
         return x
     _record("all_reduce", x)
+    started = time.perf_counter()
     dist.all_reduce(x, group=ctx.tp_group)
+    if x.device.type == "cpu":
+        TOTALS.host_seconds["all_reduce"] += time.perf_counter() - started
     return x
 
 
@@ -92,5 +99,8 @@ def tp_all_gather(x: torch.Tensor, ctx: ParallelContext, dim: int = -1) -> torch
     x = x.contiguous()
     _record("all_gather", x)
     parts = [torch.empty_like(x) for _ in range(ctx.tp_size)]
+    started = time.perf_counter()
     dist.all_gather(parts, x, group=ctx.tp_group)
+    if x.device.type == "cpu":
+        TOTALS.host_seconds["all_gather"] += time.perf_counter() - started
     return torch.cat(parts, dim=dim)

@@ -160,7 +160,9 @@ class WorkerMetrics:
                 ("tp_collectives", "TP collectives issued (CUDA-graph replays included).",
                  comm.TOTALS.calls),
                 ("tp_collective_bytes", "Bytes this rank's TP collectives carried.",
-                 comm.TOTALS.bytes)):
+                 comm.TOTALS.bytes),
+                ("tp_collective_seconds", "Wall time of the TP collectives on CPUs (gloo); "
+                 "on GPUs they run inside the step (see step time).", comm.TOTALS.host_seconds)):
             family = m.CounterMetricFamily(m.PREFIX + what, doc, labels=[*names, "op"])
             for op in ("all_reduce", "all_gather"):
                 family.add_metric([*values, op], counts.get(op, 0))

@@ -48,6 +48,8 @@ def _check_traffic_metrics(mesh: LocalMesh, tp: int, pp: int) -> None:
             samples = scrape(mesh.metrics_url(f"replica-0-worker-pp{stage}-tp{rank}"))
             all_reduces = value(samples, "meshserve:tp_collectives_total", op="all_reduce")
             assert (all_reduces > 0) == (tp > 1), (stage, rank, all_reduces)
+            waited = value(samples, "meshserve:tp_collective_seconds_total", op="all_reduce")
+            assert (waited > 0) == (tp > 1)  # gloo on CPUs: the host waits for them
             sent = value(samples, "meshserve:stage_link_sent_bytes_total")
             received = value(samples, "meshserve:stage_link_received_bytes_total")
             assert (sent > 0) == (stage < pp - 1) and (received > 0) == (stage > 0)

@@ -17,14 +17,15 @@ def test_up_passes_vllm_flags_to_the_right_services():
     args = up_parser().parse_args([
         "--model", "tiny", "-tp", "2", "-dp", "3", "--max-num-seqs", "32", "--dtype", "float32",
         "--served-model-name", "x", "--no-enable-prefix-caching", "--api-key", "k1",
-        "--api-key", "k2", "--chat-template", "t.jinja", "--enforce-eager", "--seed", "7"])
+        "--api-key", "k2", "--chat-template", "t.jinja", "--enforce-eager", "--seed", "7",
+        "--routing-policy", "least-load"])
     spec = spec_from_args(args)
     assert (spec.model, spec.tp, spec.replicas) == ("", 2, 3)
     assert spec.worker_args == ("--max-num-seqs", "32", "--dtype", "float32", "--enforce-eager")
     assert spec.scheduler_args == ("--max-num-seqs", "32", "--served-model-name", "x",
                                    "--seed", "7", "--no-enable-prefix-caching")
     assert spec.gateway_args == ("--served-model-name", "x", "--chat-template", "t.jinja",
-                                 "--api-keys", "k1,k2")
+                                 "--routing-policy", "least-load", "--api-keys", "k1,k2")
 
 
 def test_a_served_name_is_the_only_name_and_it_works_everywhere():

@@ -1,0 +1,161 @@
+"""What routing buys on a shared-prefix workload: the gateway's routing policies (prefix: by
+cost; least-load; round-robin) side by side, in one run, each on a fresh mesh of 4 replicas.
+
+The workload is llm-d's shape scaled down to this machine: G groups of requests, each group
+sharing a long prefix (a system prompt), with a short unique tail; Poisson arrivals at several
+rates. The KV pools are sized so that every group's prefix fits in the mesh but not in one
+replica: a policy that sends a group where its prefix is cached saves that prefill.
+
+    python bench/bench_routing.py [--rates 4,8,16] [--groups 8] [--prefix-tokens 256]
+                                  [--plot bench/plots/routing.png]
+
+Prints a markdown section for bench/RESULTS.md: TTFT p50 / p90 / p99, the prefix hit rate
+(cached prompt tokens / prompt tokens) and output tokens/s per policy and rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench.common import machine  # noqa: E402
+from deploy.launcher import LocalMesh, MeshSpec  # noqa: E402
+from meshserve.v1 import generation_pb2 as pb  # noqa: E402
+from meshserve.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
+
+POLICIES = ("prefix", "least-load", "round-robin")
+
+
+@dataclass
+class Result:
+    ttft: list[float] = field(default_factory=list)
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    seconds: float = 0.0
+
+    def row(self) -> tuple:
+        p50, p90, p99 = (np.percentile(self.ttft, q) * 1e3 for q in (50, 90, 99))
+        return (p50, p90, p99, self.cached_tokens / max(1, self.prompt_tokens),
+                self.output_tokens / self.seconds)
+
+
+def workload(num_requests: int, groups: int, prefix_tokens: int, rng: random.Random):
+    prefixes = [[1] + [rng.randrange(3, 250) for _ in range(prefix_tokens - 1)]
+                for _ in range(groups)]
+    return [prefixes[rng.randrange(groups)] + [rng.randrange(3, 250) for _ in range(16)]
+            for _ in range(num_requests)]
+
+
+async def run_rate(address: str, prompts, rate: float, max_tokens: int,
+                   rng: random.Random) -> Result:
+    result = Result()
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+
+        async def one(ids) -> None:
+            started, first, last = time.perf_counter(), None, None
+            request = pb.GenerateRequest(prompt_token_ids=ids, sampling=pb.SamplingParams(
+                max_tokens=max_tokens, ignore_eos=True))
+            async for msg in stub.Generate(request, timeout=300):
+                if msg.token_ids and first is None:
+                    first = time.perf_counter() - started
+                last = msg
+            result.ttft.append(first)
+            result.prompt_tokens += last.usage.prompt_tokens
+            result.cached_tokens += last.usage.cached_prompt_tokens
+            result.output_tokens += last.usage.completion_tokens
+
+        start, tasks = time.perf_counter(), []
+        for ids in prompts:
+            tasks.append(asyncio.create_task(one(ids)))
+            await asyncio.sleep(rng.expovariate(rate))  # Poisson arrivals
+        await asyncio.gather(*tasks)
+        result.seconds = time.perf_counter() - start
+    return result
+
+
+def plot(results: dict[tuple[str, float], Result], rates, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_ttft, ax_hit) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for policy, color in zip(POLICIES, colors):
+        rows = [results[(policy, r)].row() for r in rates]
+        ax_ttft.plot(rates, [row[0] for row in rows], "o-", color=color, label=f"{policy} p50")
+        ax_ttft.plot(rates, [row[2] for row in rows], "o:", color=color, alpha=0.6,
+                     label=f"{policy} p99")
+        ax_hit.plot(rates, [100 * row[3] for row in rows], "o-", color=color, label=policy)
+    ax_ttft.set(title="time to first token", xlabel="requests/s", ylabel="ms", yscale="log")
+    ax_hit.set(title="prefix hit rate", xlabel="requests/s", ylabel="% of prompt tokens cached",
+               ylim=(0, 100))
+    for ax in (ax_ttft, ax_hit):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rates", default="4,8,16", help="requests/s, comma-separated")
+    p.add_argument("--requests-per-rate", type=int, default=48)
+    p.add_argument("--groups", type=int, default=8)
+    p.add_argument("--prefix-tokens", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--kv-blocks", type=int, default=80,
+                   help="per replica: room for a few groups' prefixes, not all of them")
+    p.add_argument("--plot", default="")
+    a = p.parse_args()
+    rates = [float(x) for x in a.rates.split(",")]
+    results: dict[tuple[str, float], Result] = {}
+    for policy in POLICIES:
+        rng = random.Random(0)  # every policy gets the same prompts and arrival times
+        spec = MeshSpec(port=0, http_port=-1, replicas=4,
+                        worker_args=("--num-kv-blocks", str(a.kv_blocks)),
+                        gateway_args=("--routing-policy", policy))
+        with LocalMesh(spec) as mesh:
+            warm = workload(a.groups * 2, a.groups, a.prefix_tokens, random.Random(1))
+            asyncio.run(run_rate(mesh.gateway_address, warm, 50.0, 1, rng))  # warm up
+            for rate in rates:
+                prompts = workload(a.requests_per_rate, a.groups, a.prefix_tokens,
+                                   random.Random(1))
+                results[(policy, rate)] = asyncio.run(run_rate(
+                    mesh.gateway_address, prompts, rate, a.max_tokens, rng))
+                print(f"{policy} at {rate:g} req/s: {results[(policy, rate)].row()}",
+                      file=sys.stderr, flush=True)
+    title = (f"Routing on a shared-prefix workload (4 replicas, {a.groups} groups x "
+             f"{a.prefix_tokens}-token prefixes, {a.requests_per_rate} requests per rate)")
+    print(f"\n### {title}\n\nMachine: {machine()}\n")
+    print("| rate, req/s | policy | TTFT p50 / p90 / p99 ms | prefix hit rate | output tokens/s |")
+    print("|---:|---|---:|---:|---:|")
+    for rate in rates:
+        for policy in POLICIES:
+            p50, p90, p99, hit, tps = results[(policy, rate)].row()
+            print(f"| {rate:g} | {policy} | {p50:.0f} / {p90:.0f} / {p99:.0f} | "
+                  f"{100 * hit:.0f} % | {tps:.0f} |")
+    top = rates[-1]
+    ratio = results[("round-robin", top)].row()[0] / results[("prefix", top)].row()[0]
+    print(f"\nAt {top:g} req/s, TTFT p50 of round-robin / prefix: {ratio:.2f}x")
+    if a.plot:
+        plot(results, rates, Path(a.plot), title)
+        print(f"\n![{title}](plots/{Path(a.plot).name})")
+
+
+if __name__ == "__main__":
+    main()
