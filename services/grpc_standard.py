@@ -3,8 +3,8 @@ on the gateway, server reflection in both spellings clients use (v1 and v1alpha)
 
 grpcio-reflection ships only v1alpha. v1 is the same protocol under a new package name (the
 messages are field for field the same), so its descriptor is v1alpha's renamed, and v1 calls
-are served by the v1alpha servicer: grpcurl, Postman and Kreya, which ask for v1 first, find
-it, and older clients that only speak v1alpha still do.
+are served by the v1alpha servicer: clients that ask for v1 (newer grpcurl) find it, and
+clients that only speak v1alpha still do.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ happen, once per step or per request, and per token only at the gateway.
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, disable_created_metrics, start_http_server
+from prometheus_client import REGISTRY, Histogram, disable_created_metrics, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 PREFIX = "meshserve:"
@@ -57,6 +57,15 @@ def serve_metrics(port: int, host: str = "0.0.0.0") -> int:
     return server.server_address[1]
 
 
+def histogram(families: list, name: str, documentation: str, labels: dict[str, str], buckets):
+    """A histogram of these labels' values, its family appended to families (which the
+    service's collector yields): returns the child to observe."""
+    family = Histogram(PREFIX + name, documentation, list(labels), buckets=buckets,
+                       registry=None)
+    families.append(family)
+    return family.labels(*labels.values())
+
+
 def gauge(name: str, documentation: str, labels: dict[str, str], value: float):
     family = GaugeMetricFamily(PREFIX + name, documentation, labels=list(labels))
     family.add_metric(list(labels.values()), value)
@@ -70,8 +79,6 @@ def counter(name: str, documentation: str, labels: dict[str, str], value: float)
 
 
 def register_collector(collector) -> None:
-    """Adds a collector (an object with collect()) to the default registry; a second one of
-    the same names (a service started twice in one process, as tests do) replaces the first."""
-    for old in [c for c in list(REGISTRY._collector_to_names) if type(c) is type(collector)]:
-        REGISTRY.unregister(old)
+    """Adds a collector (an object with collect()) to the default registry: one per service
+    process (a second one with the same names is refused by prometheus_client)."""
     REGISTRY.register(collector)

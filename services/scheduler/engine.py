@@ -43,6 +43,10 @@ class Engine:
         self.failure: Exception | None = None
         self.metrics = None  # a SchedulerMetrics, when the replica exports them
 
+    @property
+    def num_inflight_plans(self) -> int:
+        return len(self._inflight)
+
     # -- requests ------------------------------------------------------------------------
 
     def submit(self, seq: Sequence, sink: Callable[[Output], None]) -> None:

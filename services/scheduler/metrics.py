@@ -17,15 +17,10 @@ class SchedulerMetrics:
     def __init__(self, engine, model_name: str, replica_id: str):
         self.engine = engine
         self.labels = {"model_name": model_name, "engine": replica_id}
-        names, values = list(self.labels), list(self.labels.values())
-
         self._histograms: list[Histogram] = []  # collected with the gauges
 
         def histogram(name: str, documentation: str, buckets):
-            family = Histogram(m.PREFIX + name, documentation, names, buckets=buckets,
-                               registry=None)
-            self._histograms.append(family)
-            return family.labels(*values)
+            return m.histogram(self._histograms, name, documentation, self.labels, buckets)
 
         latency = m.REQUEST_LATENCY_BUCKETS
         self.queue_time = histogram("request_queue_time_seconds",
@@ -80,7 +75,7 @@ class SchedulerMetrics:
         yield m.gauge("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
                       labels, 1.0 - blocks.num_free_blocks / blocks.num_blocks)
         yield m.gauge("num_plans_in_flight", "Step plans sent to the workers, not yet back.",
-                      labels, len(self.engine._inflight))
+                      labels, self.engine.num_inflight_plans)
         yield m.counter("prefix_cache_queries",
                         "Prefix cache queries, in terms of number of queried tokens.", labels,
                         sched.num_prefix_query_tokens)

@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import torch
-from prometheus_client import Histogram
 
 from meshserve.internal.v1 import worker_pb2 as pb
 from meshserve.internal.v1 import worker_pb2_grpc as pb_grpc
@@ -140,11 +139,10 @@ class WorkerMetrics:
         self.labels = {"model_name": shard.describe().model, "tp_rank": str(s.tp_rank),
                        "pp_rank": str(s.pp_rank)}
         self.steps = {True: 0, False: 0}  # graph replay -> count
-        self._step_time = Histogram(m.PREFIX + "worker_step_time_seconds",
-                                    "Steps on this worker, launch to sampled ids on the host.",
-                                    list(self.labels), buckets=m.STEP_TIME_BUCKETS,
-                                    registry=None)
-        self.step_time = self._step_time.labels(*self.labels.values())
+        self._histograms: list = []
+        self.step_time = m.histogram(self._histograms, "worker_step_time_seconds",
+                                     "Steps on this worker, launch to sampled ids on the host.",
+                                     self.labels, m.STEP_TIME_BUCKETS)
         m.register_collector(self)
 
     def collect(self):
@@ -154,7 +152,8 @@ class WorkerMetrics:
         for graph, count in self.steps.items():
             family.add_metric([*self.labels.values(), "graph" if graph else "eager"], count)
         yield family
-        yield from self._step_time.collect()
+        for histogram in self._histograms:
+            yield from histogram.collect()
         names, values = list(self.labels), list(self.labels.values())
         for what, doc, counts in (
                 ("tp_collectives", "TP collectives issued (CUDA-graph replays included).",
