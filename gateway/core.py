@@ -175,8 +175,7 @@ class GatewayCore:
                                    f"no live replica serves {self.limits.name!r}"
                                    + (f" (tried {len(tried)})" if tried else "") + "; retry later")
             tried.add(handle.record.replica_id)
-            handle.num_inflight += 1
-            handle.num_sent_since_beat += 1
+            beat = handle.started()
             try:
                 async for item in self._submit(handle, request, state):
                     yield item
@@ -192,7 +191,7 @@ class GatewayCore:
                             "(recomputed there)" if state.output_ids else "sending it elsewhere")
                 self.router.mark_suspect(handle)
             finally:
-                handle.num_inflight -= 1
+                handle.ended(beat)
 
     async def _submit(self, handle, request: pb.GenerateRequest, state: RequestState):
         sampling = pb.SamplingParams()

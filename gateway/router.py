@@ -39,13 +39,25 @@ class ReplicaHandle:
     channel: grpc.aio.Channel
     link: ReplicaLink  # the one SubmitMany stream every request to it shares
     num_inflight: int = 0  # this gateway's requests on it now
-    num_sent_since_beat: int = 0  # this gateway's requests sent since its record was written
+    num_sent_since_beat: int = 0  # this gateway's running requests its record does not show
+    beat: int = 0  # how many of its heartbeats this gateway has seen
     suspect_until: float = 0.0
     missing_since: float | None = None  # when a listing last lacked its record
 
     async def close(self, grace: float | None = None) -> None:
         await self.link.close()
         await self.channel.close(grace)
+
+    def started(self) -> int:
+        """One of this gateway's requests goes there; returns the beat it went in."""
+        self.num_inflight += 1
+        self.num_sent_since_beat += 1
+        return self.beat
+
+    def ended(self, beat: int) -> None:
+        self.num_inflight -= 1
+        if beat == self.beat:  # no heartbeat counted it: it stops counting as it ends
+            self.num_sent_since_beat -= 1
 
     @property
     def load(self) -> int:
@@ -108,6 +120,7 @@ class Router:
             handle = self.replicas.get(rid)
             if handle is not None and handle.record.address == record.address:
                 if record.updated_at != handle.record.updated_at:  # a new heartbeat counted ours
+                    handle.beat += 1
                     handle.num_sent_since_beat = 0
                 handle.record, handle.missing_since = record, None
                 continue

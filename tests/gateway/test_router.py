@@ -135,3 +135,24 @@ def test_a_draining_replica_leaves_routing_at_once_but_keeps_its_link():
         return serving, kept_link, "r3" in router.replicas
 
     assert asyncio.run(run()) == (["r2"], True, False)
+
+
+def test_a_replica_load_counts_this_gateways_requests_once_and_only_while_they_run():
+    async def run():
+        router = Router(FakeRegistry({}))
+        router._update([record("r1", 0)])
+        handle = router.replicas["r1"]
+        first = handle.started()
+        second = handle.started()
+        loads = [handle.load]  # 2: neither is in a heartbeat yet
+        handle.ended(first)
+        loads.append(handle.load)  # 1: the one that ended no longer counts
+        beat = dataclasses.replace(record("r1", 1), updated_at=1.0)  # the heartbeat has it
+        router._update([beat])
+        loads.append(handle.load)  # 1: from the record, not twice
+        handle.ended(second)
+        loads.append(handle.load)  # 1 until the next heartbeat says otherwise
+        await router.close()
+        return loads
+
+    assert asyncio.run(run()) == [2, 1, 1, 1]
