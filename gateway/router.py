@@ -11,6 +11,7 @@ import itertools
 import logging
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,6 +31,10 @@ SUSPECT_S = 10.0  # a replica that failed a call is avoided this long
 # a crashed one fails its calls, which marks it suspect, long before this runs out.
 MISSING_GRACE_S = 5.0
 POLICIES = ("prefix", "least-load", "round-robin")
+# How long a gateway counts the blocks of a prompt it sent as held by that replica: until the
+# replica's heartbeats (every TTL / 3) have put them in the index, with room to spare.
+RECENT_S = 5.0
+MAX_RECENT_BLOCKS = 65536  # per replica: the oldest go first
 
 
 @dataclass
@@ -41,6 +46,8 @@ class ReplicaHandle:
     num_inflight: int = 0  # this gateway's requests on it now
     num_sent_since_beat: int = 0  # this gateway's running requests its record does not show
     beat: int = 0  # how many of its heartbeats this gateway has seen
+    # Prompt blocks this gateway sent there lately -> until when it counts them as held.
+    recent_blocks: OrderedDict[int, float] = field(default_factory=OrderedDict)
     suspect_until: float = 0.0
     missing_since: float | None = None  # when a listing last lacked its record
 
@@ -161,11 +168,13 @@ class Router:
         if self.policy == "least-load":
             self._picked("load")
             return self._cheapest(candidates, {h.record.replica_id: h.load for h in candidates})
-        hits = await self._prefix_hits(candidates, prompt_ids, extra_key(model, cache_salt))
-        num_blocks = len(prompt_ids) // candidates[0].record.block_size
-        costs = {h.record.replica_id: self.prefix_weight * (num_blocks - hits.get(
+        hashes = prefix_block_hashes(prompt_ids, candidates[0].record.block_size,
+                                     extra_key(model, cache_salt))
+        hits = await self._prefix_hits(candidates, hashes)
+        costs = {h.record.replica_id: self.prefix_weight * (len(hashes) - hits.get(
             h.record.replica_id, 0)) + self.load_weight * h.load for h in candidates}
         best = self._cheapest(candidates, costs)
+        self._remember(best, hashes)
         self._picked("prefix" if hits.get(best.record.replica_id, 0) else "load")
         return best
 
@@ -178,19 +187,36 @@ class Router:
         if reason is not None and self.on_pick is not None:
             self.on_pick(reason)
 
-    async def _prefix_hits(self, candidates, prompt_ids, key: bytes) -> dict[str, int]:
-        block_size = candidates[0].record.block_size
-        hashes = prefix_block_hashes(prompt_ids, block_size, key)
+    async def _prefix_hits(self, candidates, hashes: list[int]) -> dict[str, int]:
+        """Leading blocks of the prompt each candidate holds: what the Redis index says, or
+        what this gateway sent there lately, if more (the index learns of a replica's new
+        blocks at its next heartbeat: a burst of one prefix would otherwise scatter)."""
         if not hashes:
             return {}
         try:
-            return await self.registry.longest_prefix([h.record.replica_id for h in candidates],
-                                                      hashes)
+            hits = await self.registry.longest_prefix(
+                [h.record.replica_id for h in candidates], hashes)
         except Exception as exc:  # routing by load alone is still correct
             log.warning("prefix lookup failed: %s", exc)
             if self.on_redis_error is not None:
                 self.on_redis_error("longest_prefix")
-            return {}
+            hits = {}
+        now = time.monotonic()
+        for h in candidates:
+            sent = h.recent_blocks
+            held = next((i for i, b in enumerate(hashes) if sent.get(b, 0.0) < now), len(hashes))
+            if held > hits.get(h.record.replica_id, 0):
+                hits[h.record.replica_id] = held
+        return hits
+
+    def _remember(self, handle: ReplicaHandle, hashes: list[int]) -> None:
+        """The replica will hold these blocks once it ran the prompt: for RECENT_S."""
+        recent, until = handle.recent_blocks, time.monotonic() + RECENT_S
+        for block_hash in hashes:
+            recent[block_hash] = until
+            recent.move_to_end(block_hash)
+        while len(recent) > MAX_RECENT_BLOCKS:
+            recent.popitem(last=False)
 
     def mark_suspect(self, handle: ReplicaHandle) -> None:
         handle.suspect_until = time.monotonic() + SUSPECT_S

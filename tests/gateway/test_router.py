@@ -156,3 +156,27 @@ def test_a_replica_load_counts_this_gateways_requests_once_and_only_while_they_r
         return loads
 
     assert asyncio.run(run()) == [2, 1, 1, 1]
+
+
+def test_a_burst_of_one_prefix_stays_together_before_the_index_knows(monkeypatch):
+    """The index learns of new blocks at the replica's next heartbeat; meanwhile the gateway
+    remembers where it sent a prompt, for a few seconds."""
+    clock = [100.0]
+    monkeypatch.setattr(router_module.time, "monotonic", lambda: clock[0])
+    prompt = list(range(64))  # 4 blocks, cached nowhere yet
+
+    async def run():
+        router = Router(FakeRegistry({}))
+        router._update([record("r1", 0), record("r2", 0), record("r3", 0)])
+        burst = [(await router.pick("m", prompt, "", set())).record.replica_id
+                 for _ in range(8)]
+        hashes = prefix_block_hashes(prompt, 16, extra_key("m", ""))
+        remembered = await router._prefix_hits(list(router.replicas.values()), hashes)
+        clock[0] += router_module.RECENT_S + 0.1  # by now the index says, or the blocks went
+        lapsed = await router._prefix_hits(list(router.replicas.values()), hashes)
+        await router.close()
+        return burst, remembered, lapsed
+
+    burst, remembered, lapsed = asyncio.run(run())
+    assert len(set(burst)) == 1
+    assert remembered == {burst[0]: 4} and lapsed == {}

@@ -20,7 +20,7 @@ from meshserve.v1 import generation_pb2_grpc as pb_grpc
 from tests.integration.conftest import generate, scheduler_stats
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED = [1] + list(range(40, 80))  # 41 tokens: 2 full blocks shared by the requests below
+SHARED = [1] + list(range(40, 200))  # 161 tokens: 10 full blocks shared by the requests below
 
 
 def status_once(redis_url: str) -> str:
