@@ -8,9 +8,11 @@ replica: a policy that sends a group where its prefix is cached saves that prefi
 
     python bench/bench_routing.py [--rates 4,8,16] [--groups 8] [--prefix-tokens 256]
                                   [--plot bench/plots/routing.png]
+    python bench/bench_routing.py --skew 0.8 --policies prefix --rates 16   # one hot prefix
 
 Prints a markdown section for bench/RESULTS.md: TTFT p50 / p90 / p99, the prefix hit rate
-(cached prompt tokens / prompt tokens) and output tokens/s per policy and rate.
+(cached prompt tokens / prompt tokens) and output tokens/s per policy and rate, and how the
+requests spread over the replicas (the busiest one's share against the mean).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import asyncio
 import random
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from bench.common import machine  # noqa: E402
 from deploy.launcher import LocalMesh, MeshSpec  # noqa: E402
@@ -43,6 +47,12 @@ class Result:
     cached_tokens: int = 0
     output_tokens: int = 0
     seconds: float = 0.0
+    per_replica: list[int] = field(default_factory=list)  # requests each replica finished
+
+    @property
+    def spread(self) -> float:
+        """The busiest replica's requests over the mean (1.0 = even)."""
+        return max(self.per_replica) / (sum(self.per_replica) / len(self.per_replica))
 
     def row(self) -> tuple:
         p50, p90, p99 = (np.percentile(self.ttft, q) * 1e3 for q in (50, 90, 99))
@@ -50,11 +60,28 @@ class Result:
                 self.output_tokens / self.seconds)
 
 
-def workload(num_requests: int, groups: int, prefix_tokens: int, rng: random.Random):
+def workload(num_requests: int, groups: int, prefix_tokens: int, rng: random.Random,
+             skew: float = 0.0):
+    """Prompts of a random group each (group 0 with probability skew, when skew > 0)."""
     prefixes = [[1] + [rng.randrange(3, 250) for _ in range(prefix_tokens - 1)]
                 for _ in range(groups)]
-    return [prefixes[rng.randrange(groups)] + [rng.randrange(3, 250) for _ in range(16)]
+
+    def group() -> int:
+        return 0 if rng.random() < skew else rng.randrange(groups)
+
+    return [prefixes[group()] + [rng.randrange(3, 250) for _ in range(16)]
             for _ in range(num_requests)]
+
+
+def finished_per_replica(mesh: LocalMesh, num_replicas: int) -> list[int]:
+    """Requests each replica has finished, from its scheduler's metrics."""
+    counts = []
+    for r in range(num_replicas):
+        text = urllib.request.urlopen(mesh.metrics_url(f"replica-{r}-scheduler")).read().decode()
+        counts.append(int(sum(s.value for f in text_string_to_metric_families(text)
+                              for s in f.samples
+                              if s.name == "meshserve:request_inference_time_seconds_count")))
+    return counts
 
 
 async def run_rate(address: str, prompts, rate: float, max_tokens: int,
@@ -121,10 +148,14 @@ def main() -> None:
     p.add_argument("--kv-blocks", type=int, default=80,
                    help="per replica: room for a few groups' prefixes, not all of them")
     p.add_argument("--plot", default="")
+    p.add_argument("--skew", type=float, default=0.0,
+                   help="share of requests in one group (0: groups equally likely)")
+    p.add_argument("--policies", default=",".join(POLICIES))
     a = p.parse_args()
+    policies = a.policies.split(",")
     rates = [float(x) for x in a.rates.split(",")]
     results: dict[tuple[str, float], Result] = {}
-    for policy in POLICIES:
+    for policy in policies:
         rng = random.Random(0)  # every policy gets the same prompts and arrival times
         spec = MeshSpec(port=0, http_port=-1, replicas=4,
                         worker_args=("--num-kv-blocks", str(a.kv_blocks)),
@@ -134,25 +165,33 @@ def main() -> None:
             asyncio.run(run_rate(mesh.gateway_address, warm, 50.0, 1, rng))  # warm up
             for rate in rates:
                 prompts = workload(a.requests_per_rate, a.groups, a.prefix_tokens,
-                                   random.Random(1))
+                                   random.Random(1), a.skew)
+                before = finished_per_replica(mesh, 4)
                 results[(policy, rate)] = asyncio.run(run_rate(
                     mesh.gateway_address, prompts, rate, a.max_tokens, rng))
+                time.sleep(0.3)  # the last finishes reach the schedulers' counters
+                results[(policy, rate)].per_replica = [
+                    x - y for x, y in zip(finished_per_replica(mesh, 4), before)]
                 print(f"{policy} at {rate:g} req/s: {results[(policy, rate)].row()}",
                       file=sys.stderr, flush=True)
+    skew = f", {100 * a.skew:.0f} % of requests in one group" if a.skew else ""
     title = (f"Routing on a shared-prefix workload (4 replicas, {a.groups} groups x "
-             f"{a.prefix_tokens}-token prefixes, {a.requests_per_rate} requests per rate)")
+             f"{a.prefix_tokens}-token prefixes{skew}, {a.requests_per_rate} requests per rate)")
     print(f"\n### {title}\n\nMachine: {machine()}\n")
-    print("| rate, req/s | policy | TTFT p50 / p90 / p99 ms | prefix hit rate | output tokens/s |")
-    print("|---:|---|---:|---:|---:|")
+    print("| rate, req/s | policy | TTFT p50 / p90 / p99 ms | prefix hit rate | output tokens/s "
+          "| requests per replica | busiest / mean |")
+    print("|---:|---|---:|---:|---:|---|---:|")
     for rate in rates:
-        for policy in POLICIES:
-            p50, p90, p99, hit, tps = results[(policy, rate)].row()
+        for policy in policies:
+            result = results[(policy, rate)]
+            p50, p90, p99, hit, tps = result.row()
             print(f"| {rate:g} | {policy} | {p50:.0f} / {p90:.0f} / {p99:.0f} | "
-                  f"{100 * hit:.0f} % | {tps:.0f} |")
+                  f"{100 * hit:.0f} % | {tps:.0f} | {result.per_replica} | {result.spread:.2f} |")
     top = rates[-1]
-    ratio = results[("round-robin", top)].row()[0] / results[("prefix", top)].row()[0]
-    print(f"\nAt {top:g} req/s, TTFT p50 of round-robin / prefix: {ratio:.2f}x")
-    if a.plot:
+    if {"prefix", "round-robin"} <= set(policies):
+        ratio = results[("round-robin", top)].row()[0] / results[("prefix", top)].row()[0]
+        print(f"\nAt {top:g} req/s, TTFT p50 of round-robin / prefix: {ratio:.2f}x")
+    if a.plot and len(policies) == len(POLICIES):
         plot(results, rates, Path(a.plot), title)
         print(f"\n![{title}](plots/{Path(a.plot).name})")
 
