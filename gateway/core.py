@@ -77,10 +77,13 @@ class GatewayCore:
     async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
         """The request's responses: new ids and text, the last one with finish reason and usage."""
         responses = self._generate(request)
-        if self.metrics is not None:
-            responses = self.metrics.observe(responses)
-        async for response in responses:
-            yield response
+        observed = self.metrics.observe(responses) if self.metrics is not None else responses
+        try:
+            async for response in observed:
+                yield response
+        finally:  # a client that left closes this generator: close those it drives at once
+            await observed.aclose()  # (its request slot and claim are released right away,
+            await responses.aclose()  # not whenever they are garbage-collected)
 
     async def _generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
         if self._slots.locked():
