@@ -9,6 +9,7 @@ replica: a policy that sends a group where its prefix is cached saves that prefi
     python bench/bench_routing.py [--rates 4,8,16] [--groups 8] [--prefix-tokens 256]
                                   [--plot bench/plots/routing.png]
     python bench/bench_routing.py --skew 0.8 --policies prefix --rates 16   # one hot prefix
+    python bench/bench_routing.py --api-servers 2 --policies prefix          # two gateways
 
 Prints a markdown section for bench/RESULTS.md: TTFT p50 / p90 / p99, the prefix hit rate
 (cached prompt tokens / prompt tokens) and output tokens/s per policy and rate, and how the
@@ -75,22 +76,33 @@ def workload(num_requests: int, groups: int, prefix_tokens: int, rng: random.Ran
 
 def finished_per_replica(mesh: LocalMesh, num_replicas: int) -> list[int]:
     """Requests each replica has finished, from its scheduler's metrics."""
-    counts = []
-    for r in range(num_replicas):
-        text = urllib.request.urlopen(mesh.metrics_url(f"replica-{r}-scheduler")).read().decode()
-        counts.append(int(sum(s.value for f in text_string_to_metric_families(text)
-                              for s in f.samples
-                              if s.name == "meshserve:request_inference_time_seconds_count")))
-    return counts
+    return [_sample_sum(mesh, f"replica-{r}-scheduler",
+                        "meshserve:request_inference_time_seconds_count")
+            for r in range(num_replicas)]
+
+
+def finished_per_gateway(mesh: LocalMesh, num_gateways: int) -> list[int]:
+    names = ["gateway"] + [f"gateway-{i}" for i in range(1, num_gateways)]
+    return [_sample_sum(mesh, name, "meshserve:request_success_total") for name in names]
+
+
+def _sample_sum(mesh: LocalMesh, process: str, sample: str) -> int:
+    text = urllib.request.urlopen(mesh.metrics_url(process)).read().decode()
+    return int(sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == sample))
 
 
 async def run_rate(address: str, prompts, rate: float, max_tokens: int,
-                   rng: random.Random) -> Result:
+                   rng: random.Random, num_connections: int = 1) -> Result:
+    """Poisson arrivals of prompts at rate, over num_connections TCP connections (gateways
+    sharing the port get connections, not requests, from the kernel)."""
     result = Result()
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = pb_grpc.GenerationStub(channel)
-
-        async def one(ids) -> None:
+    options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own each
+    channels = [grpc.aio.insecure_channel(address, options=options)
+                for _ in range(num_connections)]
+    stubs = [pb_grpc.GenerationStub(c) for c in channels]
+    try:
+        async def one(ids, stub) -> None:
             started, first, last = time.perf_counter(), None, None
             request = pb.GenerateRequest(prompt_token_ids=ids, sampling=pb.SamplingParams(
                 max_tokens=max_tokens, ignore_eos=True))
@@ -104,11 +116,14 @@ async def run_rate(address: str, prompts, rate: float, max_tokens: int,
             result.output_tokens += last.usage.completion_tokens
 
         start, tasks = time.perf_counter(), []
-        for ids in prompts:
-            tasks.append(asyncio.create_task(one(ids)))
+        for i, ids in enumerate(prompts):
+            tasks.append(asyncio.create_task(one(ids, stubs[i % len(stubs)])))
             await asyncio.sleep(rng.expovariate(rate))  # Poisson arrivals
         await asyncio.gather(*tasks)
         result.seconds = time.perf_counter() - start
+    finally:
+        for channel in channels:
+            await channel.close()
     return result
 
 
@@ -151,6 +166,8 @@ def main() -> None:
     p.add_argument("--skew", type=float, default=0.0,
                    help="share of requests in one group (0: groups equally likely)")
     p.add_argument("--policies", default=",".join(POLICIES))
+    p.add_argument("--api-servers", type=int, default=1,
+                   help="gateway processes sharing the port (requests over 8 connections each)")
     a = p.parse_args()
     policies = a.policies.split(",")
     rates = [float(x) for x in a.rates.split(",")]
@@ -159,7 +176,9 @@ def main() -> None:
         rng = random.Random(0)  # every policy gets the same prompts and arrival times
         spec = MeshSpec(port=0, http_port=-1, replicas=4,
                         worker_args=("--num-kv-blocks", str(a.kv_blocks)),
-                        gateway_args=("--routing-policy", policy))
+                        gateway_args=("--routing-policy", policy),
+                        api_server_count=a.api_servers)
+        connections = 8 * a.api_servers if a.api_servers > 1 else 1
         with LocalMesh(spec) as mesh:
             warm = workload(a.groups * 2, a.groups, a.prefix_tokens, random.Random(1))
             asyncio.run(run_rate(mesh.gateway_address, warm, 50.0, 1, rng))  # warm up
@@ -168,13 +187,17 @@ def main() -> None:
                                    random.Random(1), a.skew)
                 before = finished_per_replica(mesh, 4)
                 results[(policy, rate)] = asyncio.run(run_rate(
-                    mesh.gateway_address, prompts, rate, a.max_tokens, rng))
+                    mesh.gateway_address, prompts, rate, a.max_tokens, rng, connections))
                 time.sleep(0.3)  # the last finishes reach the schedulers' counters
                 results[(policy, rate)].per_replica = [
                     x - y for x, y in zip(finished_per_replica(mesh, 4), before)]
+            if a.api_servers > 1:
+                print(f"{policy}: requests per gateway {finished_per_gateway(mesh, a.api_servers)}",
+                      flush=True)
                 print(f"{policy} at {rate:g} req/s: {results[(policy, rate)].row()}",
                       file=sys.stderr, flush=True)
     skew = f", {100 * a.skew:.0f} % of requests in one group" if a.skew else ""
+    skew += f", {a.api_servers} gateways" if a.api_servers > 1 else ""
     title = (f"Routing on a shared-prefix workload (4 replicas, {a.groups} groups x "
              f"{a.prefix_tokens}-token prefixes{skew}, {a.requests_per_rate} requests per rate)")
     print(f"\n### {title}\n\nMachine: {machine()}\n")
