@@ -26,7 +26,7 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.bench_throughput import make_prompts  # noqa: E402
-from bench.common import machine  # noqa: E402
+from bench.common import add_stream_flags, figure, machine, save_figure  # noqa: E402
 from deploy.launcher import LocalMesh, MeshSpec  # noqa: E402
 from meshserve.v1 import generation_pb2 as pb  # noqa: E402
 from meshserve.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
@@ -115,12 +115,7 @@ async def _run(one, prompts, concurrency: int) -> Run:
 
 def plot(runs: dict[tuple[str, int], Run], title: str, path: Path) -> None:
     """TTFT and inter-chunk gap CDFs per door and concurrency, and tokens/s vs concurrency."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_ttft, ax_gap, ax_rate) = plt.subplots(1, 3, figsize=(15, 4.5))
+    plt, fig, (ax_ttft, ax_gap, ax_rate) = figure(3, (15, 4.5))
     styles = {"gRPC": "-", "HTTP": "--"}
     concurrencies = sorted({c for _, c in runs})
     colors = dict(zip(concurrencies, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
@@ -139,21 +134,12 @@ def plot(runs: dict[tuple[str, int], Run], title: str, path: Path) -> None:
     ax_rate.set(title="throughput", xlabel="concurrent streams", ylabel="tokens/s",
                 xscale="log")
     ax_rate.set_xticks(concurrencies, [str(c) for c in concurrencies])
-    for ax in (ax_ttft, ax_gap, ax_rate):
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, (ax_ttft, ax_gap, ax_rate), title, path)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="", help="default: the tiny test model")
-    p.add_argument("--num-requests", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--concurrency", default="1,8,32")
+    add_stream_flags(p)
     p.add_argument("--plot", default="", help="draw the distributions into this PNG file")
     a = p.parse_args()
     prompts = make_prompts(a.num_requests, 500)

@@ -21,16 +21,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_http import grpc_rate  # noqa: E402
 from bench.bench_throughput import make_prompts  # noqa: E402
-from bench.common import machine  # noqa: E402
+from bench.common import add_stream_flags, machine  # noqa: E402
 from deploy.launcher import LocalMesh, MeshSpec  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="", help="default: the tiny test model")
-    p.add_argument("--num-requests", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--concurrency", default="1,8,32")
+    add_stream_flags(p)
     p.add_argument("--turns", type=int, default=7, help="pairs per concurrency")
     p.add_argument("--off-first", action="store_true",
                    help="start the mesh without metrics first (placement on the machine)")

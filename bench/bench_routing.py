@@ -33,7 +33,7 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from bench.common import machine  # noqa: E402
+from bench.common import figure, machine, save_figure  # noqa: E402
 from deploy.launcher import LocalMesh, MeshSpec  # noqa: E402
 from meshserve.v1 import generation_pb2 as pb  # noqa: E402
 from meshserve.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
@@ -128,12 +128,7 @@ async def run_rate(address: str, prompts, rate: float, max_tokens: int,
 
 
 def plot(results: dict[tuple[str, float], Result], rates, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_ttft, ax_hit) = plt.subplots(1, 2, figsize=(11, 4.2))
+    plt, fig, (ax_ttft, ax_hit) = figure(2, (11, 4.2))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for policy, color in zip(POLICIES, colors):
         rows = [results[(policy, r)].row() for r in rates]
@@ -144,13 +139,7 @@ def plot(results: dict[tuple[str, float], Result], rates, path: Path, title: str
     ax_ttft.set(title="time to first token", xlabel="requests/s", ylabel="ms", yscale="log")
     ax_hit.set(title="prefix hit rate", xlabel="requests/s", ylabel="% of prompt tokens cached",
                ylim=(0, 100))
-    for ax in (ax_ttft, ax_hit):
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, (ax_ttft, ax_hit), title, path)
 
 
 def main() -> None:

@@ -1,9 +1,11 @@
-"""What every benchmark prints with its figures: the machine they came from."""
+"""What the benchmarks share: the machine they ran on, their common flags, their pictures."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
+from pathlib import Path
 
 
 def machine() -> str:
@@ -18,3 +20,33 @@ def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{os.cpu_count()} cores ({cpu}), {gpu}; Python {platform.python_version()}, "
             f"torch {torch.__version__}")
+
+
+def add_stream_flags(p: argparse.ArgumentParser) -> None:
+    """--model, --num-requests, --max-tokens, --concurrency of the streaming benchmarks."""
+    p.add_argument("--model", default="", help="default: the tiny test model")
+    p.add_argument("--num-requests", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--concurrency", default="1,8,32")
+
+
+def figure(num_plots: int, size: tuple[float, float]):
+    """(pyplot, figure, its axes) for a PNG (matplotlib, the `bench` extra; no screen)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, num_plots, figsize=size)
+    return plt, fig, axes
+
+
+def save_figure(fig, axes, title: str, path: Path) -> None:
+    """Grids and legends on every axis, the title, into path (its folder made)."""
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)

@@ -76,14 +76,21 @@ class GatewayCore:
 
     async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
         """The request's responses: new ids and text, the last one with finish reason and usage."""
+        timer = self.metrics.request() if self.metrics is not None else None
         responses = self._generate(request)
-        observed = self.metrics.observe(responses) if self.metrics is not None else responses
         try:
-            async for response in observed:
+            async for response in responses:
+                if timer is not None:
+                    timer.saw(response)
                 yield response
-        finally:  # a client that left closes this generator: close those it drives at once
-            await observed.aclose()  # (its request slot and claim are released right away,
-            await responses.aclose()  # not whenever they are garbage-collected)
+        except GatewayError as exc:
+            if timer is not None:
+                timer.failed(exc.code.name)
+            raise
+        finally:  # a client that left closes this generator: close the one it drives at once
+            if timer is not None:  # (its request slot and claim are released right away,
+                timer.closed()  # not whenever it is garbage-collected)
+            await responses.aclose()
 
     async def _generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
         if self._slots.locked():

@@ -9,17 +9,50 @@ target then counts each token once."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 
 from prometheus_client import Counter, Histogram
 
-from gateway.core import GatewayError
 from gateway.router import Router
 from meshserve.v1 import generation_pb2 as pb
 from services import metrics as m
 
 FINISHED_REASON = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop",
                    pb.FINISH_REASON_EOS: "stop"}  # vLLM's finished_reason values
+
+
+class RequestTimer:
+    """One request's times and end, told synchronously by the stream that carries it (no
+    generator of its own between the stream and its client)."""
+
+    def __init__(self, metrics: GatewayMetrics):
+        self.metrics, self.started, self.last, self.ended = metrics, time.monotonic(), 0.0, False
+
+    def saw(self, response: pb.GenerateResponse) -> None:
+        metrics = self.metrics
+        if n := len(response.token_ids):
+            now = time.monotonic()
+            if not self.last:  # every token after the first has an inter-token latency
+                metrics.ttft.observe(now - self.started)
+                for _ in range(n - 1):
+                    metrics.itl.observe(0.0)
+            else:  # a message may carry several tokens: each gets its share
+                for _ in range(n):
+                    metrics.itl.observe((now - self.last) / n)
+            self.last = now
+        if response.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+            self.ended = True
+            metrics.e2e.observe(time.monotonic() - self.started)
+            metrics.success(response.finish_reason)
+            metrics.prompt_tokens.observe(response.usage.prompt_tokens)
+            metrics.generation_tokens.observe(response.usage.completion_tokens)
+
+    def failed(self, code_name: str) -> None:
+        self.ended = True
+        self.metrics._failures.labels(self.metrics.model_name, code_name).inc()
+
+    def closed(self) -> None:
+        if not self.ended:  # the client left before the end
+            self.metrics._success.labels(self.metrics.model_name, "abort").inc()
 
 
 class GatewayMetrics:
@@ -68,36 +101,9 @@ class GatewayMetrics:
         router.on_redis_error = self.redis_error
         m.register_collector(self)
 
-    async def observe(self, responses: AsyncIterator[pb.GenerateResponse]
-                      ) -> AsyncIterator[pb.GenerateResponse]:
-        """responses (one request's stream), passed on, timed and counted as they go."""
-        started, last, ended = time.monotonic(), 0.0, False
-        try:
-            async for response in responses:
-                if n := len(response.token_ids):
-                    now = time.monotonic()
-                    if not last:  # every token after the first has an inter-token latency
-                        self.ttft.observe(now - started)
-                        for _ in range(n - 1):
-                            self.itl.observe(0.0)
-                    else:  # a message may carry several tokens: each gets its share
-                        for _ in range(n):
-                            self.itl.observe((now - last) / n)
-                    last = now
-                if response.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
-                    ended = True
-                    self.e2e.observe(time.monotonic() - started)
-                    self.success(response.finish_reason)
-                    self.prompt_tokens.observe(response.usage.prompt_tokens)
-                    self.generation_tokens.observe(response.usage.completion_tokens)
-                yield response
-        except GatewayError as exc:
-            ended = True
-            self._failures.labels(self.model_name, exc.code.name).inc()
-            raise
-        finally:
-            if not ended:  # the client left before the end
-                self._success.labels(self.model_name, "abort").inc()
+    def request(self) -> RequestTimer:
+        """The timer of one request, told of each response as it leaves."""
+        return RequestTimer(self)
 
     def success(self, finish_reason: int) -> None:
         self._success.labels(self.model_name, FINISHED_REASON.get(finish_reason, "abort")).inc()

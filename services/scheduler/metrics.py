@@ -22,19 +22,13 @@ class SchedulerMetrics:
         def histogram(name: str, documentation: str, buckets):
             return m.histogram(self._histograms, name, documentation, self.labels, buckets)
 
-        latency = m.REQUEST_LATENCY_BUCKETS
-        self.queue_time = histogram("request_queue_time_seconds",
-                                    "Histogram of time spent in WAITING phase for request.",
-                                    latency)
-        self.prefill_time = histogram("request_prefill_time_seconds",
-                                      "Histogram of time spent in PREFILL phase for request.",
-                                      latency)
-        self.decode_time = histogram("request_decode_time_seconds",
-                                     "Histogram of time spent in DECODE phase for request.",
-                                     latency)
-        self.inference_time = histogram("request_inference_time_seconds",
-                                        "Histogram of time spent in RUNNING phase for request.",
-                                        latency)
+        # vLLM's request phases: (its name in the metric, in the documentation)
+        self.phase_time = {
+            phase: histogram(f"request_{phase}_time_seconds",
+                             f"Histogram of time spent in {doc} phase for request.",
+                             m.REQUEST_LATENCY_BUCKETS)
+            for phase, doc in (("queue", "WAITING"), ("prefill", "PREFILL"),
+                               ("decode", "DECODE"), ("inference", "RUNNING"))}
         self.iteration_tokens = histogram("iteration_tokens_total",
                                           "Histogram of number of tokens per engine_step.",
                                           m.ITERATION_TOKENS_BUCKETS)
@@ -56,12 +50,12 @@ class SchedulerMetrics:
     def on_finish(self, seq: Sequence) -> None:
         if seq.finish_reason is FinishReason.ERROR or not seq.scheduled_time:
             return  # failed with its replica, or never ran: nothing to time
-        now = time.monotonic()
-        self.queue_time.observe(seq.scheduled_time - seq.arrival_time)
-        self.inference_time.observe(now - seq.scheduled_time)
+        now, phase = time.monotonic(), self.phase_time
+        phase["queue"].observe(seq.scheduled_time - seq.arrival_time)
+        phase["inference"].observe(now - seq.scheduled_time)
         if seq.first_token_time:
-            self.prefill_time.observe(seq.first_token_time - seq.scheduled_time)
-            self.decode_time.observe(now - seq.first_token_time)
+            phase["prefill"].observe(seq.first_token_time - seq.scheduled_time)
+            phase["decode"].observe(now - seq.first_token_time)
 
     # -- read at scrape time ----------------------------------------------------------------
 

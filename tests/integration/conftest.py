@@ -61,15 +61,17 @@ def stub(mesh):
         yield pb_grpc.GenerationStub(channel)
 
 
-def replica_addresses(redis_url: str) -> dict[str, str]:
+def replica_records(redis_url: str) -> dict:
+    """{replica id: its ReplicaRecord} of every live replica in the registry."""
     async def read():
-        registry = Registry(redis_url)
-        try:
-            return {r.replica_id: r.address for r in await registry.list_replicas()}
-        finally:
-            await registry.close()
+        async with Registry(redis_url) as registry:
+            return {r.replica_id: r for r in await registry.list_replicas()}
 
     return asyncio.run(read())
+
+
+def replica_addresses(redis_url: str) -> dict[str, str]:
+    return {rid: r.address for rid, r in replica_records(redis_url).items()}
 
 
 def scheduler_stats(mesh: LocalMesh, replica_id: str = "replica-0") -> scheduler_pb2.ReplicaStats:

@@ -30,8 +30,8 @@ def test_up_generate_and_ctrl_c_stops_everything(default_model_dir, tmp_path):
         (redis,) = [pid for pid in _children(up.pid) if _name(pid) == "redis-server"]
         os.kill(redis, signal.SIGKILL)
         deadline = time.monotonic() + 30
-        while len(again := [pid for pid in _children(up.pid) if _name(pid) == "redis-server"
-                            and pid != redis and _alive(pid)]) != 1:
+        while len([pid for pid in _children(up.pid) if _name(pid) == "redis-server"
+                   and pid != redis and _alive(pid)]) != 1:
             assert time.monotonic() < deadline, "up did not restart its redis-server"
             time.sleep(0.2)
         # Past the gateway's grace for vanished records: its table comes from the new Redis,

@@ -4,7 +4,6 @@ registry. No request fails and none is recomputed elsewhere."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -18,8 +17,8 @@ import grpc
 from deploy.launcher import LocalMesh, MeshSpec
 from meshserve.v1 import generation_pb2 as pb
 from meshserve.v1 import generation_pb2_grpc as pb_grpc
-from services.registry import Registry
-from tests.integration.conftest import generate, replica_addresses, scheduler_stats
+from tests.integration.conftest import (generate, replica_addresses, replica_records,
+                                        scheduler_stats)
 
 NUM_TOKENS = 120
 PROMPTS = [[1] + [(5 * i + j) % 200 + 3 for j in range(6 + i)] for i in range(8)]
@@ -28,14 +27,6 @@ PROMPTS = [[1] + [(5 * i + j) % 200 + 3 for j in range(6 + i)] for i in range(8)
 def _greedy(stub, prompt) -> list[int]:
     return generate(stub, prompt_token_ids=prompt,
                     sampling=pb.SamplingParams(max_tokens=NUM_TOKENS, ignore_eos=True))[0]
-
-
-def _records(redis_url: str) -> dict:
-    async def read():
-        async with Registry(redis_url) as registry:
-            return {r.replica_id: r for r in await registry.list_replicas()}
-
-    return asyncio.run(read())
 
 
 def _drain_under_load(mesh: LocalMesh, stub, stop_replica) -> None:
@@ -47,7 +38,7 @@ def _drain_under_load(mesh: LocalMesh, stub, stop_replica) -> None:
 
     def watch():  # replica-0's record while it drains
         while not done.is_set():
-            seen.append(_records(mesh.redis_url).get("replica-0"))
+            seen.append(replica_records(mesh.redis_url).get("replica-0"))
             time.sleep(0.05)
 
     watcher = threading.Thread(target=watch)

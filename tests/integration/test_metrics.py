@@ -3,7 +3,6 @@ they move by what the requests did, with vLLM's names under `meshserve:`."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import time
@@ -13,8 +12,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshserve.v1 import generation_pb2 as pb
-from services.registry import Registry
-from tests.integration.conftest import generate, scrape, value
+from tests.integration.conftest import generate, replica_records, scrape, value
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = [[1, 17, 18, 19], [1, 30, 31, 32, 33, 34], [1, 50, 51]]
@@ -67,17 +65,13 @@ def test_every_service_counts_what_the_requests_did(mesh, stub):
 
 def test_the_gateways_replica_gauges_are_the_registrys(mesh, stub):
     """A request runs; once the heartbeat has told Redis, the gateway says the same."""
-    async def record():
-        async with Registry(mesh.redis_url) as registry:
-            return await registry.get_replica("replica-0")
-
     running = stub.Generate(pb.GenerateRequest(prompt="long", sampling=pb.SamplingParams(
         max_tokens=900, ignore_eos=True)))
     next(running)
     try:
         deadline = time.monotonic() + 15
         while True:
-            r = asyncio.run(record())
+            r = replica_records(mesh.redis_url)["replica-0"]
             gauges = scrape(mesh.metrics_url("gateway"))
             shown = {name: value(gauges, f"meshserve:replica_{name}", replica="replica-0")
                      for name in ("num_requests_running", "num_requests_waiting",

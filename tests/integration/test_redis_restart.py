@@ -11,7 +11,6 @@ import time
 import grpc
 
 from deploy.launcher import LocalMesh, MeshSpec
-from meshserve.v1 import generation_pb2 as pb
 from meshserve.v1 import generation_pb2_grpc as pb_grpc
 from tests.integration.conftest import generate
 
