@@ -32,13 +32,17 @@ from services.model.config import ModelConfig  # noqa: E402
 
 CONTEXT = 128  # prompt tokens per sequence
 STEPS = 128  # decode steps timed (transformers: generate 128 vs 8 tokens)
-MODES = {  # worker flags of each in-process mode, and whether the fused Triton kernels run
-    "eager, torch attention, unfused": (dict(attention_backend="torch", enforce_eager=True), False),
-    "eager, triton attention": (dict(attention_backend="triton", enforce_eager=True), True),
-    "CUDA graphs, triton, unfused": (dict(attention_backend="triton", enforce_eager=False), False),
-    "CUDA graphs, triton": (dict(attention_backend="triton", enforce_eager=False), True),
+# Worker flags of each in-process mode, whether the fused Triton kernels run, and whether the
+# skinny Triton matmuls of the measured table (bench/tune_linear.py) replace cuBLAS where it says.
+EAGER, GRAPHS = dict(enforce_eager=True), dict(enforce_eager=False)
+MODES = {
+    "eager, torch attention, unfused": (dict(attention_backend="torch", **EAGER), False, False),
+    "eager, triton attention": (dict(attention_backend="triton", **EAGER), True, True),
+    "CUDA graphs, triton, unfused": (dict(attention_backend="triton", **GRAPHS), False, False),
+    "CUDA graphs, triton + fused, cuBLAS": (dict(attention_backend="triton", **GRAPHS), True, False),
+    "CUDA graphs, triton": (dict(attention_backend="triton", **GRAPHS), True, True),
 }
-MODE_KEYS = dict(zip(["torch", "triton", "graphs-unfused", "graphs"], MODES))
+MODE_KEYS = dict(zip(["torch", "triton", "graphs-unfused", "graphs-cublas", "graphs"], MODES))
 
 
 def checkpoint(shape: str, root: Path) -> Path:
@@ -156,8 +160,8 @@ def runner_rows(model_dir: Path, batches: list[int], profile: bool, modes: list[
 
     out = {}
     for mode in modes:
-        flags, fused = MODES[mode]
-        layers.FUSED_KERNELS = fused
+        flags, fused, skinny = MODES[mode]
+        layers.FUSED_KERNELS, layers.SKINNY_MATMULS = fused, skinny
         shard = load_shard(model_dir, max(batches), **flags)
         for batch in batches:
             times, _ = drive(shard.runner, shard.num_kv_blocks, prompts_for(batch, vocab),
@@ -169,7 +173,7 @@ def runner_rows(model_dir: Path, batches: list[int], profile: bool, modes: list[
                 print(profile_table(shard, batch, vocab), flush=True)
         del shard
         torch.cuda.empty_cache()
-    layers.FUSED_KERNELS = True
+    layers.FUSED_KERNELS = layers.SKINNY_MATMULS = True
     return out
 
 
@@ -236,6 +240,17 @@ def exactness(model_dir: Path) -> list[str]:
     same = sum(graph_ids[i] == eager_ids[i] for i in graph_ids)
     lines.append(f"greedy ids, 4 sequences x 32 tokens, CUDA graphs ({replays} replays) vs eager "
                  f"(both triton): {same}/4 sequences identical")
+    layers.FUSED_KERNELS = layers.SKINNY_MATMULS = False
+    reference = load_shard(model_dir, 8, attention_backend="torch", enforce_eager=True)
+    _, reference_ids = drive(reference.runner, reference.num_kv_blocks, prompts, 32)
+    layers.FUSED_KERNELS = layers.SKINNY_MATMULS = True
+    del reference
+    torch.cuda.empty_cache()
+    agree = [next((j for j, (a, b) in enumerate(zip(graph_ids[i], reference_ids[i])) if a != b), 32)
+             for i in graph_ids]
+    lines.append(f"greedy ids, 4 sequences x 32 tokens, CUDA graphs with every fast kernel vs the "
+                 f"eager plain-torch, cuBLAS reference (bf16): first difference at steps {agree} "
+                 f"(32 = none)")
     return lines
 
 

@@ -132,6 +132,11 @@ def paged_attention(
     backend the metadata names.
     """
     write_kv(kv_cache, k, v, meta.slot_mapping)
+    return attend(q, kv_cache, meta)
+
+
+def attend(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """q [n, heads, d] -> [n, heads, d] over a cache that already holds this step's K/V."""
     scale = q.shape[-1] ** -0.5
     if meta.backend == "triton":
         return _triton_attention(q, kv_cache, meta, scale)
@@ -144,12 +149,11 @@ def _triton_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMe
                       scale: float) -> torch.Tensor:
     from services.model import triton_attention  # triton is needed only by this backend
 
-    q = q.contiguous()  # a view into the fused qkv where rotary ran in place
-    if meta.is_decode_only:
+    if meta.is_decode_only:  # q may be a view into the fused qkv: the kernel takes its strides
         return triton_attention.paged_decode_attention(
             q, kv_cache, meta.block_tables, meta.seq_lens_tensor, scale)
     return triton_attention.paged_prefill_attention(
-        q, kv_cache, meta.block_tables, meta.seq_lens_tensor, meta.query_start_loc,
+        q.contiguous(), kv_cache, meta.block_tables, meta.seq_lens_tensor, meta.query_start_loc,
         meta.max_query_len, scale)
 
 

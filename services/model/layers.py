@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.model.attention import write_kv
 from services.model.comm import tp_all_gather, tp_all_reduce
 from services.model.parallel import ParallelContext, divide, kv_head_start, kv_heads_per_rank
 
@@ -51,7 +52,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _param(self.output_size_per_rank) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)  # [n, in] -> [n, out / p]
+        return linear(x, self.weight, self.bias)  # [n, in] -> [n, out / p]
 
     def load_slice(self, param_name: str, source: SliceSource, shard_id: Any = None) -> None:
         start = self.ctx.tp_rank * self.output_size_per_rank
@@ -131,7 +132,7 @@ class RowParallelLinear(nn.Module):
         self.bias = _param(output_size) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)  # [n, in / p] -> [n, out], partial sum X_i A_i
+        y = linear(x, self.weight)  # [n, in / p] -> [n, out], partial sum X_i A_i
         y = tp_all_reduce(y, self.ctx)  # Σ_i X_i A_i
         return y if self.bias is None else y + self.bias
 
@@ -179,8 +180,10 @@ class ParallelLMHead(VocabParallelEmbedding):
     """
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)  # [n, hidden] -> [n, V_r]
-        logits = tp_all_gather(logits, self.ctx, dim=-1)  # [n, V_r · p]
+        if self.ctx.tp_size == 1:  # float32 straight out of the product
+            return linear(hidden, self.weight, out_dtype=torch.float32)[:, : self.vocab_size]
+        logits = linear(hidden, self.weight)  # [n, hidden] -> [n, V_r]
+        logits = tp_all_gather(logits, self.ctx, dim=-1)  # [n, V_r · p], in the model's dtype
         return logits[:, : self.vocab_size].float()  # [n, V]
 
 
@@ -218,6 +221,22 @@ class RMSNorm(nn.Module):
 
 
 FUSED_KERNELS = True  # False: the plain-torch reference on GPUs too (benchmarks compare both)
+SKINNY_MATMULS = True  # False: every product on cuBLAS (benchmarks compare both)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x weightᵀ (+ bias) [n, out] in out_dtype (default x's). A decode-sized x on a GPU runs the
+    Triton skinny matmul where this GPU's measured table says it beats cuBLAS (triton_linear)."""
+    if SKINNY_MATMULS and uses_triton(x) and x.dim() == 2:
+        from services.model import triton_linear
+
+        tile = triton_linear.tile_for(x, weight)
+        if tile is not None:
+            y = triton_linear.skinny_matmul(x, weight, tile, out_dtype)
+            return y if bias is None else y + bias
+    y = F.linear(x, weight, bias)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def uses_triton(x: torch.Tensor) -> bool:
@@ -284,6 +303,24 @@ def split_qkv_rotated(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n
     v = v.view(-1, num_kv_heads, head_dim)
     if not uses_triton(qkv):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    return q, k, v
+
+
+def rotate_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     kv_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int,
+                     num_kv_heads: int, head_dim: int):
+    """split_qkv_rotated, then this step's k and v written into kv_cache at slot_mapping (on
+    GPUs one kernel for both). Returns q [n, heads, d], k, v [n, kv_heads, d]."""
+    if uses_triton(qkv):
+        from services.model.triton_ops import rotary_and_cache
+
+        rotary_and_cache(qkv, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads, head_dim)
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        return (q.view(-1, num_heads, head_dim), k.view(-1, num_kv_heads, head_dim),
+                v.view(-1, num_kv_heads, head_dim))
+    q, k, v = split_qkv_rotated(qkv, cos, sin, num_heads, num_kv_heads, head_dim)
+    write_kv(kv_cache, k, v, slot_mapping)
     return q, k, v
 
 

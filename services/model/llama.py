@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from services.model.attention import AttentionMetadata, paged_attention
+from services.model.attention import AttentionMetadata, attend
 from services.model.config import ModelConfig
 from services.model.layers import (
     MergedColumnParallelLinear,
@@ -30,7 +30,7 @@ from services.model.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     silu_and_mul,
-    split_qkv_rotated,
+    rotate_and_cache,
 )
 from services.model.parallel import ParallelContext
 
@@ -61,9 +61,10 @@ class LlamaAttention(nn.Module):
         self, x: torch.Tensor, cos_sin: CosSin, kv_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [n, (heads + 2 kv_heads) · d] on this rank
-        # q [n, heads, d], k and v [n, kv_heads, d], q and k rotated
-        q, k, v = split_qkv_rotated(qkv, *cos_sin, self.num_heads, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, kv_cache, meta)  # [n, heads, d]
+        # q [n, heads, d] rotated; this step's k (rotated) and v written into the cache
+        q, _, _ = rotate_and_cache(qkv, *cos_sin, kv_cache, meta.slot_mapping, self.num_heads,
+                                   self.num_kv_heads, self.head_dim)
+        out = attend(q, kv_cache, meta)  # [n, heads, d]
         return self.o_proj(out.flatten(1))  # [n, hidden], all-reduced
 
     def weight_sources(self, prefix: str) -> Iterator[WeightSource]:

@@ -18,7 +18,8 @@ GQA: the GROUP = H // KVH query heads that read KV head g are rows of one tile (
 so each K/V tile is loaded once per group. Query head h reads KV head h // GROUP.
 
 Decode, grid (B, KVH, num_splits): split s covers positions [s * L, (s + 1) * L) of [0, seq_len),
-L a multiple of BLOCK_N, and writes o_s and lse_s (-inf when its range is empty) to a float32
+L = seq_len / num_splits rounded up to a multiple of BLOCK_N (read from seq_len in the kernel, so a
+short context spreads over as many programs as its tiles allow), and writes o_s and lse_s (-inf when its range is empty) to a float32
 workspace [B, H, num_splits, (D)]; the reduce kernel, grid (B * H,), combines the splits:
 
     o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M),    M = max_s lse_s
@@ -70,14 +71,13 @@ def paged_decode_attention(
     max_positions = block_tables.shape[1] * block_size
     if num_splits is None:
         num_splits = _default_num_splits(max_positions, batch * num_kv_heads, _num_sms(q.device))
-    positions_per_split = triton.cdiv(triton.cdiv(max_positions, num_splits), _DECODE_TILE) * _DECODE_TILE
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [B, H, D]
     # Workspace [B, H, num_splits, D] and [B, H, num_splits]; one split writes the output (lse unused).
     partial = out if num_splits == 1 else q.new_empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32)
     lse = q.new_empty((batch, num_heads, num_splits), dtype=torch.float32)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, kv_cache, block_tables, seq_lens, partial, lse,
-        scale * math.log2(math.e), positions_per_split,
+        scale * math.log2(math.e),
         q.stride(0), q.stride(1),
         *_cache_strides(kv_cache), block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
@@ -108,6 +108,8 @@ def paged_prefill_attention(
     """
     num_kv_heads = kv_cache.shape[3]
     group = _group_size(q, kv_cache)
+    if not q.is_contiguous():
+        raise ValueError("prefill attention needs a contiguous q (its output takes q's layout)")
     block_m = max(_PREFILL_ROWS, triton.next_power_of_2(group))
     block_q = block_m // group  # tokens per tile
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, H, D]
@@ -145,8 +147,8 @@ def _group_size(q: torch.Tensor, kv_cache: torch.Tensor) -> int:
     num_kv_heads = kv_cache.shape[3]
     if num_heads % num_kv_heads or kv_cache.shape[4] != head_dim or kv_cache.dtype != q.dtype:
         raise ValueError(f"q {tuple(q.shape)} {q.dtype} does not fit kv_cache {tuple(kv_cache.shape)} {kv_cache.dtype}")
-    if head_dim & (head_dim - 1) or not q.is_contiguous() or kv_cache.stride(4) != 1:
-        raise ValueError(f"need a power-of-two head_dim, a contiguous q and kv_cache rows, got {tuple(q.shape)}")
+    if head_dim & (head_dim - 1) or q.stride(2) != 1 or kv_cache.stride(4) != 1:
+        raise ValueError(f"need a power-of-two head_dim, contiguous q heads and kv_cache rows, got {tuple(q.shape)}")
     return num_heads // num_kv_heads
 
 
@@ -195,7 +197,7 @@ def _online_softmax_step(q, k_t, v, visible, m, l, acc, qk_scale, DOT_PRECISION:
 @triton.jit
 def _decode_split_kernel(
     q_ptr, kv_ptr, block_tables_ptr, seq_lens_ptr, partial_ptr, lse_ptr,
-    qk_scale, positions_per_split,
+    qk_scale,
     stride_qb, stride_qh,
     stride_kv, stride_block, stride_slot, stride_head, stride_table,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -212,8 +214,10 @@ def _decode_split_kernel(
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    positions_per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * positions_per_split
-    end = tl.minimum(start + positions_per_split, tl.load(seq_lens_ptr + seq))
+    end = tl.minimum(start + positions_per_split, seq_len)
     for tile_start in range(start, end, BLOCK_N):
         pos = tile_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
         in_range = pos < end

@@ -8,6 +8,11 @@ agree to the bf16 rounding of a few elements:
                          with the normalisation in float32, as transformers computes it
     silu_and_mul         [gate | up] -> silu(gate) ⊙ up
     rotary_inplace       q, k of a fused qkv row rotated by RoPE: x·cos + rotate_half(x)·sin
+    rotary_and_cache     the same, and the row's rotated k and its v written to its KV cache slot
+                         (attention.write_kv's index copies, two per layer, fused away)
+    argmax_rows          greedy ids of a batch of logit rows, the first index of the maximum as
+                         torch.argmax picks it, split over the vocabulary (torch's reduction runs
+                         one row on one block: 27 us for a 128k vocabulary at batch 1)
 
 One program per token row; a row (hidden size, or heads x head_dim) fits one block.
 """
@@ -106,6 +111,109 @@ def rotary_inplace(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_
         _rotary_kernel[(n_rows,)](qkv, cos.contiguous(), sin.contiguous(), qkv.stride(0), num_rot,
                                   HALF=head_dim // 2, HEADS_PAD=triton.next_power_of_2(num_rot),
                                   num_warps=4)
+
+
+@triton.jit
+def _rotary_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr, row_stride, num_heads,
+                         num_kv_heads, stride_kv, HALF: tl.constexpr, HEADS_PAD: tl.constexpr,
+                         KV_PAD: tl.constexpr):
+    """One token row: q and k heads rotated in place, then k (rotated) and v stored at the row's
+    slot of the cache, whose slots are rows of num_kv_heads x head_dim (stride_kv: K to V)."""
+    row = tl.program_id(0).to(tl.int64)
+    num_rot = num_heads + num_kv_heads
+    heads = tl.arange(0, HEADS_PAD)[:, None]  # [H, 1]: q heads, then k heads
+    j = tl.arange(0, HALF)[None, :]  # [1, d/2]
+    mask = heads < num_rot
+    base = qkv_ptr + row * row_stride + heads * (2 * HALF)
+    x1 = tl.load(base + j, mask=mask, other=0.0)
+    x2 = tl.load(base + HALF + j, mask=mask, other=0.0)
+    cos1 = tl.load(cos_ptr + row * 2 * HALF + j).to(tl.float32)
+    sin1 = tl.load(sin_ptr + row * 2 * HALF + j).to(tl.float32)
+    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    r1, r2 = (x1f * cos1 - x2f * sin1).to(x1.dtype), (x2f * cos1 + x1f * sin1).to(x1.dtype)
+    tl.store(base + j, r1, mask=mask)
+    tl.store(base + HALF + j, r2, mask=mask)
+    slot_base = cache_ptr + tl.load(slot_ptr + row).to(tl.int64) * num_kv_heads * 2 * HALF
+    is_k = mask & (heads >= num_heads)
+    k_dst = slot_base + (heads - num_heads) * (2 * HALF)
+    tl.store(k_dst + j, r1, mask=is_k)
+    tl.store(k_dst + HALF + j, r2, mask=is_k)
+    kv_heads = tl.arange(0, KV_PAD)[:, None]
+    d = tl.arange(0, 2 * HALF)[None, :]
+    is_v = kv_heads < num_kv_heads
+    v = tl.load(qkv_ptr + row * row_stride + (num_rot + kv_heads) * (2 * HALF) + d, mask=is_v)
+    tl.store(slot_base + stride_kv + kv_heads * (2 * HALF) + d, v, mask=is_v)
+
+
+def rotary_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     kv_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int,
+                     num_kv_heads: int, head_dim: int) -> None:
+    """rotary_inplace, and each row's rotated k and its v written to kv_cache
+    [2, num_blocks, block_size, num_kv_heads, head_dim] at flat slot slot_mapping[row]."""
+    n_rows = qkv.shape[0]
+    if kv_cache.dtype != qkv.dtype or tuple(kv_cache.shape[3:]) != (num_kv_heads, head_dim):
+        raise ValueError(f"kv_cache {tuple(kv_cache.shape)} {kv_cache.dtype} does not fit "
+                         f"{num_kv_heads} KV heads of {head_dim} in {qkv.dtype}")
+    if not kv_cache[0].is_contiguous():
+        raise ValueError("rotary_and_cache needs K and V each contiguous in the cache")
+    if n_rows:
+        _rotary_cache_kernel[(n_rows,)](
+            qkv, cos.contiguous(), sin.contiguous(), kv_cache, slot_mapping, qkv.stride(0),
+            num_heads, num_kv_heads, kv_cache.stride(0), HALF=head_dim // 2,
+            HEADS_PAD=triton.next_power_of_2(num_heads + num_kv_heads),
+            KV_PAD=triton.next_power_of_2(num_kv_heads), num_warps=4)
+
+
+_ARGMAX_CHUNK = 4096  # logits per program of the first pass
+
+
+@triton.jit
+def _argmax_chunk_kernel(logits_ptr, values_ptr, indices_ptr, n_cols, row_stride,
+                         CHUNK: tl.constexpr):
+    """Pass 1, one (row, chunk): the chunk's maximum and the first index holding it. NaN counts
+    as the largest value, as in torch.argmax."""
+    row, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    cols = chunk * CHUNK + tl.arange(0, CHUNK)
+    x = tl.load(logits_ptr + row * row_stride + cols, mask=cols < n_cols,
+                other=float("-inf")).to(tl.float32)
+    x = tl.where(x != x, float("inf"), x)
+    best = tl.max(x, 0)
+    first = tl.min(tl.where((x == best) & (cols < n_cols), cols, n_cols), 0)
+    tl.store(values_ptr + row * tl.num_programs(1) + chunk, best)
+    tl.store(indices_ptr + row * tl.num_programs(1) + chunk, first)
+
+
+@triton.jit
+def _argmax_reduce_kernel(values_ptr, indices_ptr, out_ptr, num_chunks, n_cols,
+                          CHUNKS_PAD: tl.constexpr):
+    """Pass 2, one row: the largest chunk maximum, the first index among chunks that hold it."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, CHUNKS_PAD)
+    valid = c < num_chunks
+    values = tl.load(values_ptr + row * num_chunks + c, mask=valid, other=float("-inf"))
+    indices = tl.load(indices_ptr + row * num_chunks + c, mask=valid, other=n_cols)
+    best = tl.max(values, 0)
+    first = tl.min(tl.where((values == best) & valid, indices, n_cols), 0)
+    tl.store(out_ptr + row, tl.minimum(first, n_cols - 1).to(tl.int64))
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logits [n, V] -> [n] int64, each row's torch.argmax (first index of the maximum)."""
+    n_rows, n_cols = logits.shape
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    num_chunks = triton.cdiv(n_cols, _ARGMAX_CHUNK)
+    values = torch.empty((n_rows, num_chunks), dtype=torch.float32, device=logits.device)
+    indices = torch.empty((n_rows, num_chunks), dtype=torch.int32, device=logits.device)
+    out = torch.empty(n_rows, dtype=torch.int64, device=logits.device)
+    if n_rows:
+        _argmax_chunk_kernel[(n_rows, num_chunks)](logits, values, indices, n_cols,
+                                                   logits.stride(0), CHUNK=_ARGMAX_CHUNK,
+                                                   num_warps=8)
+        _argmax_reduce_kernel[(n_rows,)](values, indices, out, num_chunks, n_cols,
+                                         CHUNKS_PAD=triton.next_power_of_2(num_chunks),
+                                         num_warps=1)
+    return out
 
 
 def _warps(n_cols: int) -> int:

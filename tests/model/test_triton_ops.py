@@ -68,3 +68,32 @@ def test_rotary_inplace_rotates_q_and_k_and_leaves_v():
     torch.testing.assert_close(q, expected_q, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(k, expected_k, rtol=1e-6, atol=1e-6)
     assert torch.equal(v, expected_v)
+
+
+def test_rotary_and_cache_rotates_and_writes_the_slots():
+    from services.model.attention import write_kv
+    from services.model.layers import RotaryEmbedding, split_qkv_rotated
+
+    heads, kv_heads, d, n = 4, 2, 16, 5
+    qkv = randn(n, (heads + 2 * kv_heads) * d, seed=8)
+    cos, sin = RotaryEmbedding(d, 10000.0, None).cos_sin(torch.arange(7, 7 + n), torch.float32)
+    slots = torch.tensor([3, 9, 0, 22, 17])
+    expected_cache = randn(2, 6, 4, kv_heads, d, seed=9)  # slots not written keep their values
+    cache = expected_cache.clone()
+    q, k, v = split_qkv_rotated(qkv.clone(), cos, sin, heads, kv_heads, d)
+    write_kv(expected_cache, k, v, slots)
+    triton_ops.rotary_and_cache(qkv, cos, sin, cache, slots, heads, kv_heads, d)
+    torch.testing.assert_close(cache, expected_cache, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(qkv[:, : heads * d], q.reshape(n, -1), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="does not fit"):
+        triton_ops.rotary_and_cache(qkv, cos, sin, cache.double(), slots, heads, kv_heads, d)
+
+
+def test_argmax_rows_picks_the_first_maximum_like_torch():
+    logits = randn(4, 9000, seed=10)  # three chunks, the last partly masked
+    logits[1, 8999] = 50.0
+    logits[2, 4100] = logits[2, 300] = 60.0  # a tie across chunks: the first wins
+    logits[3] = 1.0  # all equal
+    assert triton_ops.argmax_rows(logits).tolist() == logits.argmax(-1).tolist()
+    assert triton_ops.argmax_rows(logits[:, :100]).tolist() == logits[:, :100].argmax(-1).tolist()
+    assert triton_ops.argmax_rows(logits[:0]).shape == (0,)

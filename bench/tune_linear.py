@@ -1,0 +1,143 @@
+"""Measures cuBLAS against the Triton skinny matmul (services/model/triton_linear.py) for every
+weight product of the given model shapes at decode batch sizes, and writes the tiles that win
+into the measured table (`services/model/linear_configs.json`) under this GPU's name.
+
+    python bench/tune_linear.py [--shapes 1b,8b] [--models DIR,...] [--tp 1] [--write FILE]
+
+Times are medians of CUDA-event timings with the L2 cache flushed between calls
+(triton.testing.do_bench): a weight read from L2 would flatter a kernel that reads HBM in
+serving. A tile enters the table only if it is at least MARGIN faster than cuBLAS and its
+product agrees with cuBLAS's within the dtype's rounding. Prints one markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from bench.make_random_llama import SHAPES  # noqa: E402
+from services.model import triton_linear  # noqa: E402
+from services.model.triton_linear import Tile  # noqa: E402
+
+MARGIN = 0.97  # a tile must take at most 97 % of cuBLAS's time
+VOCAB = 128256
+
+
+def products(dims: dict, tp: int = 1, vocab: int = VOCAB) -> dict[str, tuple[int, int]]:
+    """(N, K) of each weight on one TP rank: qkv, o, gate_up, down, lm_head."""
+    hidden, inter, d = dims["hidden_size"], dims["intermediate_size"], dims["head_dim"]
+    heads, kv_heads = dims["num_attention_heads"], dims["num_key_value_heads"]
+    kv_per_rank = max(1, kv_heads // tp)
+    return {
+        "qkv_proj": ((heads // tp + 2 * kv_per_rank) * d, hidden),
+        "o_proj": (hidden, heads * d // tp),
+        "gate_up_proj": (2 * inter // tp, hidden),
+        "down_proj": (hidden, inter // tp),
+        "lm_head": (-(-vocab // tp), hidden),
+    }
+
+
+def candidates(n: int, k: int, num_sms: int) -> list[Tile]:
+    """Tiles worth timing: each N tile with and without the split of K that fills the GPU."""
+    out = []
+    for block_n in (16, 32, 64, 128):
+        for block_k in (64, 128, 256):
+            stages = 4 if block_k <= 128 else 3
+            programs = -(-n // block_n)
+            splits = {1}
+            split = 1
+            while programs * split < num_sms and split < 8:
+                split *= 2
+            splits.add(split)
+            for s in sorted(splits):
+                if k % (block_k * s) == 0:
+                    out.append(Tile(block_n, block_k, s, stages))
+    return out
+
+
+def bench_us(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=20, return_mode="median") * 1e3
+
+
+def tune_one(n: int, k: int, rows: int, dtype: torch.dtype, out_dtype, num_sms: int):
+    x = torch.randn(rows, k, device="cuda", dtype=dtype)
+    w = torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5
+    cublas = bench_us(lambda: F.linear(x, w).to(out_dtype or dtype))
+    expected = F.linear(x, w).float()
+    best = None
+    for tile in candidates(n, k, num_sms):
+        try:
+            got = triton_linear.skinny_matmul(x, w, tile, out_dtype).float()
+        except Exception:  # noqa: BLE001 - a tile the GPU cannot hold (shared memory) is skipped
+            continue
+        if not torch.allclose(got, expected, rtol=2e-2, atol=2e-2):
+            print(f"  tile {tile} disagrees with cuBLAS on {n}x{k}: skipped", flush=True)
+            continue
+        us = bench_us(lambda t=tile: triton_linear.skinny_matmul(x, w, t, out_dtype))
+        if best is None or us < best[1]:
+            best = (tile, us)
+    return cublas, best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="1b,8b", help=f"of {', '.join(SHAPES)}")
+    p.add_argument("--models", default="", help="checkpoint directories (config.json) as well")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--rows", default=",".join(map(str, triton_linear.ROW_CLASSES)))
+    p.add_argument("--write", default=str(triton_linear.CONFIG_FILE))
+    a = p.parse_args()
+    shapes = {s: products(SHAPES[s], a.tp) for s in a.shapes.split(",") if s}
+    for model in filter(None, a.models.split(",")):
+        from services.model.config import ModelConfig
+
+        c = ModelConfig.from_dir(model)
+        dims = dict(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                    head_dim=c.head_dim, num_attention_heads=c.num_attention_heads,
+                    num_key_value_heads=c.num_key_value_heads)
+        shapes[Path(model).name] = products(dims, a.tp, c.vocab_size)
+    device = torch.cuda.get_device_name()
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    path = Path(a.write)
+    table = json.loads(path.read_text()) if path.exists() else {}
+    entries = table.setdefault(device, {})
+    print(f"\n### Skinny matmuls vs cuBLAS on {device} (bf16, L2 flushed, median us)\n")
+    print("| shape | product | N x K | rows | cuBLAS us | Triton us | tile (n, k, split, stages) "
+          "| cuBLAS TB/s | Triton TB/s | chosen |")
+    print("|---|---|---|---:|---:|---:|---|---:|---:|---|")
+    for shape, prods in shapes.items():
+        for name, (n, k) in prods.items():
+            out_dtype = torch.float32 if name == "lm_head" and a.tp == 1 else None
+            for rows in (int(r) for r in a.rows.split(",")):
+                cublas, best = tune_one(n, k, rows, torch.bfloat16, out_dtype, num_sms)
+                key = triton_linear.table_key(rows, n, k, torch.bfloat16)
+                chosen = best is not None and best[1] <= MARGIN * cublas
+                if chosen:
+                    entries[key] = best[0].as_list()
+                else:
+                    entries.pop(key, None)
+                gb = n * k * 2 / 1e12
+                tile = best[0] if best else None
+                tile_text = f"{tile.block_n}, {tile.block_k}, {tile.split_k}, {tile.num_stages}" \
+                    if tile else "-"
+                triton_us = f"{best[1]:.1f}" if best else "-"
+                triton_bw = f"{gb / (best[1] / 1e6):.2f}" if best else "-"
+                print(f"| {shape} | {name} | {n} x {k} | {rows} | {cublas:.1f} | {triton_us} | "
+                      f"{tile_text} | {gb / (cublas / 1e6):.2f} | {triton_bw} | "
+                      f"{'Triton' if chosen else 'cuBLAS'} |", flush=True)
+    table[device] = dict(sorted(entries.items()))
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    print(f"\nwrote {len(entries)} entries for {device} to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Skinny matmuls in Triton: Y = X Wᵀ for decode batches of at most 64 rows, where a measured
+table says the kernel beats cuBLAS on this GPU.
+
+At batch 1 a decode step is a chain of matrix-vector products, and cuBLAS runs the small ones
+(Llama-1B's o_proj, 8 MB) at a third of the memory bandwidth: a kernel tuned for the shape, with
+enough programs in flight to fill the GPU, reads the weight closer to the bandwidth. Which
+kernel wins depends on the GPU and the shape, so the choice is data: `linear_configs.json` maps
+a device name and (rows class, N, K) to a tile, and holds only the shapes where the Triton tile
+measured faster than cuBLAS (`bench/tune_linear.py` measures and writes it). A shape it does not
+hold runs on cuBLAS; a given GPU and checkpoint therefore always run the same kernels, so a
+replica that takes over a stream computes what the first one did.
+
+    grid (cdiv(N, BLOCK_N), SPLIT_K): one program computes Y[:, n-tile] over K / SPLIT_K of K;
+    BLOCK_M (16, 32 or 64) covers every row of X (tl.dot needs 16 at least; padding rows are 0).
+    SPLIT_K > 1 writes float32 partials [SPLIT_K, M, N] that a second kernel sums and rounds.
+
+Accumulation is float32 on tensor cores (exact products for float32 inputs): the result differs
+from cuBLAS's in the order of the sum only, within the dtype's rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_ROWS = 64  # past this a step is a real GEMM and cuBLAS's tiles are the right ones
+ROW_CLASSES = (1, 16, 32, 64)  # a table entry serves every row count up to its class
+CONFIG_FILE = Path(__file__).with_name("linear_configs.json")
+
+
+@dataclass(frozen=True)
+class Tile:
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_stages: int = 3
+    num_warps: int = 4
+
+    def as_list(self) -> list[int]:
+        return [self.block_n, self.block_k, self.split_k, self.num_stages, self.num_warps]
+
+
+def row_class(num_rows: int) -> int:
+    return next(c for c in ROW_CLASSES if num_rows <= c)
+
+
+def block_m(num_rows: int) -> int:
+    return max(16, triton.next_power_of_2(num_rows))
+
+
+@triton.jit
+def _skinny_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ys, stride_ym,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Y[split, :, n-tile] = X[:, k-range] W[n-tile, k-range]ᵀ; K is a multiple of BLOCK_K · SPLIT_K."""
+    pid_n, split = tl.program_id(0), tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = split * BLOCK_K + tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]  # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]  # [BLOCK_N, BLOCK_K]
+    row_ok, col_ok = rm[:, None] < M, rn[:, None] < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for _ in range(0, K, BLOCK_K * SPLIT_K):
+        x = tl.load(x_ptrs, mask=row_ok, other=0.0)
+        w = tl.load(w_ptrs, mask=col_ok, other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * SPLIT_K
+        w_ptrs += BLOCK_K * SPLIT_K
+    out = y_ptr + split * stride_ys + rm[:, None] * stride_ym + rn[None, :]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok & (rn[None, :] < N))
+
+
+@triton.jit
+def _sum_splits_kernel(partial_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """y [M · N] = sum over splits of partial [SPLIT_K, M · N] (float32), in y's dtype."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < MN
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for s in range(SPLIT_K):
+        acc += tl.load(partial_ptr + s * MN + i, mask=mask, other=0.0)
+    tl.store(y_ptr + i, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def fits(x: torch.Tensor, weight: torch.Tensor, tile: Tile) -> bool:
+    """Whether the kernel runs this shape as the tile asks (K divides into its steps)."""
+    k = weight.shape[1]
+    return (x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.shape[1] == k
+            and k % (tile.block_k * tile.split_k) == 0 and x.stride(1) == 1
+            and weight.stride(1) == 1 and x.dtype == weight.dtype)
+
+
+def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, tile: Tile,
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [M, K], weight [N, K] (M <= 64) -> x weightᵀ [M, N] in out_dtype (default x's)."""
+    if not fits(x, weight, tile):
+        raise ValueError(f"skinny_matmul: x {tuple(x.shape)}, weight {tuple(weight.shape)} do not "
+                         f"fit tile {tile}")
+    m, k = x.shape
+    n = weight.shape[0]
+    out_dtype = out_dtype or x.dtype
+    y = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    if m == 0:
+        return y
+    partial = y if tile.split_k == 1 else torch.empty((tile.split_k, m, n), dtype=torch.float32,
+                                                       device=x.device)
+    grid = (triton.cdiv(n, tile.block_n), tile.split_k)
+    _skinny_kernel[grid](
+        x, weight, partial, m, n, k, x.stride(0), weight.stride(0),
+        partial.stride(0) if tile.split_k > 1 else 0, n,
+        BLOCK_M=block_m(m), BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, SPLIT_K=tile.split_k,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_stages=tile.num_stages, num_warps=tile.num_warps)
+    if tile.split_k > 1:
+        block = 1024
+        _sum_splits_kernel[(triton.cdiv(m * n, block),)](partial, y, m * n, SPLIT_K=tile.split_k,
+                                                         BLOCK=block, num_warps=4)
+    return y
+
+
+# -- the measured table -----------------------------------------------------------------------
+
+def table_key(num_rows: int, n: int, k: int, dtype: torch.dtype) -> str:
+    return f"{row_class(num_rows)},{n},{k},{str(dtype).removeprefix('torch.')}"
+
+
+@functools.cache
+def _tiles_of(device_name: str, config_file: Path = CONFIG_FILE) -> dict[str, Tile]:
+    if not config_file.exists():
+        return {}
+    entries = json.loads(config_file.read_text()).get(device_name, {})
+    return {key: Tile(*value) for key, value in entries.items()}
+
+
+@functools.cache
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def tile_for(x: torch.Tensor, weight: torch.Tensor) -> Tile | None:
+    """The measured tile for this product on x's GPU, or None: cuBLAS then."""
+    if not x.is_cuda or x.dim() != 2 or x.shape[0] > MAX_ROWS or x.shape[0] == 0:
+        return None
+    tiles = _tiles_of(_device_name(x.device.index or 0))
+    tile = tiles.get(table_key(x.shape[0], weight.shape[0], weight.shape[1], x.dtype))
+    return tile if tile is not None and fits(x, weight, tile) else None

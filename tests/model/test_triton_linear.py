@@ -1,0 +1,70 @@
+"""The Triton skinny matmul (Triton's interpreter on machines without a GPU) against torch, and
+the measured table that decides where it runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+triton_linear = pytest.importorskip("services.model.triton_linear")
+Tile = triton_linear.Tile
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 33])
+@pytest.mark.parametrize("tile", [Tile(16, 32), Tile(32, 32, 2), Tile(64, 16, 4)])
+def test_skinny_matmul_equals_linear(rows, tile):
+    x, w = randn(rows, 128, seed=1), randn(80, 128, seed=2)  # 80 = a masked last N tile
+    torch.testing.assert_close(triton_linear.skinny_matmul(x, w, tile), F.linear(x, w),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_skinny_matmul_bf16_and_float32_output():
+    x, w = randn(3, 64, seed=3).bfloat16(), randn(48, 64, seed=4).bfloat16()
+    expected = F.linear(x.float(), w.float())
+    got = triton_linear.skinny_matmul(x, w, Tile(16, 32, 2), out_dtype=torch.float32)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # bf16 products are exact
+    rounded = triton_linear.skinny_matmul(x, w, Tile(16, 32))
+    assert rounded.dtype == torch.bfloat16
+    torch.testing.assert_close(rounded.float(), expected, rtol=2**-7, atol=2**-7)
+
+
+def test_shapes_the_tile_does_not_fit_are_refused():
+    x, w = randn(2, 96), randn(32, 96)
+    assert not triton_linear.fits(x, w, Tile(16, 64))  # 96 is not a multiple of 64
+    assert not triton_linear.fits(randn(65, 96), w, Tile(16, 32))  # past MAX_ROWS
+    with pytest.raises(ValueError, match="do not fit"):
+        triton_linear.skinny_matmul(x, w, Tile(16, 64))
+
+
+def test_row_classes_cover_every_decode_batch():
+    assert [triton_linear.row_class(m) for m in (1, 2, 16, 17, 32, 33, 64)] == [1, 16, 16, 32, 32, 64, 64]
+    assert triton_linear.table_key(3, 80, 128, torch.bfloat16) == "16,80,128,bfloat16"
+
+
+def test_tile_lookup_reads_the_table_and_falls_back_to_cublas(tmp_path, monkeypatch):
+    table = tmp_path / "linear_configs.json"
+    table.write_text(json.dumps({"GPU X": {"16,80,128,float32": [16, 32, 2, 3, 4]}}))
+    tiles = triton_linear._tiles_of("GPU X", table)
+    assert tiles == {"16,80,128,float32": Tile(16, 32, 2, 3, 4)}
+    assert triton_linear._tiles_of("GPU Y", table) == {}
+    # On CPU tensors there is no GPU to look up: cuBLAS's place is torch's own linear.
+    assert triton_linear.tile_for(randn(4, 128), randn(80, 128)) is None
+
+
+def test_the_shipped_table_holds_valid_tiles():
+    table = json.loads(triton_linear.CONFIG_FILE.read_text())
+    for device, entries in table.items():
+        for key, value in entries.items():
+            rows, n, k, dtype = key.split(",")
+            assert int(rows) in triton_linear.ROW_CLASSES and dtype in ("bfloat16", "float16")
+            tile = Tile(*value)
+            assert int(k) % (tile.block_k * tile.split_k) == 0, (device, key)
+            assert tile.block_n >= 16 and tile.block_k >= 16
