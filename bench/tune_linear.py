@@ -88,6 +88,15 @@ def tune_one(n: int, k: int, rows: int, dtype: torch.dtype, out_dtype, num_sms: 
     return cublas, best
 
 
+def table_text(table: dict) -> str:
+    """The table as JSON with one line per entry (reviewable diffs)."""
+    devices = []
+    for device, entries in table.items():
+        rows = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in entries.items())
+        devices.append(f" {json.dumps(device)}: {{\n{rows}\n }}")
+    return "{\n" + ",\n".join(devices) + "\n}\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="1b,8b", help=f"of {', '.join(SHAPES)}")
@@ -135,7 +144,7 @@ def main() -> None:
                       f"{tile_text} | {gb / (cublas / 1e6):.2f} | {triton_bw} | "
                       f"{'Triton' if chosen else 'cuBLAS'} |", flush=True)
     table[device] = dict(sorted(entries.items()))
-    path.write_text(json.dumps(table, indent=1) + "\n")
+    path.write_text(table_text(table))
     print(f"\nwrote {len(entries)} entries for {device} to {path}")
 
 

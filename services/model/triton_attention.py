@@ -172,7 +172,9 @@ def _load_kv_tile(
     block = tl.load(table_row_ptr + pos // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
     slot = block * stride_block + (pos % BLOCK_SIZE) * stride_slot + kv_head * stride_head  # [BLOCK_N]
     d = tl.arange(0, HEAD_DIM)
-    k_t = tl.load(kv_ptr + slot[None, :] + d[:, None], mask=in_range[None, :], other=0.0)
+    # K loaded as rows (each position's head_dim contiguous: coalesced), transposed in registers
+    k = tl.load(kv_ptr + slot[:, None] + d[None, :], mask=in_range[:, None], other=0.0)
+    k_t = tl.trans(k)
     v = tl.load(kv_ptr + stride_kv + slot[:, None] + d[None, :], mask=in_range[:, None], other=0.0)
     return k_t, v
 
