@@ -19,8 +19,8 @@ so each K/V tile is loaded once per group. Query head h reads KV head h // GROUP
 
 Decode, grid (B, KVH, num_splits): split s covers positions [s * L, (s + 1) * L) of [0, seq_len),
 L = seq_len / num_splits rounded up to a multiple of BLOCK_N (read from seq_len in the kernel, so a
-short context spreads over as many programs as its tiles allow), and writes o_s and lse_s (-inf when its range is empty) to a float32
-workspace [B, H, num_splits, (D)]; the reduce kernel, grid (B * H,), combines the splits:
+short context spreads over as many programs as its tiles allow), and writes o_s and lse_s (-inf
+when its range is empty) to a float32 workspace [B, H, num_splits, (D)]; the reduce kernel, grid (B * H,), combines the splits:
 
     o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M),    M = max_s lse_s
 
