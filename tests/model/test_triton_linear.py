@@ -49,7 +49,7 @@ def test_row_classes_cover_every_decode_batch():
     assert triton_linear.table_key(3, 80, 128, torch.bfloat16) == "16,80,128,bfloat16"
 
 
-def test_tile_lookup_reads_the_table_and_falls_back_to_cublas(tmp_path, monkeypatch):
+def test_tile_lookup_reads_the_table_and_falls_back_to_cublas(tmp_path):
     table = tmp_path / "linear_configs.json"
     table.write_text(json.dumps({"GPU X": {"16,80,128,float32": [16, 32, 2, 3, 4]}}))
     tiles = triton_linear._tiles_of("GPU X", table)
