@@ -50,13 +50,10 @@ def candidates(n: int, k: int, num_sms: int) -> list[Tile]:
     for block_n in (16, 32, 64, 128):
         for block_k in (64, 128, 256):
             stages = 4 if block_k <= 128 else 3
-            programs = -(-n // block_n)
-            splits = {1}
-            split = 1
+            programs, split = -(-n // block_n), 1
             while programs * split < num_sms and split < 8:
                 split *= 2
-            splits.add(split)
-            for s in sorted(splits):
+            for s in sorted({1, split}):
                 if k % (block_k * s) == 0:
                     out.append(Tile(block_n, block_k, s, stages))
     return out

@@ -77,7 +77,7 @@ def sample_batch(
     temperature < SAMPLING_EPS takes its argmax, and so does a row whose probabilities are not
     finite (a NaN or +inf logit, every logit -inf, or logits / T overflowing): -inf logits alone are
     fine, they get probability 0. The other rows draw by inverse CDF over their kept tokens."""
-    greedy_tokens = logits.argmax(dim=-1)  # [n]
+    greedy_tokens = argmax_ids(logits)  # [n]
     if all_greedy:
         return greedy_tokens
     is_greedy = temperature < SAMPLING_EPS  # [n]
@@ -85,6 +85,17 @@ def sample_batch(
         logits, temperature.masked_fill(is_greedy, 1.0), top_p, top_k, uniform(seeds, positions)
     )
     return torch.where(is_greedy | ~is_finite, greedy_tokens, sampled_tokens)
+
+
+def argmax_ids(logits: torch.Tensor) -> torch.Tensor:
+    """[n, V] -> [n] int64 argmax ids; on GPUs split over the vocabulary (triton_ops.argmax_rows)."""
+    from services.model.layers import uses_triton
+
+    if uses_triton(logits):
+        from services.model.triton_ops import argmax_rows
+
+        return argmax_rows(logits)
+    return logits.argmax(dim=-1)
 
 
 def _sample_rows(

@@ -84,65 +84,44 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, row_stride, num_rot_heads,
-                   HALF: tl.constexpr, HEADS_PAD: tl.constexpr):
-    """Rotates the first num_rot_heads heads (q heads, then k heads) of one token row in place."""
+def _rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr, row_stride, num_heads,
+                   num_kv_heads, stride_kv, HALF: tl.constexpr, HEADS_PAD: tl.constexpr,
+                   KV_PAD: tl.constexpr, WRITE_CACHE: tl.constexpr):
+    """One token row: its q and k heads rotated in place; WRITE_CACHE: then k (rotated) and v
+    stored at the row's slot of the cache, whose slots are rows of num_kv_heads x head_dim
+    (stride_kv: K to V)."""
     row = tl.program_id(0).to(tl.int64)
+    num_rot = num_heads + num_kv_heads  # q heads then k heads lie side by side
     heads = tl.arange(0, HEADS_PAD)[:, None]  # [H, 1]
     j = tl.arange(0, HALF)[None, :]  # [1, d/2]
-    mask = (heads < num_rot_heads) & (j < HALF)
+    mask = heads < num_rot
     base = qkv_ptr + row * row_stride + heads * (2 * HALF)
     x1 = tl.load(base + j, mask=mask, other=0.0)
     x2 = tl.load(base + HALF + j, mask=mask, other=0.0)
     cos1 = tl.load(cos_ptr + row * 2 * HALF + j).to(tl.float32)  # cos = [c, c]: halves are equal
     sin1 = tl.load(sin_ptr + row * 2 * HALF + j).to(tl.float32)
     x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-    tl.store(base + j, (x1f * cos1 - x2f * sin1).to(x1.dtype), mask=mask)
-    tl.store(base + HALF + j, (x2f * cos1 + x1f * sin1).to(x1.dtype), mask=mask)
+    r1, r2 = (x1f * cos1 - x2f * sin1).to(x1.dtype), (x2f * cos1 + x1f * sin1).to(x1.dtype)
+    tl.store(base + j, r1, mask=mask)
+    tl.store(base + HALF + j, r2, mask=mask)
+    if WRITE_CACHE:
+        slot_base = cache_ptr + tl.load(slot_ptr + row).to(tl.int64) * num_kv_heads * 2 * HALF
+        is_k = mask & (heads >= num_heads)
+        k_dst = slot_base + (heads - num_heads) * (2 * HALF)
+        tl.store(k_dst + j, r1, mask=is_k)
+        tl.store(k_dst + HALF + j, r2, mask=is_k)
+        kv_heads = tl.arange(0, KV_PAD)[:, None]
+        d = tl.arange(0, 2 * HALF)[None, :]
+        is_v = kv_heads < num_kv_heads
+        v = tl.load(qkv_ptr + row * row_stride + (num_rot + kv_heads) * (2 * HALF) + d, mask=is_v)
+        tl.store(slot_base + stride_kv + kv_heads * (2 * HALF) + d, v, mask=is_v)
 
 
 def rotary_inplace(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
                    num_kv_heads: int, head_dim: int) -> None:
     """qkv [n, (heads + 2·kv_heads)·d] (contiguous): rotates its q and k heads in place by
     cos/sin [n, d] (each the same d/2 values twice, as RotaryEmbedding.cos_sin makes them)."""
-    n_rows = qkv.shape[0]
-    num_rot = num_heads + num_kv_heads  # q heads then k heads lie side by side
-    if n_rows:
-        _rotary_kernel[(n_rows,)](qkv, cos.contiguous(), sin.contiguous(), qkv.stride(0), num_rot,
-                                  HALF=head_dim // 2, HEADS_PAD=triton.next_power_of_2(num_rot),
-                                  num_warps=4)
-
-
-@triton.jit
-def _rotary_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr, row_stride, num_heads,
-                         num_kv_heads, stride_kv, HALF: tl.constexpr, HEADS_PAD: tl.constexpr,
-                         KV_PAD: tl.constexpr):
-    """One token row: q and k heads rotated in place, then k (rotated) and v stored at the row's
-    slot of the cache, whose slots are rows of num_kv_heads x head_dim (stride_kv: K to V)."""
-    row = tl.program_id(0).to(tl.int64)
-    num_rot = num_heads + num_kv_heads
-    heads = tl.arange(0, HEADS_PAD)[:, None]  # [H, 1]: q heads, then k heads
-    j = tl.arange(0, HALF)[None, :]  # [1, d/2]
-    mask = heads < num_rot
-    base = qkv_ptr + row * row_stride + heads * (2 * HALF)
-    x1 = tl.load(base + j, mask=mask, other=0.0)
-    x2 = tl.load(base + HALF + j, mask=mask, other=0.0)
-    cos1 = tl.load(cos_ptr + row * 2 * HALF + j).to(tl.float32)
-    sin1 = tl.load(sin_ptr + row * 2 * HALF + j).to(tl.float32)
-    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-    r1, r2 = (x1f * cos1 - x2f * sin1).to(x1.dtype), (x2f * cos1 + x1f * sin1).to(x1.dtype)
-    tl.store(base + j, r1, mask=mask)
-    tl.store(base + HALF + j, r2, mask=mask)
-    slot_base = cache_ptr + tl.load(slot_ptr + row).to(tl.int64) * num_kv_heads * 2 * HALF
-    is_k = mask & (heads >= num_heads)
-    k_dst = slot_base + (heads - num_heads) * (2 * HALF)
-    tl.store(k_dst + j, r1, mask=is_k)
-    tl.store(k_dst + HALF + j, r2, mask=is_k)
-    kv_heads = tl.arange(0, KV_PAD)[:, None]
-    d = tl.arange(0, 2 * HALF)[None, :]
-    is_v = kv_heads < num_kv_heads
-    v = tl.load(qkv_ptr + row * row_stride + (num_rot + kv_heads) * (2 * HALF) + d, mask=is_v)
-    tl.store(slot_base + stride_kv + kv_heads * (2 * HALF) + d, v, mask=is_v)
+    _launch_rotary(qkv, cos, sin, None, None, num_heads, num_kv_heads, head_dim)
 
 
 def rotary_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -150,18 +129,26 @@ def rotary_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      num_kv_heads: int, head_dim: int) -> None:
     """rotary_inplace, and each row's rotated k and its v written to kv_cache
     [2, num_blocks, block_size, num_kv_heads, head_dim] at flat slot slot_mapping[row]."""
-    n_rows = qkv.shape[0]
     if kv_cache.dtype != qkv.dtype or tuple(kv_cache.shape[3:]) != (num_kv_heads, head_dim):
         raise ValueError(f"kv_cache {tuple(kv_cache.shape)} {kv_cache.dtype} does not fit "
                          f"{num_kv_heads} KV heads of {head_dim} in {qkv.dtype}")
     if not kv_cache[0].is_contiguous():
         raise ValueError("rotary_and_cache needs K and V each contiguous in the cache")
-    if n_rows:
-        _rotary_cache_kernel[(n_rows,)](
-            qkv, cos.contiguous(), sin.contiguous(), kv_cache, slot_mapping, qkv.stride(0),
-            num_heads, num_kv_heads, kv_cache.stride(0), HALF=head_dim // 2,
-            HEADS_PAD=triton.next_power_of_2(num_heads + num_kv_heads),
-            KV_PAD=triton.next_power_of_2(num_kv_heads), num_warps=4)
+    _launch_rotary(qkv, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads, head_dim)
+
+
+def _launch_rotary(qkv, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads, head_dim):
+    """One program per row; kv_cache None: rotation only (qkv stands in for the unused cache
+    and slot pointers)."""
+    if not qkv.shape[0]:
+        return
+    write_cache = kv_cache is not None
+    _rotary_kernel[(qkv.shape[0],)](
+        qkv, cos.contiguous(), sin.contiguous(), kv_cache if write_cache else qkv,
+        slot_mapping if write_cache else qkv, qkv.stride(0), num_heads, num_kv_heads,
+        kv_cache.stride(0) if write_cache else 0, HALF=head_dim // 2,
+        HEADS_PAD=triton.next_power_of_2(num_heads + num_kv_heads),
+        KV_PAD=triton.next_power_of_2(num_kv_heads), WRITE_CACHE=write_cache, num_warps=4)
 
 
 _ARGMAX_CHUNK = 4096  # logits per program of the first pass

@@ -22,8 +22,7 @@ import torch
 
 from services.model import ParallelContext, tp_all_gather
 from services.model.attention import to_device
-from services.model.layers import uses_triton
-from services.model.sampler import sample_batch, to_int64
+from services.model.sampler import argmax_ids, sample_batch, to_int64
 from services.step import StepPlan
 from services.worker.cuda_graphs import DecodeGraphs
 from services.worker.input_batch import HostStep, InputBatch
@@ -118,7 +117,7 @@ class ModelRunner:
         and on their way to the host."""
         held = self.batch.held_at(host.sampled_rows)
         if all(h.sampling.is_greedy for h in held):
-            tokens = greedy(logits)  # [num_sampled]
+            tokens = argmax_ids(logits)  # [num_sampled]
         else:
             tokens = sample_batch(logits, *self._sampling_tensors(held, host), all_greedy=False)
         self.batch.last_sampled.index_copy_(0, sampled_rows, tokens)
@@ -142,11 +141,3 @@ class ModelRunner:
                          self.device)
         return floats[0], floats[1], ints[0], ints[1], ints[2]
 
-
-def greedy(logits: torch.Tensor) -> torch.Tensor:
-    """[n, V] -> [n] argmax ids; on GPUs split over the vocabulary (triton_ops.argmax_rows)."""
-    if uses_triton(logits):
-        from services.model.triton_ops import argmax_rows
-
-        return argmax_rows(logits)
-    return logits.argmax(dim=-1)
