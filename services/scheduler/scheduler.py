@@ -123,8 +123,9 @@ class Scheduler:
         known_left = seq.num_known_tokens - seq.num_computed_tokens
         if known_left > 0:
             return known_left
-        # Everything known is computed: the next input is the token being sampled now.
-        if seq.num_inflight_samples == 1 and seq.wants_more_samples:
+        # Everything known is computed: the next input is the token the latest step in flight
+        # samples (the workers resolve it on the device, in step order, however many are ahead).
+        if seq.num_inflight_samples and seq.wants_more_samples:
             return 1
         return 0
 

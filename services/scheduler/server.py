@@ -62,7 +62,7 @@ class SchedulerSettings:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     heartbeat_ttl_s: float = 5.0
-    max_inflight_steps: int = 0  # 0 = PP + 1 (one plan queued behind one per stage)
+    max_inflight_steps: int = 0  # 0 = max(PP + 1, 3): see build_engine
     seed: int | None = None  # seeds the draws of requests that bring no seed of their own
     drain_timeout_s: float = 60.0  # a stopping replica finishes its requests for this long
     metrics_port: int = -1  # Prometheus /metrics on this port; 0 = any free port; -1 = none
@@ -90,7 +90,7 @@ class SchedulerSettings:
                        action="store_false", help=argparse.SUPPRESS)
         p.add_argument("--heartbeat-ttl", type=SECONDS, default=5.0)
         p.add_argument("--max-inflight-steps", type=NON_NEGATIVE, default=0,
-                       help="plans in flight at once (0 = pipeline stages + 1)")
+                       help="plans in flight at once (0 = pipeline stages + 1, at least 3)")
         p.add_argument("--seed", type=int, default=None,
                        help="seed for requests without one: the same requests in the same "
                             "order sample the same tokens again (default: fresh each start)")
@@ -294,9 +294,11 @@ class _Outbox:
 
 
 def build_engine(settings: SchedulerSettings, shape: ReplicaShape, workers: WorkerGroup) -> Engine:
-    # PP = 1: the next plan waits at the workers while they run this one. PP = P: one
-    # micro-batch per stage, plus one queued.
-    inflight = settings.max_inflight_steps or shape.pp_size + 1
+    # PP = P: one micro-batch per stage, plus one queued. PP = 1: two plans wait at the workers
+    # while they run one, so a step's result can take two step times to come back and be
+    # planned on before the device runs dry (a 1 ms GPU step is shorter than that round trip's
+    # worst case).
+    inflight = settings.max_inflight_steps or max(shape.pp_size + 1, 3)
     config = SchedulerConfig(
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,

@@ -42,12 +42,13 @@ def test_prefill_then_async_decode_uses_last_sampled_token():
     (d,) = p1.seqs
     assert (d.start, d.token_ids, d.append_last_sampled, d.num_computed_tokens, d.new_block_ids) == (
         None, (), True, 6, ())
-    # Only one sample can be pending per sequence: nothing more to plan.
-    assert sched.schedule() is None
-    run(sched, p0, [7])
-    assert sched.seqs[1].output_ids == [7]
+    # And again, before either returns (the engine bounds how many plans travel at once).
     p2 = sched.schedule()
     assert p2.seqs[0].num_computed_tokens == 7 and p2.seqs[0].append_last_sampled
+    run(sched, p0, [7])
+    assert sched.seqs[1].output_ids == [7]
+    p3 = sched.schedule()
+    assert p3.seqs[0].num_computed_tokens == 8 and p3.seqs[0].append_last_sampled
 
 
 def test_no_async_decode_when_workers_do_not_keep_tokens():

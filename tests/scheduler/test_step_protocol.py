@@ -1,5 +1,5 @@
 """The step contract under random traffic: the scheduler's plans, through the wire format,
-applied by the worker's real InputBatch, with two steps in flight, arrivals, cancels, EOS,
+applied by the worker's real InputBatch, with one to three steps in flight, arrivals, cancels, EOS,
 shared prefixes and preemption. Every input the worker builds must be the sequence's token at
 that position, and when the traffic ends every block is back in the pool.
 
@@ -112,8 +112,9 @@ class Simulation:
 
 
 @pytest.mark.parametrize("seed", range(24))
-@pytest.mark.parametrize("num_blocks,inflight", [(64, 2), (14, 2), (14, 1)],
-                         ids=["roomy", "preempting", "preempting-no-overlap"])
+@pytest.mark.parametrize("num_blocks,inflight", [(64, 2), (64, 3), (14, 2), (14, 3), (14, 1)],
+                         ids=["roomy", "roomy-3", "preempting", "preempting-3",
+                              "preempting-no-overlap"])
 def test_worker_inputs_are_the_tokens_and_blocks_come_back(seed, num_blocks, inflight):
     sim = Simulation(seed, num_blocks, inflight)
     sim.run(300)
