@@ -17,16 +17,20 @@ base 2 (c = scale * log2(e)):
 GQA: the GROUP = H // KVH query heads that read KV head g are rows of one tile (padded for tl.dot),
 so each K/V tile is loaded once per group. Query head h reads KV head h // GROUP.
 
-Decode, grid (B, KVH, num_splits): split s covers positions [s * L, (s + 1) * L) of [0, seq_len),
-L = seq_len / num_splits rounded up to a multiple of BLOCK_N (read from seq_len in the kernel, so a
-short context spreads over as many programs as its tiles allow), and writes o_s and lse_s (-inf
-when its range is empty) to a float32 workspace [B, H, num_splits, (D)]; the reduce kernel, grid (B * H,), combines the splits:
+Decode, one kernel, grid (B, KVH, num_splits): split s covers positions [s * L, (s + 1) * L) of
+[0, seq_len), L = seq_len / num_splits rounded up to a multiple of BLOCK_N (read from seq_len in the
+kernel, so a short context spreads over as many programs as its tiles allow), and writes o_s and
+lse_s (-inf when its range is empty) to a float32 workspace [B, H, num_splits, (D)]. Then it takes
+a ticket (an atomic counter per (sequence, KV head)); the split that arrives last combines them
+for the group's heads, in split order (the same bits whatever the arrival order), and resets the
+counter for the next launch:
 
     o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M),    M = max_s lse_s
 
-With one split the split kernel writes the output itself. The grid and every launch argument come
-from shapes (B, H, KVH, W, block_size, D) and the GPU's SM count alone; seq_lens is read inside the
-kernel, so the decode call can be captured in a CUDA graph.
+(a second kernel for that costs a launch per layer, ~1-2 us at batch 1 on an H200). With one
+split the kernel writes the output itself. The grid and every launch argument come from shapes
+(B, H, KVH, W, block_size, D) and the GPU's SM count alone; seq_lens is read inside the kernel and
+the counters persist (zero between launches), so the decode call can be captured in a CUDA graph.
 
 Prefill, grid (ceil(max_query_len / BLOCK_Q), KVH, S): a tile is BLOCK_Q tokens x GROUP heads of one
 sequence. Query j of a sequence with q_len queries sits at position seq_len - q_len + j and sees
@@ -50,7 +54,7 @@ _MAX_SPLITS = 16
 _PROGRAMS_PER_SM = 8  # default splits stop once B * KVH * splits reaches this many programs per SM
 _INTERPRETER_NUM_SMS = 132  # on CPU (the Triton interpreter) split as on an H200
 _NUM_WARPS = 4
-_REDUCE_NUM_WARPS = 2
+_MAX_TICKETS = 1 << 16  # (sequence, KV head) counters per device: B * KVH of a split decode
 
 
 def paged_decode_attention(
@@ -71,24 +75,21 @@ def paged_decode_attention(
     max_positions = block_tables.shape[1] * block_size
     if num_splits is None:
         num_splits = _default_num_splits(max_positions, batch * num_kv_heads, _num_sms(q.device))
+    if batch * num_kv_heads > _MAX_TICKETS:
+        num_splits = 1
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [B, H, D]
-    # Workspace [B, H, num_splits, D] and [B, H, num_splits]; one split writes the output (lse unused).
+    # Workspace [B, H, num_splits, D] and [B, H, num_splits]; one split writes the output (unused).
     partial = out if num_splits == 1 else q.new_empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32)
     lse = q.new_empty((batch, num_heads, num_splits), dtype=torch.float32)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, kv_cache, block_tables, seq_lens, partial, lse,
+        q, kv_cache, block_tables, seq_lens, partial, lse, out, _tickets(q.device),
         scale * math.log2(math.e),
         q.stride(0), q.stride(1),
         *_cache_strides(kv_cache), block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=_DECODE_TILE, DOT_PRECISION=_dot_precision(q),
-        STORE_LSE=num_splits > 1, num_warps=_NUM_WARPS,
+        SPLIT=num_splits > 1, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=_NUM_WARPS,
     )  # fmt: skip
-    if num_splits > 1:
-        _decode_reduce_kernel[(batch * num_heads,)](
-            partial, lse, out, num_splits,
-            HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=_REDUCE_NUM_WARPS,
-        )  # fmt: skip
     return out
 
 
@@ -132,6 +133,14 @@ def _default_num_splits(max_positions: int, num_programs: int, num_sms: int) -> 
     by_length = max_positions // _MIN_SPLIT_POSITIONS
     by_occupancy = triton.cdiv(_PROGRAMS_PER_SM * num_sms, num_programs)
     return max(1, min(_MAX_SPLITS, by_length, by_occupancy))
+
+
+@functools.cache
+def _tickets(device: torch.device) -> torch.Tensor:
+    """The split decode's arrival counters on device, zero between launches (each launch's last
+    split resets its own). Allocated by the first decode call, which runs eagerly before any
+    CUDA graph is captured (a graph then keeps reading this same memory)."""
+    return torch.zeros(_MAX_TICKETS, dtype=torch.int32, device=device)
 
 
 @functools.cache
@@ -198,16 +207,18 @@ def _online_softmax_step(q, k_t, v, visible, m, l, acc, qk_scale, DOT_PRECISION:
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, kv_ptr, block_tables_ptr, seq_lens_ptr, partial_ptr, lse_ptr,
+    q_ptr, kv_ptr, block_tables_ptr, seq_lens_ptr, partial_ptr, lse_ptr, out_ptr, tickets_ptr,
     qk_scale,
     stride_qb, stride_qh,
     stride_kv, stride_block, stride_slot, stride_head, stride_table,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, SPLITS_PAD: tl.constexpr,
 ):  # fmt: skip
-    """One (sequence, KV head, split): partial [B, H, splits, D] and lse [B, H, splits]."""
+    """One (sequence, KV head, split): partial [B, H, splits, D] and lse [B, H, splits]; the last
+    split of (sequence, KV head) to finish combines them into out [B, H, D]."""
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    num_heads, num_splits = GROUP * tl.num_programs(1), tl.num_programs(2)
+    num_kv_heads, num_splits = tl.num_programs(1), tl.num_programs(2)
+    num_heads = GROUP * num_kv_heads
     rows = tl.arange(0, GROUP_PAD)
     heads = kv_head * GROUP + rows  # [GROUP_PAD]
     is_head = rows < GROUP
@@ -231,28 +242,45 @@ def _decode_split_kernel(
     # An empty split (l = 0) writes o = 0 and lse = -inf: it weighs nothing in the reduction.
     has_any = l > 0
     o = acc / tl.where(has_any, l, 1.0)[:, None]  # [GROUP_PAD, HEAD_DIM]
-    row = (seq * num_heads + heads) * num_splits + split  # [GROUP_PAD]
-    tl.store(partial_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=is_head[:, None])
-    if STORE_LSE:
+    if not SPLIT:
+        out_rows = seq * num_heads + heads
+        tl.store(out_ptr + out_rows[:, None] * HEAD_DIM + d[None, :], o.to(out_ptr.dtype.element_ty),
+                 mask=is_head[:, None])
+    else:
+        row = (seq * num_heads + heads) * num_splits + split  # [GROUP_PAD]
+        tl.store(partial_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=is_head[:, None])
         lse = tl.where(has_any, m + tl.log2(tl.where(has_any, l, 1.0)), float("-inf"))
         tl.store(lse_ptr + row, lse, mask=is_head)
+        # Every thread's stores, then one gpu-scope acq_rel ticket: the last split sees them all.
+        tl.debug_barrier()
+        ticket_ptr = tickets_ptr + seq * num_kv_heads + kv_head
+        if tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+            _combine_splits(partial_ptr, lse_ptr, out_ptr, seq * num_heads + kv_head * GROUP, num_splits,
+                            GROUP, HEAD_DIM, SPLITS_PAD)
+            tl.store(ticket_ptr, 0)
 
 
 @triton.jit
-def _decode_reduce_kernel(partial_ptr, lse_ptr, out_ptr, num_splits, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr):
-    """One (sequence, head) row: partial [splits, D] weighted by 2^lse [splits] -> out [D]."""
-    row = tl.program_id(0)
+def _combine_splits(partial_ptr, lse_ptr, out_ptr, first_row, num_splits,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """Rows first_row .. + GROUP of out [B * H, D]: each row's partial [splits, D] weighted by
+    2^lse [splits]. Read through L2 (.cg): other programs wrote them after this SM may have cached
+    those lines."""
     splits = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, HEAD_DIM)
     is_split = splits < num_splits
-    lse = tl.load(lse_ptr + row * num_splits + splits, mask=is_split, other=float("-inf"))  # [SPLITS_PAD]
-    max_lse = tl.max(lse, 0)
-    weight = tl.exp2(lse - tl.where(max_lse > float("-inf"), max_lse, 0.0))  # 0 for empty splits
-    partial_rows = partial_ptr + (row * num_splits + splits)[:, None] * HEAD_DIM
-    o = tl.load(partial_rows + d[None, :], mask=is_split[:, None], other=0.0)  # [SPLITS_PAD, HEAD_DIM]
-    total = tl.sum(weight, 0)  # 0 only for seq_len 0, whose output is 0
-    out = tl.sum(weight[:, None] * o, 0) / tl.where(total > 0, total, 1.0)  # [HEAD_DIM]
-    tl.store(out_ptr + row * HEAD_DIM + d, out)
+    for g in range(GROUP):
+        row = first_row + g
+        lse = tl.load(lse_ptr + row * num_splits + splits, mask=is_split, other=float("-inf"),
+                      cache_modifier=".cg")  # [SPLITS_PAD]
+        max_lse = tl.max(lse, 0)
+        weight = tl.exp2(lse - tl.where(max_lse > float("-inf"), max_lse, 0.0))  # 0 for empty splits
+        partial_rows = partial_ptr + (row * num_splits + splits)[:, None] * HEAD_DIM
+        o = tl.load(partial_rows + d[None, :], mask=is_split[:, None], other=0.0,
+                    cache_modifier=".cg")  # [SPLITS_PAD, HEAD_DIM]
+        total = tl.sum(weight, 0)  # 0 only for seq_len 0, whose output is 0
+        out = tl.sum(weight[:, None] * o, 0) / tl.where(total > 0, total, 1.0)  # [HEAD_DIM]
+        tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
