@@ -16,6 +16,7 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from services.scheduler.block_manager import BlockManager
 from services.scheduler.sequence import FinishReason, Sequence
@@ -39,9 +40,9 @@ class SchedulerConfig:
     max_live_seqs: int = 0
 
 
-@dataclass(frozen=True)
-class SeqUpdate:
-    """What one result did to a sequence: new tokens and, when it ended, why."""
+class SeqUpdate(NamedTuple):
+    """What one result did to a sequence: new tokens and, when it ended, why (one per
+    sequence per step: a named tuple is the cheapest record to build)."""
 
     seq: Sequence
     new_token_ids: list[int]
@@ -116,11 +117,11 @@ class Scheduler:
 
     def _num_runnable_tokens(self, seq: Sequence) -> int:
         """Tokens of seq the workers could compute now (0 if it must wait)."""
-        if seq.is_finished or seq.preempt_pending:
+        if seq.finish_reason is not None or seq.preempt_pending:
             return 0
         if seq.num_inflight_steps and not self.config.workers_keep_last_token:
             return 0
-        known_left = seq.num_known_tokens - seq.num_computed_tokens
+        known_left = len(seq.prompt_ids) + len(seq.output_ids) - seq.num_computed_tokens
         if known_left > 0:
             return known_left
         # Everything known is computed: the next input is the token the latest step in flight
@@ -177,26 +178,34 @@ class Scheduler:
         return not limit or len(self.running) < limit
 
     def _plan_seq(self, seq: Sequence, num_new: int) -> ScheduledSeq:
-        """seq's share of the step, as a delta against what the workers hold of it."""
+        """seq's share of the step, as a delta against what the workers hold of it.
+        Runs for every sequence of every step: a decode costs a few attribute reads."""
         start_pos = seq.num_computed_tokens
-        known_end = min(start_pos + num_new, seq.num_known_tokens)
+        end = start_pos + num_new
+        num_known = seq.num_known_tokens
+        known_end = min(end, num_known)
         start = None
-        if not seq.is_on_workers:  # its tokens and options travel once
-            start = SeqStart(tuple(seq.tokens_between(0, seq.num_known_tokens)),
-                             seq.params.sampling)
-            seq.num_tokens_held_by_workers = seq.num_known_tokens
+        if seq.num_tokens_held_by_workers < 0:  # not on the workers: tokens, options travel once
+            start = SeqStart(tuple(seq.tokens_between(0, num_known)), seq.params.sampling)
+            seq.num_tokens_held_by_workers = num_known
         held_end = min(known_end, seq.num_tokens_held_by_workers)
-        token_ids = tuple(seq.tokens_between(max(start_pos, held_end), known_end))
-        num_supplied = max(0, held_end - start_pos) + len(token_ids)
-        new_blocks = tuple(self.blocks.blocks_from(seq.seq_id, seq.num_blocks_sent))
-        seq.num_blocks_sent += len(new_blocks)
-        sample = start_pos + num_new >= seq.num_known_tokens and seq.wants_more_samples
-        seq.num_computed_tokens += num_new
+        if known_end > start_pos:  # some inputs are known here
+            token_ids = tuple(seq.tokens_between(max(start_pos, held_end), known_end))
+            num_supplied = max(0, held_end - start_pos) + len(token_ids)
+        else:  # a decode of the token in flight
+            token_ids, num_supplied = (), 0
+        new_blocks = self.blocks.blocks_from(seq.seq_id, seq.num_blocks_sent)
+        if new_blocks:
+            new_blocks = tuple(new_blocks)
+            seq.num_blocks_sent += len(new_blocks)
+        else:
+            new_blocks = ()
+        sample = end >= num_known and seq.wants_more_samples
+        seq.num_computed_tokens = end
         seq.num_inflight_steps += 1
-        seq.num_inflight_samples += int(sample)
+        seq.num_inflight_samples += sample
         return ScheduledSeq(seq.seq_id, start_pos, num_new, new_blocks, token_ids,
-                            append_last_sampled=num_supplied < num_new, sample=sample,
-                            start=start)
+                            num_supplied < num_new, sample, start)
 
     def _preempt(self, seq: Sequence) -> None:
         """Frees seq's blocks; it is recomputed from its known tokens when admitted again."""
@@ -214,29 +223,27 @@ class Scheduler:
     def on_result(self, plan: StepPlan, sampled: dict[int, list[int]]) -> list[SeqUpdate]:
         """Applies one step's sampled tokens (ids per sequence); returns what changed."""
         updates = []
+        block_size = self.blocks.block_size
         for item in plan.seqs:
             seq = self.seqs.get(item.seq_id)
             if seq is None:
                 continue
             seq.num_inflight_steps -= 1
-            if not seq.is_finished and self._fills_a_block(item):
-                # Blocks whose every token's KV is computed or ahead in the step order.
+            start = item.num_computed_tokens
+            # Only a step that completed a block has news for the prefix cache (most decodes
+            # do not): blocks whose every token's KV is computed or ahead in the step order.
+            if (seq.finish_reason is None
+                    and start // block_size != (start + item.num_new_tokens) // block_size):
                 self.blocks.commit(seq.seq_id, seq.token_view(seq.num_computed_tokens),
                                    seq.extra_key)
             if item.sample:
                 seq.num_inflight_samples -= 1
                 tokens = sampled.get(item.seq_id)
-                if tokens and not seq.is_finished:
+                if tokens and seq.finish_reason is None:
                     updates.append(self._append_tokens(seq, tokens))
-            self._settle(seq)
+            if not seq.num_inflight_steps:
+                self._settle(seq)
         return updates
-
-    def _fills_a_block(self, item) -> bool:
-        """Whether the step completed a block of the sequence (only then is there news to
-        commit to the prefix cache: most decode steps do not)."""
-        bs = self.blocks.block_size
-        start = item.num_computed_tokens
-        return start // bs != (start + item.num_new_tokens) // bs
 
     def _append_tokens(self, seq: Sequence, tokens: list[int]) -> SeqUpdate:
         """Appends tokens up to the first that ends the sequence (EOS or max_tokens)."""
