@@ -347,7 +347,7 @@ async def _client_streams(address: str, prompts, max_tokens: int, start_at: floa
 
 
 def served_rows(model_dir: Path, batches: list[int], api_servers: int = 1,
-                inflight: int = 0) -> dict:
+                inflight: int = 0, py_spy: str = "") -> dict:
     from deploy.launcher import LocalMesh, MeshSpec
 
     vocab = ModelConfig.from_dir(model_dir).vocab_size
@@ -366,9 +366,33 @@ def served_rows(model_dir: Path, batches: list[int], api_servers: int = 1,
             print(f"  served, {api_servers} gateway(s), {inflight or 'default'} plans in flight, "
                   f"batch {batch}: ITL {out[batch][0]:.3f} ms, "
                   f"{out[batch][1]:.0f} tokens/s", flush=True)
+        if py_spy:
+            profile_mesh(mesh, py_spy, prompts_for(max(batches), vocab, seed=3))
     finally:
         mesh.stop()
     return out
+
+
+def profile_mesh(mesh, py_spy: str, prompts, num_tokens: int = 1024) -> None:
+    """Samples every mesh process with py-spy (collapsed stacks, one file each under
+    $OUT or the working directory) while the batch streams num_tokens each."""
+    import os
+    import signal
+
+    out_dir = Path(os.environ.get("OUT", "."))
+    recorders = [subprocess.Popen([py_spy, "record", "--nonblocking", "-r", "400",
+                                   "-f", "raw", "-o", str(out_dir / f"py-spy-{child.name}.txt"),
+                                   "-p", str(child.proc.pid)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for child in mesh.children]
+    time.sleep(1.0)
+    itl, rate = served_stats(mesh.gateway_address, prompts, num_tokens)
+    for r in recorders:
+        r.send_signal(signal.SIGINT)
+    for r in recorders:
+        r.wait(timeout=60)
+    print(f"  profiled served batch {len(prompts)} x {num_tokens} tokens: ITL {itl:.3f} ms, "
+          f"{rate:.0f} tokens/s; py-spy stacks in {out_dir}", flush=True)
 
 
 # -- report -----------------------------------------------------------------------------------------
@@ -418,6 +442,8 @@ def main() -> None:
                    "(the table shows the last)")
     p.add_argument("--inflight", default="0", help="scheduler --max-inflight-steps values to "
                    "serve with, e.g. 2,3 (0 = its default; the table shows the last)")
+    p.add_argument("--py-spy", default="", help="py-spy binary: profile every mesh process "
+                   "during one more served run at the largest batch")
     p.add_argument("--root", default="/tmp/meshserve-bench")
     p.add_argument("--json", default="", help="also write every figure here")
     a = p.parse_args()
@@ -438,7 +464,8 @@ def main() -> None:
         for count, inflight in itertools.product(
                 [int(c) for c in a.api_servers.split(",")] if "served" in parts else [],
                 [int(i) for i in a.inflight.split(",")]):
-            served = attempt(served_rows, {}, model_dir, batches, count, inflight) or served
+            served = attempt(served_rows, {}, model_dir, batches, count, inflight,
+                             a.py_spy) or served
         hf = attempt(hf_step_ms, {}, model_dir, batches) if "hf" in parts else {}
         torch.cuda.empty_cache()
         print(f"{shape}: transformers {hf}", flush=True)
