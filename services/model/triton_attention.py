@@ -88,7 +88,8 @@ def paged_decode_attention(
         *_cache_strides(kv_cache), block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=_DECODE_TILE, DOT_PRECISION=_dot_precision(q),
-        SPLIT=num_splits > 1, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=_NUM_WARPS,
+        SPLIT=num_splits > 1, SPLITS_PAD=triton.next_power_of_2(num_splits),
+        GROUP_P2=triton.next_power_of_2(group), num_warps=_NUM_WARPS,
     )  # fmt: skip
     return out
 
@@ -213,6 +214,7 @@ def _decode_split_kernel(
     stride_kv, stride_block, stride_slot, stride_head, stride_table,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    GROUP_P2: tl.constexpr,
 ):  # fmt: skip
     """One (sequence, KV head, split): partial [B, H, splits, D] and lse [B, H, splits]; the last
     split of (sequence, KV head) to finish combines them into out [B, H, D]."""
@@ -256,31 +258,33 @@ def _decode_split_kernel(
         ticket_ptr = tickets_ptr + seq * num_kv_heads + kv_head
         if tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
             _combine_splits(partial_ptr, lse_ptr, out_ptr, seq * num_heads + kv_head * GROUP, num_splits,
-                            GROUP, HEAD_DIM, SPLITS_PAD)
+                            GROUP, GROUP_P2, HEAD_DIM, SPLITS_PAD)
             tl.store(ticket_ptr, 0)
 
 
 @triton.jit
 def _combine_splits(partial_ptr, lse_ptr, out_ptr, first_row, num_splits,
-                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr):
+                    GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    SPLITS_PAD: tl.constexpr):
     """Rows first_row .. + GROUP of out [B * H, D]: each row's partial [splits, D] weighted by
-    2^lse [splits]. Read through L2 (.cg): other programs wrote them after this SM may have cached
-    those lines."""
-    splits = tl.arange(0, SPLITS_PAD)
-    d = tl.arange(0, HEAD_DIM)
-    is_split = splits < num_splits
-    for g in range(GROUP):
-        row = first_row + g
-        lse = tl.load(lse_ptr + row * num_splits + splits, mask=is_split, other=float("-inf"),
-                      cache_modifier=".cg")  # [SPLITS_PAD]
-        max_lse = tl.max(lse, 0)
-        weight = tl.exp2(lse - tl.where(max_lse > float("-inf"), max_lse, 0.0))  # 0 for empty splits
-        partial_rows = partial_ptr + (row * num_splits + splits)[:, None] * HEAD_DIM
-        o = tl.load(partial_rows + d[None, :], mask=is_split[:, None], other=0.0,
-                    cache_modifier=".cg")  # [SPLITS_PAD, HEAD_DIM]
-        total = tl.sum(weight, 0)  # 0 only for seq_len 0, whose output is 0
-        out = tl.sum(weight[:, None] * o, 0) / tl.where(total > 0, total, 1.0)  # [HEAD_DIM]
-        tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+    2^lse [splits], every head of the group in one [GROUP, splits, D] tile (one round trip to L2,
+    not one per head). Read through L2 (.cg): other programs wrote them after this SM may have
+    cached those lines."""
+    g = tl.arange(0, GROUP_P2)[:, None]  # [G, 1]
+    splits = tl.arange(0, SPLITS_PAD)[None, :]  # [1, S]
+    is_part = (g < GROUP) & (splits < num_splits)  # [G, S]
+    part_row = (first_row + g) * num_splits + splits  # [G, S]
+    lse = tl.load(lse_ptr + part_row, mask=is_part, other=float("-inf"), cache_modifier=".cg")
+    max_lse = tl.max(lse, 1)  # [G]
+    weight = tl.exp2(lse - tl.where(max_lse > float("-inf"), max_lse, 0.0)[:, None])  # 0 if empty
+    d = tl.arange(0, HEAD_DIM)[None, None, :]
+    o = tl.load(partial_ptr + part_row[:, :, None] * HEAD_DIM + d, mask=is_part[:, :, None], other=0.0,
+                cache_modifier=".cg")  # [G, S, D]
+    total = tl.sum(weight, 1)  # [G]; 0 only for seq_len 0, whose output is 0
+    out = tl.sum(weight[:, :, None] * o, 1) / tl.where(total > 0, total, 1.0)[:, None]  # [G, D]
+    rows = first_row + tl.arange(0, GROUP_P2)
+    tl.store(out_ptr + rows[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=(tl.arange(0, GROUP_P2) < GROUP)[:, None])
 
 
 @triton.jit
