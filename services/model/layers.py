@@ -132,8 +132,11 @@ class RowParallelLinear(nn.Module):
         self.bias = _param(output_size) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight)  # [n, in / p] -> [n, out], partial sum X_i A_i
-        y = tp_all_reduce(y, self.ctx)  # Σ_i X_i A_i
+        return self.reduce(linear(x, self.weight))  # [n, in / p] -> [n, out]
+
+    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """This rank's X_i A_i [n, out] -> Σ_i X_i A_i (+ b)."""
+        y = tp_all_reduce(partial, self.ctx)
         return y if self.bias is None else y + self.bias
 
     def load_slice(self, param_name: str, source: SliceSource, shard_id: Any = None) -> None:
@@ -222,12 +225,20 @@ class RMSNorm(nn.Module):
 
 FUSED_KERNELS = True  # False: the plain-torch reference on GPUs too (benchmarks compare both)
 SKINNY_MATMULS = True  # False: every product on cuBLAS (benchmarks compare both)
+FUSED_GEMVS = True  # False: batch-1 products unfused, the norm and SiLU x mul kernels apart
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x weightᵀ (+ bias) [n, out] in out_dtype (default x's). A decode-sized x on a GPU runs the
-    Triton skinny matmul where this GPU's measured table says it beats cuBLAS (triton_linear)."""
+    """x weightᵀ (+ bias) [n, out] in out_dtype (default x's). A decode-sized x on a GPU runs a
+    Triton kernel where this GPU's measured table says it beats cuBLAS: the batch-1 product
+    (triton_gemv) or the skinny matmul (triton_linear)."""
+    gemv_tile = _gemv_tile(x, weight, "none")
+    if gemv_tile is not None:
+        from services.model import triton_gemv
+
+        y, _ = triton_gemv.gemv(x, weight, gemv_tile, out_dtype=out_dtype)
+        return y if bias is None else y + bias
     if SKINNY_MATMULS and uses_triton(x) and x.dim() == 2:
         from services.model import triton_linear
 
@@ -237,6 +248,42 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             return y if bias is None else y + bias
     y = F.linear(x, weight, bias)
     return y if out_dtype is None else y.to(out_dtype)
+
+
+def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                proj: ColumnParallelLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """(proj(norm(x + residual)), x + residual); residual None: (proj(norm(x)), x). At batch 1 on
+    a GPU whose measured table holds a fused tile for the product, one kernel (triton_gemv)."""
+    prologue = "rms_norm" if residual is None else "add_rms_norm"
+    tile = _gemv_tile(x, proj.weight, prologue)
+    if tile is None:
+        x, residual = norm(x, residual)
+        return proj(x), residual
+    from services.model import triton_gemv
+
+    y, stream = triton_gemv.gemv(x, proj.weight, tile, prologue, residual, norm.weight, norm.eps)
+    return (y if proj.bias is None else y + proj.bias), (x if stream is None else stream)
+
+
+def silu_mul_linear(gate_up: torch.Tensor, proj: RowParallelLinear) -> torch.Tensor:
+    """proj(silu(gate) ⊙ up) for gate_up [n, 2·m] = [gate | up]; fused at batch 1 as norm_linear."""
+    tile = _gemv_tile(gate_up, proj.weight, "silu_mul")
+    if tile is None:
+        return proj(silu_and_mul(gate_up))
+    from services.model import triton_gemv
+
+    partial, _ = triton_gemv.gemv(gate_up, proj.weight, tile, "silu_mul")
+    return proj.reduce(partial)
+
+
+def _gemv_tile(x: torch.Tensor, weight: torch.Tensor, prologue: str):
+    """The fused batch-1 tile measured for this product and prologue, or None (a CPU, a batch > 1,
+    a shape the table does not hold)."""
+    if not (FUSED_GEMVS and x.dim() == 2 and x.shape[0] == 1 and uses_triton(x)):
+        return None
+    from services.model import triton_gemv
+
+    return triton_gemv.tile_for(x, weight, prologue)
 
 
 def uses_triton(x: torch.Tensor) -> bool:

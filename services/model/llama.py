@@ -29,8 +29,9 @@ from services.model.layers import (
     RotaryEmbedding,
     RowParallelLinear,
     VocabParallelEmbedding,
-    silu_and_mul,
+    norm_linear,
     rotate_and_cache,
+    silu_mul_linear,
 )
 from services.model.parallel import ParallelContext
 
@@ -58,9 +59,10 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = self.qkv_proj.num_kv_heads_per_rank
 
     def forward(
-        self, x: torch.Tensor, cos_sin: CosSin, kv_cache: torch.Tensor, meta: AttentionMetadata
+        self, qkv: torch.Tensor, cos_sin: CosSin, kv_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        qkv = self.qkv_proj(x)  # [n, (heads + 2 kv_heads) · d] on this rank
+        """qkv = qkv_proj(norm(h)) [n, (heads + 2 kv_heads) · d] on this rank (the decoder layer
+        computes it with the norm, fused at batch 1) -> o_proj(attention) [n, hidden]."""
         # q [n, heads, d] rotated; this step's k (rotated) and v written into the cache
         q, _, _ = rotate_and_cache(qkv, *cos_sin, kv_cache, meta.slot_mapping, self.num_heads,
                                    self.num_kv_heads, self.head_dim)
@@ -86,9 +88,10 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, sizes, ctx, bias=config.mlp_bias)
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, ctx, bias=config.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)  # [n, 2 · intermediate / p]
-        return self.down_proj(silu_and_mul(gate_up))  # [n, hidden], all-reduced
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up = gate_up_proj(norm(h)) [n, 2 · intermediate / p] (computed with the norm by the
+        decoder layer) -> [n, hidden], all-reduced."""
+        return silu_mul_linear(gate_up, self.down_proj)
 
     def weight_sources(self, prefix: str) -> Iterator[WeightSource]:
         params = ["weight", "bias"] if self.down_proj.bias is not None else ["weight"]
@@ -111,11 +114,12 @@ class LlamaDecoderLayer(nn.Module):
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The stream h = x + residual (residual None: h = x) -> (out, residual'), the stream
-        after the layer being out + residual'. The adds are fused into the norms."""
-        x, residual = self.input_layernorm(x, residual)  # residual = h
-        x = self.self_attn(x, cos_sin, kv_cache, meta)
-        x, residual = self.post_attention_layernorm(x, residual)  # residual = h + attn
-        return self.mlp(x), residual
+        after the layer being out + residual'. The adds are fused into the norms, and at batch 1
+        on a GPU the norms into the products after them (layers.norm_linear)."""
+        qkv, residual = norm_linear(x, residual, self.input_layernorm, self.self_attn.qkv_proj)  # residual = h
+        x = self.self_attn(qkv, cos_sin, kv_cache, meta)
+        gate_up, residual = norm_linear(x, residual, self.post_attention_layernorm, self.mlp.gate_up_proj)
+        return self.mlp(gate_up), residual  # residual = h + attn
 
     def weight_sources(self, prefix: str) -> Iterator[WeightSource]:
         yield f"{prefix}.input_layernorm.weight", self.input_layernorm, "weight", None
