@@ -163,7 +163,8 @@ def runner_rows(model_dir: Path, batches: list[int], profile: bool, modes: list[
     out = {}
     for mode in modes:
         flags, fused, skinny = MODES[mode]
-        layers.FUSED_KERNELS, layers.SKINNY_MATMULS = fused, skinny
+        # the cuBLAS modes run every product on cuBLAS: no skinny tiles, no fused GEMVs
+        layers.FUSED_KERNELS, layers.SKINNY_MATMULS, layers.FUSED_GEMVS = fused, skinny, skinny
         shard = load_shard(model_dir, max(batches), **flags)
         for batch in batches:
             times, _ = drive(shard.runner, shard.num_kv_blocks, prompts_for(batch, vocab),
@@ -175,7 +176,7 @@ def runner_rows(model_dir: Path, batches: list[int], profile: bool, modes: list[
                 print(profile_table(shard, batch, vocab), flush=True)
         del shard
         torch.cuda.empty_cache()
-    layers.FUSED_KERNELS = layers.SKINNY_MATMULS = True
+    layers.FUSED_KERNELS = layers.SKINNY_MATMULS = layers.FUSED_GEMVS = True
     return out
 
 

@@ -8,6 +8,12 @@ Times are medians of CUDA-event timings with the L2 cache flushed between calls
 (triton.testing.do_bench): a weight read from L2 would flatter a kernel that reads HBM in
 serving. A tile enters the table only if it is at least MARGIN faster than cuBLAS and its
 product agrees with cuBLAS's within the dtype's rounding. Prints one markdown table.
+
+At one row it then tunes the fused GEMVs (services/model/triton_gemv.py): each product with the
+op that feeds it in the model (the residual add + RMSNorm before qkv and gate_up, SiLU x mul
+before down) timed as one kernel against the unfused pair as the model runs it (the op's Triton
+kernel, then the product on whichever of cuBLAS and the skinny tile won above). A gemv tile
+enters the table under `gemv-<prologue>,N,K,dtype` by the same margin and agreement rule.
 """
 
 from __future__ import annotations
@@ -23,11 +29,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.make_random_llama import SHAPES  # noqa: E402
-from services.model import triton_linear  # noqa: E402
+from services.model import triton_gemv, triton_linear, triton_ops  # noqa: E402
 from services.model.triton_linear import Tile  # noqa: E402
 
 MARGIN = 0.97  # a tile must take at most 97 % of cuBLAS's time
 VOCAB = 128256
+DEVICE = "cuda"  # where the products are timed
 
 
 def products(dims: dict, tp: int = 1, vocab: int = VOCAB) -> dict[str, tuple[int, int]]:
@@ -59,6 +66,18 @@ def candidates(n: int, k: int, num_sms: int) -> list[Tile]:
     return out
 
 
+# the op fused into each product at batch 1, as the decoder layer applies them (layers.norm_linear)
+GEMV_PROLOGUES = {"qkv_proj": "add_rms_norm", "o_proj": "none", "gate_up_proj": "add_rms_norm",
+                  "down_proj": "silu_mul", "lm_head": "none"}
+
+
+def gemv_candidates(k: int) -> list[Tile]:
+    """Batch-1 tiles worth timing: rows per program x K step x warps x stages."""
+    return [Tile(block_n, block_k, 1, stages, warps)
+            for block_n in (4, 8, 16, 32) for block_k in (128, 256, 512) if k % block_k == 0
+            for warps in (4, 8) for stages in (1, 2)]
+
+
 def bench_us(fn) -> float:
     from triton.testing import do_bench
 
@@ -66,8 +85,8 @@ def bench_us(fn) -> float:
 
 
 def tune_one(n: int, k: int, rows: int, dtype: torch.dtype, out_dtype, num_sms: int):
-    x = torch.randn(rows, k, device="cuda", dtype=dtype)
-    w = torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5
+    x = torch.randn(rows, k, device=DEVICE, dtype=dtype)
+    w = torch.randn(n, k, device=DEVICE, dtype=dtype) / k**0.5
     cublas = bench_us(lambda: F.linear(x, w).to(out_dtype or dtype))
     expected = F.linear(x, w).float()
     best = None
@@ -83,6 +102,54 @@ def tune_one(n: int, k: int, rows: int, dtype: torch.dtype, out_dtype, num_sms: 
         if best is None or us < best[1]:
             best = (tile, us)
     return cublas, best
+
+
+def tune_gemv(name: str, n: int, k: int, dtype: torch.dtype, out_dtype, product):
+    """(unfused us, best (tile, us) or None) for product `name` at one row; product(x, w) is the
+    unfused product as the model would run it after the op."""
+    prologue = GEMV_PROLOGUES[name]
+    width = 2 * k if prologue == "silu_mul" else k
+    x = torch.randn(1, width, device=DEVICE, dtype=dtype)
+    residual = torch.randn_like(x) if prologue == "add_rms_norm" else None
+    norm_w = (1 + 0.1 * torch.randn(k, device=DEVICE)).to(dtype)
+    w = torch.randn(n, k, device=DEVICE, dtype=dtype) / k**0.5
+    eps = 1e-5
+
+    def unfused():
+        if prologue == "add_rms_norm":
+            xin, _ = triton_ops.fused_add_rms_norm(x, residual, norm_w, eps)
+        elif prologue == "silu_mul":
+            xin = triton_ops.silu_and_mul(x)
+        else:
+            xin = x
+        return product(xin, w)
+
+    def fused(tile):
+        return triton_gemv.gemv(x, w, tile, prologue, residual, norm_w, eps, out_dtype)
+
+    expected, h = unfused().float(), (x + residual) if residual is not None else None
+    best = None
+    for tile in gemv_candidates(k):
+        try:
+            got, h_got = fused(tile)
+        except Exception:  # noqa: BLE001 - a tile the GPU cannot hold is skipped
+            continue
+        if not torch.allclose(got.float(), expected, rtol=2e-2, atol=2e-2) or (
+                h is not None and not torch.equal(h_got, h)):
+            print(f"  gemv tile {tile} disagrees with the unfused pair on {name} {n}x{k}: skipped",
+                  flush=True)
+            continue
+        us = bench_us(lambda t=tile: fused(t))
+        if best is None or us < best[1]:
+            best = (tile, us)
+    return bench_us(unfused), best
+
+
+def _product(tile: Tile | None, out_dtype):
+    """x, w -> x wᵀ on the skinny tile, or on cuBLAS where tile is None."""
+    if tile is None:
+        return lambda x, w: F.linear(x, w).to(out_dtype or x.dtype)
+    return lambda x, w: triton_linear.skinny_matmul(x, w, tile, out_dtype)
 
 
 def table_text(table: dict) -> str:
@@ -120,6 +187,7 @@ def main() -> None:
     print("| shape | product | N x K | rows | cuBLAS us | Triton us | tile (n, k, split, stages) "
           "| cuBLAS TB/s | Triton TB/s | chosen |")
     print("|---|---|---|---:|---:|---:|---|---:|---:|---|")
+    winners = {}  # (shape, product) -> the batch-1 product as the model runs it unfused
     for shape, prods in shapes.items():
         for name, (n, k) in prods.items():
             out_dtype = torch.float32 if name == "lm_head" and a.tp == 1 else None
@@ -131,6 +199,8 @@ def main() -> None:
                     entries[key] = best[0].as_list()
                 else:
                     entries.pop(key, None)
+                if rows == 1:
+                    winners[shape, name] = _product(best[0] if chosen else None, out_dtype)
                 gb = n * k * 2 / 1e12
                 tile = best[0] if best else None
                 tile_text = f"{tile.block_n}, {tile.block_k}, {tile.split_k}, {tile.num_stages}" \
@@ -140,6 +210,31 @@ def main() -> None:
                 print(f"| {shape} | {name} | {n} x {k} | {rows} | {cublas:.1f} | {triton_us} | "
                       f"{tile_text} | {gb / (cublas / 1e6):.2f} | {triton_bw} | "
                       f"{'Triton' if chosen else 'cuBLAS'} |", flush=True)
+    if winners:
+        print(f"\n### Fused batch-1 GEMVs vs the unfused pair on {device} (bf16, L2 flushed, "
+              "median us)\n")
+        print("| shape | product | prologue | N x K | unfused us | fused us | tile (n, k, stages, "
+              "warps) | fused TB/s | ratio | chosen |")
+        print("|---|---|---|---|---:|---:|---|---:|---:|---|")
+    for (shape, name), product in winners.items():
+        n, k = shapes[shape][name]
+        out_dtype = torch.float32 if name == "lm_head" and a.tp == 1 else None
+        unfused, best = tune_gemv(name, n, k, torch.bfloat16, out_dtype, product)
+        prologue = GEMV_PROLOGUES[name]
+        key = triton_gemv.table_key(prologue, n, k, torch.bfloat16)
+        chosen = best is not None and best[1] <= MARGIN * unfused
+        if chosen:
+            entries[key] = best[0].as_list()
+        else:
+            entries.pop(key, None)
+        tile = best[0] if best else None
+        tile_text = f"{tile.block_n}, {tile.block_k}, {tile.num_stages}, {tile.num_warps}" \
+            if tile else "-"
+        fused_us = f"{best[1]:.1f}" if best else "-"
+        bw = f"{n * k * 2 / 1e12 / (best[1] / 1e6):.2f}" if best else "-"
+        ratio = f"{best[1] / unfused:.2f}" if best else "-"
+        print(f"| {shape} | {name} | {prologue} | {n} x {k} | {unfused:.1f} | {fused_us} | "
+              f"{tile_text} | {bw} | {ratio} | {'fused' if chosen else 'unfused'} |", flush=True)
     table[device] = dict(sorted(entries.items()))
     path.write_text(table_text(table))
     print(f"\nwrote {len(entries)} entries for {device} to {path}")
