@@ -1,5 +1,6 @@
-"""The fused batch-1 products (Triton's interpreter on machines without a GPU) against the unfused
-torch path they replace, and the table keys that decide where they run."""
+"""The fused batch-1 products (compiled on a GPU, Triton's interpreter elsewhere) against the unfused
+torch path they replace, the layer functions that call them, and the table keys that decide where
+they run."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ triton_gemv = pytest.importorskip("services.model.triton_gemv")
 from services.model.triton_linear import Tile  # noqa: E402
 
 EPS = 1e-5
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def randn(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
 def rms_norm(h, w):
@@ -87,4 +89,34 @@ def test_shapes_and_arguments_that_do_not_fit_are_refused():
 
 def test_table_keys_name_the_prologue_and_cpu_tensors_take_the_unfused_path():
     assert triton_gemv.table_key("silu_mul", 2048, 8192, torch.bfloat16) == "gemv-silu_mul,2048,8192,bfloat16"
-    assert triton_gemv.tile_for(randn(1, 128), randn(80, 128), "none") is None
+    assert triton_gemv.tile_for(torch.randn(1, 128), torch.randn(80, 128), "none") is None
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_layer_functions_give_the_unfused_results_through_the_fused_kernel(monkeypatch, bias):
+    """layers.norm_linear and silu_mul_linear with a tile for every product (as a GPU's table
+    would hold) against the same calls taking the unfused path: the stream and outputs agree."""
+    from services.model import layers
+    from services.model.parallel import ParallelContext
+
+    ctx = ParallelContext()
+    norm = layers.RMSNorm(128, EPS)
+    qkv = layers.ColumnParallelLinear(128, 96, ctx, bias=bias)
+    down = layers.RowParallelLinear(64, 128, ctx, bias=bias)
+    for i, param in enumerate([norm.weight, qkv.weight, down.weight]
+                              + ([qkv.bias, down.bias] if bias else [])):
+        param.data = randn(*param.shape, seed=20 + i) / 4
+    x, residual, gate_up = randn(1, 128, seed=30), randn(1, 128, seed=31), randn(1, 128, seed=32)
+
+    def outputs():
+        return (*layers.norm_linear(x, residual, norm, qkv), *layers.norm_linear(x, None, norm, qkv),
+                layers.silu_mul_linear(gate_up, down))
+
+    for module in (norm, qkv, down):
+        module.to(DEVICE)
+    monkeypatch.setattr(layers, "FUSED_GEMVS", False)
+    unfused = outputs()
+    monkeypatch.setattr(layers, "FUSED_GEMVS", True)
+    monkeypatch.setattr(layers, "_gemv_tile", lambda x, w, prologue: Tile(16, 64))
+    for got, want in zip(outputs(), unfused, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
