@@ -1,4 +1,4 @@
-"""The Triton skinny matmul (Triton's interpreter on machines without a GPU) against torch, and
+"""The Triton skinny matmul (compiled on a GPU, Triton's interpreter elsewhere) against torch, and
 the measured table that decides where it runs."""
 
 from __future__ import annotations
@@ -11,10 +11,14 @@ import torch.nn.functional as F
 
 triton_linear = pytest.importorskip("services.model.triton_linear")
 Tile = triton_linear.Tile
+PROLOGUES = pytest.importorskip("services.model.triton_gemv").PROLOGUES
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def randn(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
 @pytest.mark.parametrize("rows", [1, 5, 16, 33])
@@ -56,7 +60,7 @@ def test_tile_lookup_reads_the_table_and_falls_back_to_cublas(tmp_path):
     assert tiles == {"16,80,128,float32": Tile(16, 32, 2, 3, 4)}
     assert triton_linear._tiles_of("GPU Y", table) == {}
     # On CPU tensors there is no GPU to look up: cuBLAS's place is torch's own linear.
-    assert triton_linear.tile_for(randn(4, 128), randn(80, 128)) is None
+    assert triton_linear.tile_for(torch.randn(4, 128), torch.randn(80, 128)) is None
 
 
 def test_the_shipped_table_holds_valid_tiles():
@@ -64,7 +68,12 @@ def test_the_shipped_table_holds_valid_tiles():
     for device, entries in table.items():
         for key, value in entries.items():
             rows, n, k, dtype = key.split(",")
-            assert int(rows) in triton_linear.ROW_CLASSES and dtype in ("bfloat16", "float16")
+            assert dtype in ("bfloat16", "float16"), (device, key)
             tile = Tile(*value)
+            if rows.startswith("gemv-"):  # a fused batch-1 product (services/model/triton_gemv.py)
+                assert rows.removeprefix("gemv-") in PROLOGUES, (device, key)
+                assert tile.split_k == 1 and int(k) % tile.block_k == 0, (device, key)
+                continue
+            assert int(rows) in triton_linear.ROW_CLASSES, (device, key)
             assert int(k) % (tile.block_k * tile.split_k) == 0, (device, key)
             assert tile.block_n >= 16 and tile.block_k >= 16
