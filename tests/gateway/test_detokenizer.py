@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from gateway import detokenizer as detok_module
 from gateway.detokenizer import IncrementalDetokenizer
 
 TEXT = "héllo wörld ✓ 日本語 🎉"
@@ -141,30 +142,43 @@ def test_flush_returns_a_truncated_emoji_as_replacement(byte_bpe):
     assert detok.flush() == ""
 
 
-class CountingDecoder:
-    """Records the length of every decode window."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-        self.window_lengths: list[int] = []
-
-    def decode(self, ids, skip_special_tokens=True):
-        self.window_lengths.append(len(ids))
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-
-
-def test_cost_per_token_does_not_grow_with_length(byte_bpe):
+def test_held_ids_stay_few_over_a_long_stream(byte_bpe):
+    """Per-token cost stays flat: only the ids of an open character are ever held (the window
+    DecodeStream decodes is the last emission plus those)."""
     text = TEXT * 60
     ids = byte_bpe.encode(text).ids
-    decoder = CountingDecoder(byte_bpe)
-    assert "".join(stream(IncrementalDetokenizer(decoder), ids)) == text
-    assert len(ids) > 1500 and max(decoder.window_lengths) <= 8
+    detok = IncrementalDetokenizer(byte_bpe)
+    chunks, most_held = [], 0
+    for i in ids:
+        chunks.append(detok.push([i]))
+        most_held = max(most_held, detok.num_held_tokens)
+    assert "".join(chunks) + detok.flush() == text
+    assert len(ids) > 1500 and most_held <= 3  # a 4-byte character, 3 of its tokens held
 
 
 def test_invalid_bytes_are_released_within_a_bounded_window(byte_bpe):
     stray = byte_bpe.token_to_id(BYTE_CHAR[0x80])  # a continuation byte with no lead byte
-    decoder = CountingDecoder(byte_bpe)
-    detok = IncrementalDetokenizer(decoder)
-    chunks = stream(detok, [stray] * 100 + byte_bpe.encode("ok").ids)
-    assert "".join(chunks).endswith("ok") and "\ufffd" in "".join(chunks)
-    assert max(decoder.window_lengths) <= 40
+    detok = IncrementalDetokenizer(byte_bpe)
+    chunks = []
+    for i in [stray] * 100 + byte_bpe.encode("ok").ids:
+        chunks.append(detok.push([i]))
+        assert detok.num_held_tokens < detok_module._MAX_HELD_TOKENS
+    text = "".join(chunks) + detok.flush()
+    assert text.endswith("ok") and "\ufffd" in text
+    assert text == byte_bpe.decode([stray] * 100 + byte_bpe.encode("ok").ids)
+
+
+def test_a_stream_that_refuses_its_window_falls_back_to_decoding_it(byte_bpe):
+    """DecodeStream raises when a window's text is no prefix of the next one's: the detokenizer
+    decodes that window itself and starts a new stream after it."""
+    class Refusing:
+        def step(self, tokenizer, ids):
+            raise RuntimeError("invalid prefix")
+
+    ids = byte_bpe.encode(TEXT).ids
+    detok = IncrementalDetokenizer(byte_bpe)
+    chunks = [detok.push([i]) for i in ids[:5]]
+    detok._stream = Refusing()
+    chunks += [detok.push(ids[5:9])]
+    chunks += [detok.push([i]) for i in ids[9:]] + [detok.flush()]
+    assert "".join(chunks) == TEXT
