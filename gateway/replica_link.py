@@ -52,13 +52,23 @@ class ReplicaLink:
         stream_id, queue = next(self._stream_ids), asyncio.Queue()
         self._outputs[stream_id] = queue
         self._requests.put_nowait(pb.SubmitManyRequest(stream_id=stream_id, submit=request))
-        finished = False
+        finished, pending = False, None
         try:
             while not finished:
-                item = await queue.get()
+                item = pending if pending is not None else await queue.get()
+                pending = None
                 if isinstance(item, ReplicaError):
                     finished = True
                     raise item
+                # A consumer that fell behind (a busy gateway, a slow client) takes every response
+                # already here as one: fewer messages per token under load, none held back when
+                # it keeps up.
+                while item.finish_reason == 0 and not queue.empty():
+                    ready = queue.get_nowait()
+                    if isinstance(ready, ReplicaError):
+                        pending = ready
+                        break
+                    item = _merged(item, ready)
                 finished = item.finish_reason != 0
                 yield item
         finally:
@@ -95,6 +105,13 @@ class ReplicaLink:
     async def close(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
+
+
+def _merged(first: pb.SubmitResponse, then: pb.SubmitResponse) -> pb.SubmitResponse:
+    """Two consecutive responses of one request as the one the scheduler would have sent."""
+    return pb.SubmitResponse(
+        token_ids=[*first.token_ids, *then.token_ids], finish_reason=then.finish_reason,
+        num_cached_prompt_tokens=first.num_cached_prompt_tokens or then.num_cached_prompt_tokens)
 
 
 async def _drain(queue: asyncio.Queue):

@@ -1,0 +1,78 @@
+"""The gateway's shared stream to a scheduler over real gRPC on loopback: a request that fell
+behind takes every response already there as one, and a failure after tokens still reaches it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from gateway.replica_link import ReplicaError, ReplicaLink
+from meshserve.internal.v1 import scheduler_pb2 as pb
+from meshserve.internal.v1 import scheduler_pb2_grpc
+from meshserve.v1 import generation_pb2 as public
+
+NUM_TOKENS = 6
+
+
+class Scheduler(scheduler_pb2_grpc.SchedulerServicer):
+    """Answers each submit with NUM_TOKENS one-token messages at once; with fail=True the last
+    one is an error instead of the finish."""
+
+    def __init__(self, fail: bool):
+        self.fail = fail
+
+    async def SubmitMany(self, request_iterator, context):
+        async for req in request_iterator:
+            if not req.HasField("submit"):
+                continue
+            for i in range(NUM_TOKENS):
+                last = i == NUM_TOKENS - 1
+                out = pb.RequestOutput(stream_id=req.stream_id)
+                if last and self.fail:
+                    out.error_code, out.error_message = grpc.StatusCode.UNAVAILABLE.value[0], "gone"
+                else:
+                    out.response.token_ids.append(100 + i)
+                    out.response.finish_reason = public.FINISH_REASON_LENGTH if last else 0
+                    out.response.num_cached_prompt_tokens = 16 if i == 0 else 0
+                yield pb.SubmitManyResponse(outputs=[out])
+
+
+async def lagging_client(fail: bool) -> tuple[list[list[int]], list, str | None]:
+    server = grpc.aio.server()
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(Scheduler(fail), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    link = ReplicaLink(scheduler_pb2_grpc.SchedulerStub(channel))
+    messages, error = [], None
+    try:
+        responses = link.submit(pb.SubmitRequest(prompt_token_ids=[1, 2, 3]))
+        messages.append(await responses.__anext__())
+        await asyncio.sleep(0.5)  # behind: every other response arrives meanwhile
+        async for msg in responses:
+            messages.append(msg)
+    except ReplicaError as exc:
+        error = exc.details()
+    finally:
+        await link.close()
+        await channel.close()
+        await server.stop(None)
+    return [list(m.token_ids) for m in messages], messages, error
+
+
+def test_a_request_behind_takes_the_waiting_responses_as_one():
+    ids, messages, error = asyncio.run(lagging_client(fail=False))
+    assert error is None
+    assert [i for chunk in ids for i in chunk] == [100 + i for i in range(NUM_TOKENS)]
+    assert len(messages) == 2 and len(ids[1]) == NUM_TOKENS - len(ids[0])  # the rest, merged
+    assert messages[-1].finish_reason == public.FINISH_REASON_LENGTH
+    assert messages[0].num_cached_prompt_tokens == 16
+
+
+def test_a_failure_behind_the_waiting_tokens_still_fails_the_request():
+    ids, messages, error = asyncio.run(lagging_client(fail=True))
+    assert error == "gone"
+    assert [i for chunk in ids for i in chunk] == [100 + i for i in range(NUM_TOKENS - 1)]
+    assert all(m.finish_reason == 0 for m in messages)
