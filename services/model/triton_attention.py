@@ -64,10 +64,14 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
+    block_n: int = _DECODE_TILE,
+    num_warps: int = _NUM_WARPS,
 ) -> torch.Tensor:
     """q [B, H, D], one query per sequence at its last position -> [B, H, D] in q.dtype.
 
     block_tables [B, W], seq_lens [B] int32 on the device (this step's token included).
+    num_splits, block_n (positions per K/V tile) and num_warps default to the module's choice
+    (bench/tune_attention.py measures others).
     """
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
@@ -87,9 +91,9 @@ def paged_decode_attention(
         q.stride(0), q.stride(1),
         *_cache_strides(kv_cache), block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, BLOCK_N=_DECODE_TILE, DOT_PRECISION=_dot_precision(q),
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q),
         SPLIT=num_splits > 1, SPLITS_PAD=triton.next_power_of_2(num_splits),
-        GROUP_P2=triton.next_power_of_2(group), num_warps=_NUM_WARPS,
+        GROUP_P2=triton.next_power_of_2(group), num_warps=num_warps,
     )  # fmt: skip
     return out
 

@@ -1,0 +1,100 @@
+"""Measures the split-KV decode attention kernel (services/model/triton_attention.py) at the
+decode shapes it serves, its default launch (splits from the SM count, tile and warps of the
+module) against every tile x warps x splits launch, and prints where the default stands.
+
+    python bench/tune_attention.py [--shapes 1b,8b] [--batches 1,16,64] [--contexts 192,2048]
+
+Times are medians of CUDA-event timings with the L2 cache flushed between calls
+(triton.testing.do_bench); each candidate's output is checked against the default's first.
+The KV bytes read per call over the time gives the bandwidth to compare with the GPU's copy
+bandwidth. Prints one markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from bench.make_random_llama import SHAPES  # noqa: E402
+from services.model import triton_attention  # noqa: E402
+
+BLOCK_SIZE = 16  # the KV cache's positions per block (the scheduler's default)
+MAX_MODEL_LEN = 8192  # block-table width as the worker sizes it
+
+
+def bench_us(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=25, return_mode="median") * 1e3
+
+
+def case(dims: dict, batch: int, context: int):
+    """(q, kv_cache, block_tables, seq_lens, kv bytes) for `batch` sequences of `context`
+    positions on randomly placed blocks."""
+    heads, kv_heads, d = dims["num_attention_heads"], dims["num_key_value_heads"], dims["head_dim"]
+    width = MAX_MODEL_LEN // BLOCK_SIZE
+    per_seq = -(-context // BLOCK_SIZE)
+    blocks = torch.randperm(batch * per_seq + 1)[: batch * per_seq].view(batch, per_seq)
+    tables = torch.zeros(batch, width, dtype=torch.int32)
+    tables[:, :per_seq] = blocks.int()
+    cache = torch.randn(2, batch * per_seq + 1, BLOCK_SIZE, kv_heads, d, dtype=torch.bfloat16,
+                        device="cuda")
+    q = torch.randn(batch, heads, d, dtype=torch.bfloat16, device="cuda")
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    return q, cache, tables.cuda(), seq_lens, 2 * batch * context * kv_heads * d * 2
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="1b,8b")
+    p.add_argument("--batches", default="1,16,64")
+    p.add_argument("--contexts", default="192,2048")
+    a = p.parse_args()
+    device = torch.cuda.get_device_name()
+    print(f"\n### Decode attention launches on {device} (bf16, block size {BLOCK_SIZE}, L2 "
+          "flushed, median us)\n")
+    print("| shape | batch | context | default us | default splits | default TB/s | best us | "
+          "best (tile, warps, splits) | best TB/s | best / default |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
+    for shape, batch, context in itertools.product(
+            a.shapes.split(","), map(int, a.batches.split(",")), map(int, a.contexts.split(","))):
+        q, cache, tables, seq_lens, kv_bytes = case(SHAPES[shape], batch, context)
+        scale = q.shape[-1] ** -0.5
+        default_splits = triton_attention._default_num_splits(
+            tables.shape[1] * BLOCK_SIZE, batch * cache.shape[3],
+            torch.cuda.get_device_properties(0).multi_processor_count)
+
+        def run(splits=None, block_n=triton_attention._DECODE_TILE,
+                warps=triton_attention._NUM_WARPS):
+            return triton_attention.paged_decode_attention(q, cache, tables, seq_lens, scale,
+                                                           splits, block_n, warps)
+
+        expected = run().float()
+        default_us = bench_us(run)
+        best = None
+        for block_n, warps, splits in itertools.product((16, 32, 64, 128), (2, 4, 8),
+                                                        (1, 2, 3, 4, 6, 8, 16)):
+            try:
+                got = run(splits, block_n, warps).float()
+            except Exception:  # noqa: BLE001 - a launch the GPU cannot hold is skipped
+                continue
+            if not torch.allclose(got, expected, rtol=2e-2, atol=2e-2):
+                print(f"  ({block_n}, {warps}, {splits}) disagrees with the default: skipped")
+                continue
+            us = bench_us(lambda: run(splits, block_n, warps))
+            if best is None or us < best[1]:
+                best = ((block_n, warps, splits), us)
+        tb = kv_bytes / 1e12
+        print(f"| {shape} | {batch} | {context} | {default_us:.2f} | {default_splits} | "
+              f"{tb / (default_us / 1e6):.2f} | {best[1]:.2f} | {', '.join(map(str, best[0]))} | "
+              f"{tb / (best[1] / 1e6):.2f} | {best[1] / default_us:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
