@@ -175,11 +175,20 @@ def _gather_context(kv_cache: torch.Tensor, blocks: torch.Tensor) -> tuple[torch
 
 
 def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """One query per sequence: pad every context to the longest and mask, in one SDPA call."""
-    num_blocks = math.ceil(max(meta.seq_lens) / meta.block_size)
-    keys, values = _gather_context(kv_cache, meta.block_tables[:, :num_blocks])  # [B, L, kvh, d]
+    """One query per sequence: every sequence at once (_batched_decode)."""
+    return _batched_decode(q, kv_cache, meta.block_tables, meta.seq_lens, meta.seq_lens_tensor,
+                           meta.block_size, scale)
+
+
+def _batched_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                    seq_lens: Sequence[int], seq_lens_tensor: torch.Tensor, block_size: int,
+                    scale: float) -> torch.Tensor:
+    """q [B, heads, d], the last query of each of B sequences -> [B, heads, d]: every context
+    padded to the longest and masked, in one SDPA call."""
+    num_blocks = math.ceil(max(seq_lens) / block_size)
+    keys, values = _gather_context(kv_cache, block_tables[:, :num_blocks])  # [B, L, kvh, d]
     max_len = keys.shape[1]
-    valid = torch.arange(max_len, device=q.device)[None, :] < meta.seq_lens_tensor[:, None]  # [B, L]
+    valid = torch.arange(max_len, device=q.device)[None, :] < seq_lens_tensor[:, None]  # [B, L]
     batch, num_heads, head_dim = q.shape
     num_kv_heads = keys.shape[2]
     # GQA without repeating K/V: the group's query heads are the query rows of their KV head.
@@ -196,15 +205,28 @@ def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMe
 def _prefill_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
-    """Any mix of prefill chunks and decodes: one SDPA call per sequence."""
-    outputs = []
+    """Any mix of prefill chunks and decodes: the decodes in one batched call, then one SDPA
+    call per prefill chunk."""
+    starts = meta.query_starts
+    decodes = [i for i in range(meta.num_seqs) if starts[i + 1] - starts[i] == 1]
+    if len(decodes) < 2:
+        decodes = []  # one decode costs as much either way
+    out = torch.empty_like(q)
+    if decodes:
+        rows = torch.tensor([starts[i] for i in decodes], device=q.device)
+        seqs = torch.tensor(decodes, device=q.device)
+        out[rows] = _batched_decode(q[rows], kv_cache, meta.block_tables[seqs],
+                                    [meta.seq_lens[i] for i in decodes],
+                                    meta.seq_lens_tensor[seqs], meta.block_size, scale)
+    done = set(decodes)
     for i, seq_len in enumerate(meta.seq_lens):
-        start, end = meta.query_starts[i], meta.query_starts[i + 1]
+        if i in done:
+            continue
+        start, end = starts[i], starts[i + 1]
         num_blocks = math.ceil(seq_len / meta.block_size)
         keys, values = _gather_context(kv_cache, meta.block_tables[i, :num_blocks])
-        out = _causal_sdpa(q[start:end], keys[:seq_len], values[:seq_len], scale)
-        outputs.append(out)
-    return torch.cat(outputs)
+        out[start:end] = _causal_sdpa(q[start:end], keys[:seq_len], values[:seq_len], scale)
+    return out
 
 
 def _causal_sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
