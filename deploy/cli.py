@@ -46,6 +46,10 @@ PASS_THROUGH = [
     ("--routing-policy", dict(choices=("prefix", "least-load", "round-robin"),
                               help="how gateways pick a replica (default prefix)"),
      ("gateway",)),
+    ("--balance-share", dict(type=float_in(0.0, low_open=False),
+                             help="most of the recent requests one replica takes under the "
+                                  "prefix policy, x an even share (default 2; 0 = no limit)"),
+     ("gateway",)),
 ]
 
 

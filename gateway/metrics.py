@@ -88,7 +88,7 @@ class GatewayMetrics:
                                 "Requests that ended with an error status, by gRPC code.",
                                 ("code",))
         self._routing = metric(Counter, "routing_decisions",
-                               "Replica choices: by cached prefix, by load, in turn, or the only one.",
+                               "Replica choices: by cached prefix, by load, past a share (balance), in turn, or the only one.",
                                ("reason",))
         self._failovers = metric(Counter, "failovers",
                                  "Requests resumed on another replica after one failed "

@@ -1,4 +1,4 @@
-"""Which replica serves a request: longest cached prefix first, then least load.
+"""Which replica serves a request: the lowest cost of prefill left plus load, within a share.
 
 The replica table is re-read from Redis in the background (never per token); each request
 costs at most one Redis pipeline, to ask which replicas hold its prompt's leading blocks.
@@ -11,7 +11,7 @@ import itertools
 import logging
 import random
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -35,6 +35,7 @@ POLICIES = ("prefix", "least-load", "round-robin")
 # replica's heartbeats (every TTL / 3) have put them in the index, with room to spare.
 RECENT_S = 5.0
 MAX_RECENT_BLOCKS = 65536  # per replica: the oldest go first
+BALANCE_WINDOW = 32  # the last requests this gateway routed by prefix, over which shares count
 
 
 @dataclass
@@ -84,6 +85,11 @@ class Router:
     policy: str = "prefix"  # one of POLICIES (see pick)
     prefix_weight: float = 1.0  # cost of one prompt block a replica would still prefill
     load_weight: float = 8.0  # cost of one request a replica has, in prompt blocks
+    # Under the prefix policy a replica that took more than this multiple of an even share of
+    # the last BALANCE_WINDOW requests takes none until it falls back (0 = no limit): a hot
+    # prefix then spreads to a second replica instead of queueing on one.
+    balance_share: float = 2.0
+    _recent_picks: deque = field(default_factory=lambda: deque(maxlen=BALANCE_WINDOW))
     _turns: itertools.count = field(default_factory=itertools.count)
     _random: random.Random = field(default_factory=random.Random)
     _task: asyncio.Task | None = None
@@ -154,7 +160,8 @@ class Router:
 
         prefix (default): the lowest cost, prefix_weight x the prompt blocks it would still
             prefill (those past its cached prefix) + load_weight x the requests it has; a long
-            cached prefix behind a full queue loses to an idle replica;
+            cached prefix behind a full queue loses to an idle replica; a replica past its
+            share of recent requests (balance_share) loses to the cheapest of the others;
         least-load: the fewest requests; round-robin: each in turn.
         Ties go to a random one of the tied."""
         candidates = [h for h in self.serving(model) if h.record.replica_id not in exclude]
@@ -174,12 +181,28 @@ class Router:
         costs = {h.record.replica_id: self.prefix_weight * (len(hashes) - hits.get(
             h.record.replica_id, 0)) + self.load_weight * h.load for h in candidates}
         best = self._cheapest(candidates, costs)
+        reason = "prefix" if hits.get(best.record.replica_id, 0) else "load"
+        over = self._over_share(len(candidates))
+        if best.record.replica_id in over:
+            others = [h for h in candidates if h.record.replica_id not in over]
+            if others:
+                best, reason = self._cheapest(others, costs), "balance"
+        self._recent_picks.append(best.record.replica_id)
         self._remember(best, hashes)
-        self._picked("prefix" if hits.get(best.record.replica_id, 0) else "load")
+        self._picked(reason)
         return best
 
+    def _over_share(self, num_candidates: int) -> set[str]:
+        """Replicas that took more than balance_share x an even share of the last
+        BALANCE_WINDOW prefix-routed requests (none until that many were routed)."""
+        picks = self._recent_picks
+        if not self.balance_share or len(picks) < BALANCE_WINDOW:
+            return set()
+        limit = self.balance_share * len(picks) / num_candidates
+        return {rid for rid, n in Counter(picks).items() if n > limit}
+
     def _cheapest(self, candidates: list[ReplicaHandle], costs: dict[str, float]):
-        lowest = min(costs.values())
+        lowest = min(costs[h.record.replica_id] for h in candidates)
         return self._random.choice([h for h in candidates
                                     if costs[h.record.replica_id] == lowest])
 

@@ -161,7 +161,8 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event | None = None) ->
     tokenizer, limits = load_model_limits(model_dir, settings.served_model_name)
     registry = Registry(settings.redis_url)
     router = Router(registry, settings.refresh_period_s, policy=settings.routing_policy,
-                    prefix_weight=settings.prefix_weight, load_weight=settings.load_weight)
+                    prefix_weight=settings.prefix_weight, load_weight=settings.load_weight,
+                    balance_share=settings.balance_share)
     await router.start()
     interceptors = [UndecodableRequestInterceptor()]
     if settings.api_keys:

@@ -30,6 +30,7 @@ class GatewaySettings:
     routing_policy: str = "prefix"  # prefix | least-load | round-robin (gateway/router.py)
     prefix_weight: float = 1.0  # cost of a prompt block a replica would still prefill
     load_weight: float = 8.0  # cost of a request a replica has, in prompt blocks
+    balance_share: float = 2.0  # most requests a replica takes, x an even share (0 = no limit)
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> GatewaySettings:
@@ -66,9 +67,14 @@ class GatewaySettings:
                        help="cost of one prompt block a replica has not cached")
         p.add_argument("--load-weight", type=float_in(0.0, low_open=False), default=8.0,
                        help="cost of one request a replica has, in prompt blocks")
+        p.add_argument("--balance-share", type=float_in(0.0, low_open=False), default=2.0,
+                       help="under the prefix policy, a replica that took more than this "
+                            "multiple of an even share of the last 32 requests takes none until "
+                            "it falls back (a hot prefix spreads; 0 = no limit)")
         a = p.parse_args(argv)
         keys = tuple(k.strip() for k in [*a.api_keys.split(","), *a.api_key] if k.strip())
         return cls(a.redis_url, a.model, a.host, a.port, keys, a.max_inflight_requests,
                    a.refresh_period, a.max_attempts, a.ready_file, a.request_claim_ttl,
                    a.http_port, a.chat_template, a.served_model_name, a.metrics_port,
-                   a.disable_log_stats, a.routing_policy, a.prefix_weight, a.load_weight)
+                   a.disable_log_stats, a.routing_policy, a.prefix_weight, a.load_weight,
+                   a.balance_share)

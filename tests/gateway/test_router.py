@@ -180,3 +180,28 @@ def test_a_burst_of_one_prefix_stays_together_before_the_index_knows(monkeypatch
     burst, remembered, lapsed = asyncio.run(run())
     assert len(set(burst)) == 1
     assert remembered == {burst[0]: 4} and lapsed == {}
+
+
+def test_a_hot_prefix_spreads_once_its_replica_passes_its_share():
+    """Every request shares one prefix cached on r1: r1 takes them all until it holds more than
+    twice an even share of the last BALANCE_WINDOW, then the cheapest other replica takes them."""
+    window = router_module.BALANCE_WINDOW
+    records = [record("r1", 0), record("r2", 0), record("r3", 0), record("r4", 0)]
+    picks, _ = route({"r1": 3}, records, times=3 * window)
+    assert picks[:window] == ["r1"] * window  # the window fills before any share counts
+    tail = picks[-window:]
+    assert tail.count("r1") <= 2 * window / 4 + 1  # at most 2x an even share, and no less used
+    assert tail.count("r1") >= 2 * window / 4 - 1
+    assert set(tail) - {"r1"}  # the rest went elsewhere
+
+
+def test_without_a_share_limit_the_cached_replica_takes_every_request():
+    async def run():
+        router = Router(FakeRegistry({"r1": 3}), balance_share=0.0)
+        router._update([record("r1", 0), record("r2", 0)])
+        picks = [(await router.pick("m", list(range(40)), "", set())).record.replica_id
+                 for _ in range(3 * router_module.BALANCE_WINDOW)]
+        await router.close()
+        return picks
+
+    assert set(asyncio.run(run())) == {"r1"}
