@@ -27,6 +27,9 @@ CASES = {
     "tp2-pp2-dp2-gpu": {"tp": 2, "pp": 2, "replicas": 2, "gpu": {"enabled": True}},
     "external-redis": {"redis": {"enabled": False, "url": "redis://redis.infra:6379/3"}},
     "api-keys": {"gateway": {"apiKeys": {"enabled": True, "keys": ["k1", "k2"]}}},
+    "network-policy-no-http": {"networkPolicy": {"enabled": True, "extraIngressFrom": [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]},
+        "gateway": {"httpPort": -1}, "podDisruptionBudget": {"maxUnavailable": 2}},
     "tp4-pp3-model": {"tp": 4, "pp": 3, "gpu": {"enabled": True, "runtimeClassName": "nvidia"},
                       "model": {"path": "/models/Llama-3.1-70B", "volume": {
                           "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}},
@@ -35,7 +38,8 @@ CASES = {
                           {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}},
 }
 SHAPE = {"defaults": (1, 1, 1), "tp2-pp2-dp2-gpu": (2, 2, 2), "external-redis": (1, 1, 1),
-         "api-keys": (1, 1, 1), "tp4-pp3-model": (4, 3, 1)}  # (tp, pp, replicas)
+         "api-keys": (1, 1, 1), "tp4-pp3-model": (4, 3, 1),
+         "network-policy-no-http": (1, 1, 1)}  # (tp, pp, replicas)
 POD_ENV = {"POD_IP": "10.1.2.3", "REDIS_URL": "redis://from-secret:6379/0"}
 
 
@@ -181,8 +185,8 @@ def test_layer_split_and_model_reach_every_worker(rendered, tmp_path):
 # -- flags: values map one to one onto the services' settings -------------------------------------
 
 NON_DEFAULT = {
-    "gateway": {"port": 7000, "maxInflightRequests": 17, "refreshPeriod": 1.25, "maxAttempts": 5,
-                "requestClaimTtl": 90.5},
+    "gateway": {"port": 7000, "httpPort": 7080, "maxInflightRequests": 17, "refreshPeriod": 1.25,
+                "maxAttempts": 5, "requestClaimTtl": 90.5},
     "scheduler": {"port": 7001, "modelName": "llama", "maxNumSeqs": 9, "maxNumBatchedTokens": 1024,
                   "chunkedPrefill": False, "prefixCaching": False, "heartbeatTtl": 7.5,
                   "maxInflightSteps": 4},
@@ -202,7 +206,7 @@ def test_values_map_onto_the_cli_settings(tmp_path):
     assert gateway == GatewaySettings(
         redis_url="redis://r:1/2", model="/models/m", host="0.0.0.0", port=7000,
         max_inflight_requests=17, refresh_period_s=1.25, max_attempts=5,
-        request_claim_ttl_s=90.5)
+        request_claim_ttl_s=90.5, http_port=7080)
 
     sts, _, scheduler = workers_of(r, 0)
     args = scheduler_args(scheduler)
@@ -286,9 +290,9 @@ def test_gateway_probes_are_grpc_health(rendered):
     assert c["readinessProbe"]["grpc"]["service"] == "meshserve.v1.Generation"
     assert "service" not in c["livenessProbe"]["grpc"]  # "" = the whole server
     svc = rendered["defaults"].get("Service", f"{FULLNAME}-gateway")
-    assert svc["spec"]["ports"] == [{"name": "grpc", "port": int(port), "targetPort": "grpc",
-                                     "appProtocol": "grpc"}]
-    assert c["ports"] == [{"name": "grpc", "containerPort": int(port)}]
+    assert svc["spec"]["ports"][0] == {"name": "grpc", "port": int(port), "targetPort": "grpc",
+                                       "appProtocol": "grpc"}
+    assert c["ports"][0] == {"name": "grpc", "containerPort": int(port)}
 
 
 def test_gpu_resource_only_with_gpu_on(rendered):
@@ -377,6 +381,69 @@ def test_gateway_reads_keys_from_the_environment(monkeypatch):
     assert GatewaySettings.from_args(c["args"][1:]).api_keys == ("k1", "k2")
 
 
+def _matches(selector: dict, labels: dict) -> bool:
+    """A LabelSelector (matchLabels, matchExpressions with In) against a pod's labels."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    return all(labels.get(e["key"]) in e["values"] for e in selector.get("matchExpressions", [])
+               if e["operator"] == "In")
+
+
+def _pod_labels(r) -> dict[str, dict]:
+    """component -> the labels of its pods (one of each)."""
+    out = {}
+    for kind in ("Deployment", "StatefulSet"):
+        for d in r.of_kind(kind):
+            labels = d["spec"]["template"]["metadata"]["labels"]
+            out[labels["app.kubernetes.io/component"]] = labels
+    return out
+
+
+def test_the_gateway_serves_the_openai_http_port(rendered):
+    r = rendered["defaults"]
+    gateway = r.get("Deployment", f"{FULLNAME}-gateway")
+    c = container(gateway, "gateway")
+    assert flag(c["args"], "--http-port") == "8000"
+    assert {"name": "http", "containerPort": 8000} in c["ports"]
+    ports = r.get("Service", f"{FULLNAME}-gateway")["spec"]["ports"]
+    assert [p["name"] for p in ports] == ["grpc", "http"]
+    off = rendered["network-policy-no-http"]
+    assert [p["name"] for p in off.get("Service", f"{FULLNAME}-gateway")["spec"]["ports"]] == ["grpc"]
+    assert flag(container(off.get("Deployment", f"{FULLNAME}-gateway"), "gateway")["args"],
+                "--http-port") == "-1"
+
+
+def test_disruption_budgets_cover_every_pod_kind_once(rendered):
+    for case, limit in (("defaults", 1), ("network-policy-no-http", 2)):
+        r = rendered[case]
+        budgets = r.of_kind("PodDisruptionBudget")
+        pods = _pod_labels(r)
+        for component in ("gateway", "scheduler", "worker"):
+            covering = [b for b in budgets if _matches(b["spec"]["selector"], pods[component])]
+            assert len(covering) == 1, (case, component)
+            assert covering[0]["spec"]["maxUnavailable"] == limit
+        assert not any(_matches(b["spec"]["selector"], pods["redis"]) for b in budgets)
+    assert not render({"podDisruptionBudget": {"enabled": False}}).of_kind("PodDisruptionBudget")
+
+
+def test_the_network_policy_closes_the_inside_of_the_mesh_to_other_pods(rendered):
+    assert not rendered["defaults"].of_kind("NetworkPolicy")
+    r = rendered["network-policy-no-http"]
+    (policy,) = r.of_kind("NetworkPolicy")
+    pods = _pod_labels(r)
+    guarded = {c for c, labels in pods.items() if _matches(policy["spec"]["podSelector"], labels)}
+    assert guarded == {"scheduler", "worker", "redis"}  # the gateway is the public door
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    assert "ports" not in rule  # every port: UCX stage links use ephemeral ones
+    mesh_peer, extra = rule["from"]
+    assert all(_matches(mesh_peer["podSelector"], labels) for labels in pods.values())
+    assert not _matches(mesh_peer["podSelector"], {**pods["gateway"],
+                                                   "app.kubernetes.io/instance": "other"})
+    assert extra == {"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "monitoring"}}}
+
+
 def test_notes_name_the_gateway(rendered):
     assert f"{FULLNAME}-gateway.{NAMESPACE}.svc:50051" in rendered["defaults"].notes
     assert "4 nvidia.com/gpu per stage pod" in rendered["tp4-pp3-model"].notes
@@ -396,6 +463,8 @@ def test_notes_name_the_gateway(rendered):
     ({"redis": {"enabled": False}}, "redis"),
     ({"redis": {"enabled": False, "url": "http://r:6379"}}, "url"),
     ({"gateway": {"apiKeys": {"keys": ["a,b"]}}}, "keys"),
+    ({"gateway": {"httpPort": 0}}, "httpPort"),
+    ({"podDisruptionBudget": {"maxUnavailable": 0}}, "maxUnavailable"),
 ])
 def test_schema_rejects_bad_values(values, words):
     with helm.Chart.load(CHART) as chart:
