@@ -27,6 +27,7 @@ CASES = {
     "tp2-pp2-dp2-gpu": {"tp": 2, "pp": 2, "replicas": 2, "gpu": {"enabled": True}},
     "external-redis": {"redis": {"enabled": False, "url": "redis://redis.infra:6379/3"}},
     "api-keys": {"gateway": {"apiKeys": {"enabled": True, "keys": ["k1", "k2"]}}},
+    "redis-auth": {"redis": {"auth": {"enabled": True, "existingSecret": "meshserve-redis"}}},
     "network-policy-no-http": {"networkPolicy": {"enabled": True, "extraIngressFrom": [
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]},
         "gateway": {"httpPort": -1}, "podDisruptionBudget": {"maxUnavailable": 2}},
@@ -39,7 +40,7 @@ CASES = {
 }
 SHAPE = {"defaults": (1, 1, 1), "tp2-pp2-dp2-gpu": (2, 2, 2), "external-redis": (1, 1, 1),
          "api-keys": (1, 1, 1), "tp4-pp3-model": (4, 3, 1),
-         "network-policy-no-http": (1, 1, 1)}  # (tp, pp, replicas)
+         "network-policy-no-http": (1, 1, 1), "redis-auth": (1, 1, 1)}  # (tp, pp, replicas)
 POD_ENV = {"POD_IP": "10.1.2.3", "REDIS_URL": "redis://from-secret:6379/0"}
 
 
@@ -275,7 +276,7 @@ def test_a_replica_drains_within_its_pods_grace(rendered):
     for workload, name in ((sts, "worker"), (deployment, "scheduler")):
         c = container(workload, name)
         assert flag(c["args"], "--drain-timeout") == "60"
-        assert workload["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 75
+        assert workload["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 90
 
 
 # -- gateway, redis, keys, GPUs -------------------------------------------------------------------
@@ -337,6 +338,23 @@ def test_bundled_redis(rendered):
     assert svc["spec"]["selector"].items() <= \
         deployment["spec"]["template"]["metadata"]["labels"].items()
     assert redis_urls(r) == {f"redis://{FULLNAME}-redis:6379/0"}
+
+
+def test_bundled_redis_password_comes_from_a_secret_never_a_literal(rendered):
+    r = rendered["redis-auth"]
+    from_secret = {"secretKeyRef": {"name": "meshserve-redis", "key": "REDIS_PASSWORD"}}
+    redis_c = container(r.get("Deployment", f"{FULLNAME}-redis"), "redis")
+    assert redis_c["args"][-2:] == ["--requirepass", "$(REDIS_PASSWORD)"]
+    env = env_of(redis_c)
+    assert env["REDIS_PASSWORD"]["valueFrom"] == env["REDISCLI_AUTH"]["valueFrom"] == from_secret
+    url = f"redis://:$(REDIS_PASSWORD)@{FULLNAME}-redis:6379/0"
+    _, _, scheduler = workers_of(r, 0)
+    for workload, name in ((r.get("Deployment", f"{FULLNAME}-gateway"), "gateway"),
+                           (scheduler, "scheduler")):
+        c = container(workload, name)
+        assert flag(c["args"], "--redis-url") == url
+        assert env_of(c)["REDIS_PASSWORD"]["valueFrom"] == from_secret
+    assert "REDIS_PASSWORD" not in rendered["defaults"].text  # no auth, no password variable
 
 
 def test_external_redis(rendered):
@@ -465,6 +483,8 @@ def test_notes_name_the_gateway(rendered):
     ({"gateway": {"apiKeys": {"keys": ["a,b"]}}}, "keys"),
     ({"gateway": {"httpPort": 0}}, "httpPort"),
     ({"podDisruptionBudget": {"maxUnavailable": 0}}, "maxUnavailable"),
+    ({"worker": {"shmSize": "lots"}}, "shmSize"),
+    ({"gpu": {"gpusPerNode": 0}}, "gpusPerNode"),
 ])
 def test_schema_rejects_bad_values(values, words):
     with helm.Chart.load(CHART) as chart:
@@ -484,6 +504,9 @@ def test_schema_accepts_every_case():
     ({"pp": 2, "worker": {"layerSplit": [10, 10, 12]}}, "layerSplit has 3 entries but pp is 2"),
     ({"tp": 4, "worker": {"port": 29498}}, "distInitPort 29500 falls among the worker ports"),
     ({"gateway": {"apiKeys": {"enabled": True}}}, "set gateway.apiKeys.existingSecret"),
+    ({"tp": 16, "gpu": {"enabled": True}}, "tp 16 needs 16 GPUs in one worker pod but "
+                                           "gpu.gpusPerNode is 8"),
+    ({"redis": {"auth": {"enabled": True}}}, "set redis.auth.existingSecret"),
 ])
 def test_inconsistent_values_fail_with_a_clear_message(values, message):
     with pytest.raises(helm.HelmRenderError, match=message):

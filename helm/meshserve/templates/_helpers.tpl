@@ -78,7 +78,9 @@ Pod s of the StatefulSet is stage s; its process r (TP rank r) listens on worker
 {{/* --redis-url of every service: the release's Redis, the URL given, or $(REDIS_URL) read
 from a Secret (see meshserve.redisEnv). */}}
 {{- define "meshserve.redisUrl" -}}
-{{- if .Values.redis.enabled -}}
+{{- if and .Values.redis.enabled .Values.redis.auth.enabled -}}
+{{- printf "redis://:$(REDIS_PASSWORD)@%s:%d/0" (include "meshserve.redisName" .) (int .Values.redis.port) -}}
+{{- else if .Values.redis.enabled -}}
 {{- printf "redis://%s:%d/0" (include "meshserve.redisName" .) (int .Values.redis.port) -}}
 {{- else if .Values.redis.existingSecret -}}
 $(REDIS_URL)
@@ -88,6 +90,13 @@ $(REDIS_URL)
 {{- end -}}
 
 {{- define "meshserve.redisEnv" -}}
+{{- if and .Values.redis.enabled .Values.redis.auth.enabled }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.auth.existingSecret }}
+      key: {{ .Values.redis.auth.existingSecretKey }}
+{{- end }}
 {{- if and (not .Values.redis.enabled) .Values.redis.existingSecret }}
 - name: REDIS_URL
   valueFrom:
@@ -157,6 +166,12 @@ affinity:
 {{- $dist := int $v.worker.distInitPort -}}
 {{- if and (ge $dist $first) (lt $dist (add $first (int $v.tp))) -}}
 {{- fail (printf "worker.distInitPort %d falls among the worker ports %d..%d (worker.port + tp rank): move one of them" $dist $first (sub (add $first (int $v.tp)) 1)) -}}
+{{- end -}}
+{{- if and $v.gpu.enabled (gt (int $v.tp) (int $v.gpu.gpusPerNode)) -}}
+{{- fail (printf "tp %d needs %d GPUs in one worker pod but gpu.gpusPerNode is %d: a TP group stays on one node; lower tp and raise pp (or set gpusPerNode)" (int $v.tp) (int $v.tp) (int $v.gpu.gpusPerNode)) -}}
+{{- end -}}
+{{- if and $v.redis.enabled $v.redis.auth.enabled (not $v.redis.auth.existingSecret) -}}
+{{- fail "redis.auth.enabled is true: set redis.auth.existingSecret (a Secret with key REDIS_PASSWORD)" -}}
 {{- end -}}
 {{- if and $v.gateway.apiKeys.enabled (not $v.gateway.apiKeys.existingSecret) (not $v.gateway.apiKeys.keys) -}}
 {{- fail "gateway.apiKeys.enabled is true: set gateway.apiKeys.existingSecret (a Secret with key MESHSERVE_API_KEYS) or gateway.apiKeys.keys" -}}
