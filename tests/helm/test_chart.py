@@ -114,8 +114,11 @@ def test_each_replica_has_pp_stage_pods_of_tp_ranks(rendered, case):
         assert sts["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
         env = env_of(container(sts, "worker"))
         assert (env["TP_SIZE"]["value"], env["PP_SIZE"]["value"]) == (str(tp), str(pp))
-        ports = [p["containerPort"] for p in container(sts, "worker")["ports"]]
+        named = {p["name"]: p["containerPort"] for p in container(sts, "worker")["ports"]}
+        ports = [named[f"rank-{rank}"] for rank in range(tp)]
         assert ports == [50061 + rank for rank in range(tp)]
+        assert [named[f"metrics-{rank}"] for rank in range(tp)] == [9100 + r for r in range(tp)]
+        assert len(named) == 2 * tp
         assert [p["port"] for p in svc["spec"]["ports"]] == ports
     # no two replicas select each other's pods
     selectors = [tuple(sorted(workers_of(r, i)[1]["spec"]["selector"].items()))
@@ -190,8 +193,8 @@ NON_DEFAULT = {
                 "maxAttempts": 5, "requestClaimTtl": 90.5},
     "scheduler": {"port": 7001, "modelName": "llama", "maxNumSeqs": 9, "maxNumBatchedTokens": 1024,
                   "chunkedPrefill": False, "prefixCaching": False, "heartbeatTtl": 7.5,
-                  "maxInflightSteps": 4},
-    "worker": {"port": 7100, "distInitPort": 7099, "device": "cpu", "dtype": "bfloat16",
+                  "maxInflightSteps": 4, "metricsPort": 7002},
+    "worker": {"port": 7100, "distInitPort": 7099, "metricsPort": 7200, "device": "cpu", "dtype": "bfloat16",
                "blockSize": 32, "numKvBlocks": 1000000, "kvCacheMemoryGb": 1.5,
                "maxModelLen": 4096, "numThreads": 2},
     "model": {"path": "/models/m"},
@@ -218,7 +221,7 @@ def test_values_map_onto_the_cli_settings(tmp_path):
         workers=(f"{host}:7100",), redis_url="redis://r:1/2", host="0.0.0.0", port=7001,
         advertise_host="10.1.2.3", replica_id=f"{FULLNAME}-r0-scheduler", model_name="llama",
         max_num_seqs=9, max_num_batched_tokens=1024, enable_chunked_prefill=False,
-        enable_prefix_caching=False, heartbeat_ttl_s=7.5, max_inflight_steps=4)
+        enable_prefix_caching=False, heartbeat_ttl_s=7.5, max_inflight_steps=4, metrics_port=7002)
 
     pod = start_worker_pod(r, sts["metadata"]["name"], 0, tmp_path)
     try:
@@ -231,12 +234,12 @@ def test_values_map_onto_the_cli_settings(tmp_path):
         model="/models/m", tp_rank=0, tp_size=1, pp_rank=0, pp_size=1,
         dist_init="tcp://127.0.0.1:7099", host="0.0.0.0", port=7100, device="cpu",
         dtype="bfloat16", block_size=32, num_kv_blocks=1000000, kv_cache_memory_gb=1.5,
-        max_model_len=4096, num_threads=2)
+        max_model_len=4096, num_threads=2, metrics_port=7200)
 
 
 def test_defaults_match_the_cli_defaults(rendered, tmp_path):
     """Every value the chart passes by default is the service's own default, except the
-    addresses the chart decides."""
+    addresses and ports the chart decides (metrics ports: a pod has fixed ones)."""
     r = rendered["defaults"]
     gateway = GatewaySettings.from_args(
         container(r.get("Deployment", f"{FULLNAME}-gateway"), "gateway")["args"][1:])
@@ -247,7 +250,7 @@ def test_defaults_match_the_cli_defaults(rendered, tmp_path):
     cli = SchedulerSettings.from_args(["--workers", ",".join(s.workers), "--redis-url",
                                        s.redis_url, "--host", "0.0.0.0", "--port", "50052",
                                        "--advertise-host", "10.1.2.3", "--replica-id",
-                                       s.replica_id])
+                                       s.replica_id, "--metrics-port", "9090"])
     assert s == cli
     sts, _, _ = workers_of(r, 0)
     pod = start_worker_pod(r, sts["metadata"]["name"], 0, tmp_path)
@@ -258,7 +261,7 @@ def test_defaults_match_the_cli_defaults(rendered, tmp_path):
         pod.kill()
     w = WorkerSettings.from_args(argv[1:])
     cli = WorkerSettings.from_args(["--dist-init", "tcp://127.0.0.1:29500", "--host", "0.0.0.0",
-                                    "--port", "50061"])
+                                    "--port", "50061", "--metrics-port", "9100"])
     assert w == cli
 
 
@@ -504,6 +507,8 @@ def test_schema_accepts_every_case():
     ({"pp": 2, "worker": {"layerSplit": [10, 10, 12]}}, "layerSplit has 3 entries but pp is 2"),
     ({"tp": 4, "worker": {"port": 29498}}, "distInitPort 29500 falls among the worker ports"),
     ({"gateway": {"apiKeys": {"enabled": True}}}, "set gateway.apiKeys.existingSecret"),
+    ({"tp": 4, "worker": {"metricsPort": 50063}}, "worker.metricsPort 50063..50066 overlaps the "
+                                                 "worker ports 50061..50064"),
     ({"tp": 16, "gpu": {"enabled": True}}, "tp 16 needs 16 GPUs in one worker pod but "
                                            "gpu.gpusPerNode is 8"),
     ({"redis": {"auth": {"enabled": True}}}, "set redis.auth.existingSecret"),

@@ -167,6 +167,13 @@ affinity:
 {{- if and (ge $dist $first) (lt $dist (add $first (int $v.tp))) -}}
 {{- fail (printf "worker.distInitPort %d falls among the worker ports %d..%d (worker.port + tp rank): move one of them" $dist $first (sub (add $first (int $v.tp)) 1)) -}}
 {{- end -}}
+{{- $metrics := int $v.worker.metricsPort -}}
+{{- if and (ge $metrics 0) (lt $metrics (add $first (int $v.tp))) (lt $first (add $metrics (int $v.tp))) -}}
+{{- fail (printf "worker.metricsPort %d..%d overlaps the worker ports %d..%d (one of each per tp rank): move one of them" $metrics (sub (add $metrics (int $v.tp)) 1) $first (sub (add $first (int $v.tp)) 1)) -}}
+{{- end -}}
+{{- if and (ge $dist $metrics) (lt $dist (add $metrics (int $v.tp))) -}}
+{{- fail (printf "worker.distInitPort %d falls among the worker metrics ports %d..%d: move one of them" $dist $metrics (sub (add $metrics (int $v.tp)) 1)) -}}
+{{- end -}}
 {{- if and $v.gpu.enabled (gt (int $v.tp) (int $v.gpu.gpusPerNode)) -}}
 {{- fail (printf "tp %d needs %d GPUs in one worker pod but gpu.gpusPerNode is %d: a TP group stays on one node; lower tp and raise pp (or set gpusPerNode)" (int $v.tp) (int $v.tp) (int $v.gpu.gpusPerNode)) -}}
 {{- end -}}
