@@ -39,6 +39,11 @@ class Rendered:
     def of_kind(self, kind: str) -> list[dict]:
         return [d for d in self.docs if d["kind"] == kind]
 
+    def worker_sets(self) -> list[dict]:
+        """The workers' StatefulSets, one per replica (the built-in Redis is one too)."""
+        return [d for d in self.of_kind("StatefulSet")
+                if d["metadata"]["labels"].get("app.kubernetes.io/component") == "worker"]
+
     def get(self, kind: str, name: str) -> dict:
         found = [d for d in self.of_kind(kind) if d["metadata"]["name"] == name]
         assert len(found) == 1, f"{kind}/{name}: {len(found)} found"

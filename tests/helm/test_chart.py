@@ -87,7 +87,7 @@ def test_every_manifest_is_valid_kubernetes(rendered, case):
 
 def test_long_release_names_still_fit():
     r = render({"tp": 2, "pp": 2, "replicas": 12}, name="a-very-long-release-name-for-a-team-" * 2)
-    for sts in r.of_kind("StatefulSet"):
+    for sts in r.of_kind("StatefulSet"):  # the workers' and Redis'
         # pods carry controller-revision-hash=<name>-<10 chars>, a label value: 63 at most
         assert len(sts["metadata"]["name"]) + 11 <= 63
     for doc in r.docs:
@@ -100,7 +100,7 @@ def test_long_release_names_still_fit():
 def test_each_replica_has_pp_stage_pods_of_tp_ranks(rendered, case):
     tp, pp, replicas = SHAPE[case]
     r = rendered[case]
-    assert len(r.of_kind("StatefulSet")) == replicas
+    assert len(r.worker_sets()) == replicas
     assert len([d for d in r.of_kind("Deployment") if "scheduler" in d["metadata"]["name"]]) \
         == replicas
     for i in range(replicas):
@@ -309,18 +309,18 @@ def test_gpu_resource_only_with_gpu_on(rendered):
         for doc in r.of_kind("Deployment"):  # gateway, schedulers, redis: no GPU
             for c in doc["spec"]["template"]["spec"]["containers"]:
                 assert "nvidia.com/gpu" not in str(c.get("resources", {}))
-        for sts in r.of_kind("StatefulSet"):
+        for sts in r.worker_sets():
             c = container(sts, "worker")
             assert c["resources"]["limits"]["nvidia.com/gpu"] == tp  # one GPU per TP rank
             assert "nvidia.com/gpu" not in c["resources"].get("requests", {})
             assert env_of(c)["NCCL_DEBUG"]["value"] == "WARN"
-    limits = container(rendered["tp4-pp3-model"].of_kind("StatefulSet")[0], "worker")[
+    limits = container(rendered["tp4-pp3-model"].worker_sets()[0], "worker")[
         "resources"]["limits"]
     assert limits == {"cpu": 8, "memory": "64Gi", "nvidia.com/gpu": 4}  # merged with the user's
 
 
 def test_shared_memory_is_sized_for_nccl_and_ucx(rendered):
-    sts = rendered["tp2-pp2-dp2-gpu"].of_kind("StatefulSet")[0]
+    sts = rendered["tp2-pp2-dp2-gpu"].worker_sets()[0]
     volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in container(sts, "worker")["volumeMounts"]}
     assert volumes[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory", "sizeLimit": "1Gi"}
@@ -337,7 +337,7 @@ def redis_urls(r) -> set[str]:
 def test_bundled_redis(rendered):
     r = rendered["defaults"]
     svc = r.get("Service", f"{FULLNAME}-redis")
-    deployment = r.get("Deployment", f"{FULLNAME}-redis")
+    deployment = r.get("StatefulSet", f"{FULLNAME}-redis")
     assert svc["spec"]["selector"].items() <= \
         deployment["spec"]["template"]["metadata"]["labels"].items()
     assert redis_urls(r) == {f"redis://{FULLNAME}-redis:6379/0"}
@@ -346,7 +346,7 @@ def test_bundled_redis(rendered):
 def test_bundled_redis_password_comes_from_a_secret_never_a_literal(rendered):
     r = rendered["redis-auth"]
     from_secret = {"secretKeyRef": {"name": "meshserve-redis", "key": "REDIS_PASSWORD"}}
-    redis_c = container(r.get("Deployment", f"{FULLNAME}-redis"), "redis")
+    redis_c = container(r.get("StatefulSet", f"{FULLNAME}-redis"), "redis")
     assert redis_c["args"][-2:] == ["--requirepass", "$(REDIS_PASSWORD)"]
     env = env_of(redis_c)
     assert env["REDIS_PASSWORD"]["valueFrom"] == env["REDISCLI_AUTH"]["valueFrom"] == from_secret

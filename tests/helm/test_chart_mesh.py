@@ -101,7 +101,7 @@ def test_the_rendered_commands_make_a_working_mesh(redis_url, tmp_path):
                 "gateway": {"port": gateway_port}, "scheduler": {"port": scheduler_port},
                 "worker": {"port": worker_ports[0], "distInitPort": dist_init_port,
                            "numKvBlocks": 64, "device": "cpu"}})
-    sts = r.of_kind("StatefulSet")[0]
+    sts = r.worker_sets()[0]
     scheduler = [d for d in r.of_kind("Deployment") if d["metadata"]["name"].endswith("-scheduler")][0]
     gateway = [d for d in r.of_kind("Deployment") if d["metadata"]["name"].endswith("-gateway")][0]
     init = container(scheduler, "wait-for-workers", init=True)
