@@ -27,6 +27,10 @@ CASES = {
     "tp2-pp2-dp2-gpu": {"tp": 2, "pp": 2, "replicas": 2, "gpu": {"enabled": True}},
     "external-redis": {"redis": {"enabled": False, "url": "redis://redis.infra:6379/3"}},
     "api-keys": {"gateway": {"apiKeys": {"enabled": True, "keys": ["k1", "k2"]}}},
+    "rdma": {"tp": 8, "pp": 2, "gpu": {"enabled": True}, "securityContext": {
+        "capabilities": {"add": ["SYS_PTRACE"]}}, "rdma": {
+        "enabled": True, "ucxTls": "rc,cuda_copy,cuda_ipc", "ucxNetDevices": "mlx5_0:1",
+        "ncclIbHca": "mlx5", "ncclSocketIfname": "eth0"}},
     "redis-auth": {"redis": {"auth": {"enabled": True, "existingSecret": "meshserve-redis"}}},
     "network-policy-no-http": {"networkPolicy": {"enabled": True, "extraIngressFrom": [
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]},
@@ -40,7 +44,8 @@ CASES = {
 }
 SHAPE = {"defaults": (1, 1, 1), "tp2-pp2-dp2-gpu": (2, 2, 2), "external-redis": (1, 1, 1),
          "api-keys": (1, 1, 1), "tp4-pp3-model": (4, 3, 1),
-         "network-policy-no-http": (1, 1, 1), "redis-auth": (1, 1, 1)}  # (tp, pp, replicas)
+         "network-policy-no-http": (1, 1, 1), "redis-auth": (1, 1, 1),
+         "rdma": (8, 2, 1)}  # (tp, pp, replicas)
 POD_ENV = {"POD_IP": "10.1.2.3", "REDIS_URL": "redis://from-secret:6379/0"}
 
 
@@ -332,6 +337,23 @@ def redis_urls(r) -> set[str]:
     urls |= {flag(container(d, "scheduler")["args"], "--redis-url")
              for d in r.of_kind("Deployment") if d["metadata"]["name"].endswith("-scheduler")}
     return urls
+
+
+def test_rdma_gives_worker_pods_devices_ipc_lock_and_the_transports(rendered):
+    (sts,) = rendered["rdma"].worker_sets()
+    c = container(sts, "worker")
+    assert c["resources"]["limits"] == {"nvidia.com/gpu": 8, "rdma/hca": 1}
+    assert c["securityContext"]["capabilities"]["add"] == ["SYS_PTRACE", "IPC_LOCK"]
+    env = {k: e["value"] for k, e in env_of(c).items() if "value" in e}
+    assert {k: env[k] for k in ("UCX_TLS", "UCX_NET_DEVICES", "NCCL_IB_HCA",
+                                "NCCL_SOCKET_IFNAME")} == {
+        "UCX_TLS": "rc,cuda_copy,cuda_ipc", "UCX_NET_DEVICES": "mlx5_0:1", "NCCL_IB_HCA": "mlx5",
+        "NCCL_SOCKET_IFNAME": "eth0"}
+    _, _, scheduler = workers_of(rendered["rdma"], 0)  # no GPU, no RDMA on the scheduler
+    assert "resources" not in container(scheduler, "scheduler")
+    (plain,) = rendered["defaults"].worker_sets()
+    assert "securityContext" not in container(plain, "worker")
+    assert "UCX_TLS" not in env_of(container(plain, "worker"))
 
 
 def test_bundled_redis(rendered):
