@@ -31,6 +31,8 @@ CASES = {
         "capabilities": {"add": ["SYS_PTRACE"]}}, "rdma": {
         "enabled": True, "ucxTls": "rc,cuda_copy,cuda_ipc", "ucxNetDevices": "mlx5_0:1",
         "ncclIbHca": "mlx5", "ncclSocketIfname": "eth0"}},
+    "gateway-hpa": {"gateway": {"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6},
+                                "resources": {"requests": {"cpu": "2"}}}},
     "redis-auth": {"redis": {"auth": {"enabled": True, "existingSecret": "meshserve-redis"}}},
     "network-policy-no-http": {"networkPolicy": {"enabled": True, "extraIngressFrom": [
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]},
@@ -45,7 +47,7 @@ CASES = {
 SHAPE = {"defaults": (1, 1, 1), "tp2-pp2-dp2-gpu": (2, 2, 2), "external-redis": (1, 1, 1),
          "api-keys": (1, 1, 1), "tp4-pp3-model": (4, 3, 1),
          "network-policy-no-http": (1, 1, 1), "redis-auth": (1, 1, 1),
-         "rdma": (8, 2, 1)}  # (tp, pp, replicas)
+         "rdma": (8, 2, 1), "gateway-hpa": (1, 1, 1)}  # (tp, pp, replicas)
 POD_ENV = {"POD_IP": "10.1.2.3", "REDIS_URL": "redis://from-secret:6379/0"}
 
 
@@ -356,6 +358,21 @@ def test_rdma_gives_worker_pods_devices_ipc_lock_and_the_transports(rendered):
     assert "UCX_TLS" not in env_of(container(plain, "worker"))
 
 
+def test_gateways_scale_on_cpu_when_autoscaling_is_on(rendered):
+    assert not rendered["defaults"].of_kind("HorizontalPodAutoscaler")
+    assert rendered["defaults"].get("Deployment", f"{FULLNAME}-gateway")["spec"]["replicas"] == 1
+    r = rendered["gateway-hpa"]
+    (hpa,) = r.of_kind("HorizontalPodAutoscaler")
+    deployment = r.get("Deployment", f"{FULLNAME}-gateway")
+    assert "replicas" not in deployment["spec"]  # the HPA owns it
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": deployment["metadata"]["name"]}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["resource"]["name"] == "cpu"
+    assert metric["resource"]["target"] == {"type": "Utilization", "averageUtilization": 70}
+
+
 def test_bundled_redis(rendered):
     r = rendered["defaults"]
     svc = r.get("Service", f"{FULLNAME}-redis")
@@ -534,6 +551,9 @@ def test_schema_accepts_every_case():
     ({"tp": 16, "gpu": {"enabled": True}}, "tp 16 needs 16 GPUs in one worker pod but "
                                            "gpu.gpusPerNode is 8"),
     ({"redis": {"auth": {"enabled": True}}}, "set redis.auth.existingSecret"),
+    ({"gateway": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2},
+                  "resources": {"requests": {"cpu": 1}}}}, "minReplicas 5 is above maxReplicas 2"),
+    ({"gateway": {"autoscaling": {"enabled": True}}}, "set gateway.resources.requests.cpu"),
 ])
 def test_inconsistent_values_fail_with_a_clear_message(values, message):
     with pytest.raises(helm.HelmRenderError, match=message):

@@ -177,6 +177,14 @@ affinity:
 {{- if and $v.gpu.enabled (gt (int $v.tp) (int $v.gpu.gpusPerNode)) -}}
 {{- fail (printf "tp %d needs %d GPUs in one worker pod but gpu.gpusPerNode is %d: a TP group stays on one node; lower tp and raise pp (or set gpusPerNode)" (int $v.tp) (int $v.tp) (int $v.gpu.gpusPerNode)) -}}
 {{- end -}}
+{{- with $v.gateway.autoscaling -}}
+{{- if and .enabled (gt (int .minReplicas) (int .maxReplicas)) -}}
+{{- fail (printf "gateway.autoscaling.minReplicas %d is above maxReplicas %d" (int .minReplicas) (int .maxReplicas)) -}}
+{{- end -}}
+{{- if and .enabled (not (dig "requests" "cpu" "" ($v.gateway.resources | default dict))) -}}
+{{- fail "gateway.autoscaling scales on CPU utilization: set gateway.resources.requests.cpu (e.g. 1)" -}}
+{{- end -}}
+{{- end -}}
 {{- if and $v.redis.enabled $v.redis.auth.enabled (not $v.redis.auth.existingSecret) -}}
 {{- fail "redis.auth.enabled is true: set redis.auth.existingSecret (a Secret with key REDIS_PASSWORD)" -}}
 {{- end -}}
