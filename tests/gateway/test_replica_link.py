@@ -66,7 +66,8 @@ def test_a_request_behind_takes_the_waiting_responses_as_one():
     ids, messages, error = asyncio.run(lagging_client(fail=False))
     assert error is None
     assert [i for chunk in ids for i in chunk] == [100 + i for i in range(NUM_TOKENS)]
-    assert len(messages) == 2 and len(ids[1]) == NUM_TOKENS - len(ids[0])  # the rest, merged
+    # the first, then the rest merged into one (or all in the first, had they all arrived)
+    assert len(messages) <= 2
     assert messages[-1].finish_reason == public.FINISH_REASON_LENGTH
     assert messages[0].num_cached_prompt_tokens == 16
 
