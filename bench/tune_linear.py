@@ -145,6 +145,22 @@ def tune_gemv(name: str, n: int, k: int, dtype: torch.dtype, out_dtype, product)
     return bench_us(unfused), best
 
 
+def _record(entries: dict, key: str, best, baseline_us: float) -> bool:
+    """Puts best's tile in the table under key if it took at most MARGIN of the baseline's time,
+    else takes the key out; returns whether it went in."""
+    chosen = best is not None and best[1] <= MARGIN * baseline_us
+    if chosen:
+        entries[key] = best[0].as_list()
+    else:
+        entries.pop(key, None)
+    return chosen
+
+
+def _out_dtype(name: str, tp: int):
+    """The LM head's logits in float32 when one rank holds them all, as the model asks."""
+    return torch.float32 if name == "lm_head" and tp == 1 else None
+
+
 def _product(tile: Tile | None, out_dtype):
     """x, w -> x wᵀ on the skinny tile, or on cuBLAS where tile is None."""
     if tile is None:
@@ -190,15 +206,11 @@ def main() -> None:
     winners = {}  # (shape, product) -> the batch-1 product as the model runs it unfused
     for shape, prods in shapes.items():
         for name, (n, k) in prods.items():
-            out_dtype = torch.float32 if name == "lm_head" and a.tp == 1 else None
+            out_dtype = _out_dtype(name, a.tp)
             for rows in (int(r) for r in a.rows.split(",")):
                 cublas, best = tune_one(n, k, rows, torch.bfloat16, out_dtype, num_sms)
-                key = triton_linear.table_key(rows, n, k, torch.bfloat16)
-                chosen = best is not None and best[1] <= MARGIN * cublas
-                if chosen:
-                    entries[key] = best[0].as_list()
-                else:
-                    entries.pop(key, None)
+                chosen = _record(entries, triton_linear.table_key(rows, n, k, torch.bfloat16),
+                                 best, cublas)
                 if rows == 1:
                     winners[shape, name] = _product(best[0] if chosen else None, out_dtype)
                 gb = n * k * 2 / 1e12
@@ -218,15 +230,10 @@ def main() -> None:
         print("|---|---|---|---|---:|---:|---|---:|---:|---|")
     for (shape, name), product in winners.items():
         n, k = shapes[shape][name]
-        out_dtype = torch.float32 if name == "lm_head" and a.tp == 1 else None
-        unfused, best = tune_gemv(name, n, k, torch.bfloat16, out_dtype, product)
+        unfused, best = tune_gemv(name, n, k, torch.bfloat16, _out_dtype(name, a.tp), product)
         prologue = GEMV_PROLOGUES[name]
-        key = triton_gemv.table_key(prologue, n, k, torch.bfloat16)
-        chosen = best is not None and best[1] <= MARGIN * unfused
-        if chosen:
-            entries[key] = best[0].as_list()
-        else:
-            entries.pop(key, None)
+        chosen = _record(entries, triton_gemv.table_key(prologue, n, k, torch.bfloat16), best,
+                         unfused)
         tile = best[0] if best else None
         tile_text = f"{tile.block_n}, {tile.block_k}, {tile.num_stages}, {tile.num_warps}" \
             if tile else "-"
