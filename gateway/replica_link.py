@@ -63,12 +63,13 @@ class ReplicaLink:
                 # A consumer that fell behind (a busy gateway, a slow client) takes every response
                 # already here as one: fewer messages per token under load, none held back when
                 # it keeps up.
-                while item.finish_reason == 0 and not queue.empty():
-                    ready = queue.get_nowait()
-                    if isinstance(ready, ReplicaError):
-                        pending = ready
+                ready = [item]
+                while ready[-1].finish_reason == 0 and not queue.empty():
+                    if isinstance(nxt := queue.get_nowait(), ReplicaError):
+                        pending = nxt
                         break
-                    item = _merged(item, ready)
+                    ready.append(nxt)
+                item = _merged(ready) if len(ready) > 1 else item
                 finished = item.finish_reason != 0
                 yield item
         finally:
@@ -107,11 +108,13 @@ class ReplicaLink:
             self._reader.cancel()
 
 
-def _merged(first: pb.SubmitResponse, then: pb.SubmitResponse) -> pb.SubmitResponse:
-    """Two consecutive responses of one request as the one the scheduler would have sent."""
+def _merged(responses: list[pb.SubmitResponse]) -> pb.SubmitResponse:
+    """Consecutive responses of one request as the one the scheduler would have sent."""
     return pb.SubmitResponse(
-        token_ids=[*first.token_ids, *then.token_ids], finish_reason=then.finish_reason,
-        num_cached_prompt_tokens=first.num_cached_prompt_tokens or then.num_cached_prompt_tokens)
+        token_ids=[i for r in responses for i in r.token_ids],
+        finish_reason=responses[-1].finish_reason,
+        num_cached_prompt_tokens=next((r.num_cached_prompt_tokens for r in responses
+                                       if r.num_cached_prompt_tokens), 0))
 
 
 async def _drain(queue: asyncio.Queue):
