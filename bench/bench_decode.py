@@ -294,10 +294,16 @@ def prefill_logits(model_dir: Path, dtype: torch.dtype, backend: str, token_list
 
 # -- meshserve served -----------------------------------------------------------------------------
 
-def served_stats(address: str, prompts, max_tokens: int) -> tuple[float, float]:
-    """(median inter-token latency in ms over the streams, generated tokens/s) of concurrent
+def served_stats(address: str, prompts, max_tokens: int) -> tuple[float, float, float]:
+    """(inter-token latency ms, time per output token ms, generated tokens/s) of concurrent
     streaming Generate calls, from client processes enough that the clients are not what is
-    measured (one Python process receives only some ten thousand messages a second)."""
+    measured (one Python process receives only some ten thousand messages a second).
+
+    As vLLM's serving benchmark has them: the inter-token latency is the median of every gap
+    between consecutive tokens of every stream (a message of k tokens after a gap g counts as k
+    gaps of g / k), the time per output token the median over streams of (last - first token
+    time) / (tokens - 1). A prefill that runs between two decode steps (a stream that joins
+    late) is in the second and only in the tail of the first."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -308,9 +314,11 @@ def served_stats(address: str, prompts, max_tokens: int) -> tuple[float, float]:
         streams = [r for share in pool.map(client_streams, [address] * num_clients, shares,
                                            [max_tokens] * num_clients, [start_at] * num_clients)
                    for r in share]
-    itl = statistics.median(s[0] for s in streams) * 1e3
+    gaps = [gap for s in streams for gap in s[4]]
+    itl = statistics.median(gaps) * 1e3
+    tpot = statistics.median(s[0] for s in streams) * 1e3
     elapsed = max(s[3] for s in streams) - min(s[2] for s in streams)
-    return itl, sum(s[1] for s in streams) / elapsed
+    return itl, tpot, sum(s[1] for s in streams) / elapsed
 
 
 def client_streams(address: str, prompts, max_tokens: int, start_at: float):
@@ -336,7 +344,10 @@ async def _client_streams(address: str, prompts, max_tokens: int, start_at: floa
             n += len(msg.token_ids)
             stamps.append((time.time(), n))
         (t0, n0), (t1, n1) = stamps[0], stamps[-1]
-        return (t1 - t0) / max(1, n1 - n0), n, sent, t1
+        gaps = [(t - t_before) / (k - k_before)
+                for (t_before, k_before), (t, k) in zip(stamps, stamps[1:])
+                for _ in range(k - k_before)]
+        return (t1 - t0) / max(1, n1 - n0), n, sent, t1, gaps
 
     for stub in stubs:
         await one(stub, prompts[0][:16])  # warm up every connection
@@ -365,8 +376,8 @@ def served_rows(model_dir: Path, batches: list[int], api_servers: int = 1,
             out[batch] = served_stats(mesh.gateway_address, prompts_for(batch, vocab, seed=2),
                                       STEPS)
             print(f"  served, {api_servers} gateway(s), {inflight or 'default'} plans in flight, "
-                  f"batch {batch}: ITL {out[batch][0]:.3f} ms, "
-                  f"{out[batch][1]:.0f} tokens/s", flush=True)
+                  f"batch {batch}: ITL {out[batch][0]:.3f} ms, TPOT {out[batch][1]:.3f} ms, "
+                  f"{out[batch][2]:.0f} tokens/s", flush=True)
         if py_spy:
             profile_mesh(mesh, py_spy, prompts_for(max(batches), vocab, seed=3))
     finally:
@@ -387,13 +398,13 @@ def profile_mesh(mesh, py_spy: str, prompts, num_tokens: int = 1024) -> None:
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                  for child in mesh.children]
     time.sleep(1.0)
-    itl, rate = served_stats(mesh.gateway_address, prompts, num_tokens)
+    itl, tpot, rate = served_stats(mesh.gateway_address, prompts, num_tokens)
     for r in recorders:
         r.send_signal(signal.SIGINT)
     for r in recorders:
         r.wait(timeout=60)
     print(f"  profiled served batch {len(prompts)} x {num_tokens} tokens: ITL {itl:.3f} ms, "
-          f"{rate:.0f} tokens/s; py-spy stacks in {out_dir}", flush=True)
+          f"TPOT {tpot:.3f} ms, {rate:.0f} tokens/s; py-spy stacks in {out_dir}", flush=True)
 
 
 # -- report -----------------------------------------------------------------------------------------
@@ -406,16 +417,16 @@ def report(shape, model_dir, batches, bw, hf, runner, served) -> str:
         return f"{x / y:.2f}x" if x and y else "-"
 
     head = (["batch", "roofline ms", "transformers compiled ms"] + [f"{m} ms" for m in MODES]
-            + ["served ITL ms", "served tok/s", "transformers / graphs", "graphs / roofline",
-               "served ITL / graphs step"])
+            + ["served ITL ms", "served TPOT ms", "served tok/s", "transformers / graphs",
+               "graphs / roofline", "served ITL / graphs step"])
     lines = [f"\n### Decode, {shape} shape ({model_dir.name}, bf16, context {CONTEXT} + "
              f"{STEPS} steps)\n", f"Machine: {machine()}; copy bandwidth {bw / 1e12:.2f} TB/s\n",
              "| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for b in batches:
         roof, graphs = roofline_ms(model_dir, b, bw), runner.get(("CUDA graphs, triton", b))
-        itl, rate = served.get(b, (None, None))
+        itl, tpot, rate = served.get(b, (None, None, None))
         row = ([str(b), cell(roof), cell(hf.get(b))] + [cell(runner.get((m, b))) for m in MODES]
-               + [cell(itl), cell(rate, ".0f"), ratio(hf.get(b), graphs), ratio(graphs, roof),
+               + [cell(itl), cell(tpot), cell(rate, ".0f"), ratio(hf.get(b), graphs), ratio(graphs, roof),
                   ratio(itl, graphs)])
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
