@@ -9,13 +9,11 @@ Times are medians of CUDA-event timings with the L2 cache flushed between calls
 serving. A tile enters the table only if it is at least MARGIN faster than cuBLAS and its
 product agrees with cuBLAS's within the dtype's rounding. Prints one markdown table.
 
-It then tunes each product with the op that feeds it in the model (the residual add + RMSNorm
-before qkv and gate_up, SiLU x mul before down) fused in, at every row count: the GEMV
-(services/model/triton_gemv.py) at one row, the skinny matmul's prologue above, timed as one
-kernel against the unfused pair as the model runs it (the op's Triton kernel, then the product on
-whichever of cuBLAS and the skinny tile won above). A fused tile enters the table under
-`gemv-<prologue>,N,K,dtype` (one row) or `skinny-<prologue>,rows,N,K,dtype` by the same margin
-and agreement rule.
+At one row it then tunes the fused GEMVs (services/model/triton_gemv.py): each product with the
+op that feeds it in the model (the residual add + RMSNorm before qkv and gate_up, SiLU x mul
+before down) timed as one kernel against the unfused pair as the model runs it (the op's Triton
+kernel, then the product on whichever of cuBLAS and the skinny tile won above). A gemv tile
+enters the table under `gemv-<prologue>,N,K,dtype` by the same margin and agreement rule.
 """
 
 from __future__ import annotations
@@ -80,16 +78,6 @@ def gemv_candidates(k: int) -> list[Tile]:
             for warps in (4, 8) for stages in (1, 2)]
 
 
-def fused_candidates(n: int, k: int, num_sms: int) -> list[Tile]:
-    """Tiles worth timing for a product with its op fused in, at 16 to 64 rows: the plain
-    candidates' N tiles of 32 to 128 and K steps of 64 and 128, each with 4 and 8 warps. Each
-    tile is a compile, so the search is narrower than the plain one: the plain table's winners at
-    these rows have N tiles of 64 and 128 and K steps of 64 and 128."""
-    return [Tile(t.block_n, t.block_k, t.split_k, t.num_stages, warps)
-            for t in candidates(n, k, num_sms) if t.block_n >= 32 and t.block_k <= 128
-            for warps in (4, 8)]
-
-
 def bench_us(fn) -> float:
     from triton.testing import do_bench
 
@@ -116,14 +104,12 @@ def tune_one(n: int, k: int, rows: int, dtype: torch.dtype, out_dtype, num_sms: 
     return cublas, best
 
 
-def tune_fused(name: str, n: int, k: int, rows: int, dtype: torch.dtype, out_dtype, product,
-               num_sms: int):
-    """(unfused us, best (tile, us) or None) for product `name` at `rows` rows with its op fused
-    in: the GEMV at one row, the skinny matmul above; product(x, w) is the unfused product as the
-    model would run it after the op."""
+def tune_gemv(name: str, n: int, k: int, dtype: torch.dtype, out_dtype, product):
+    """(unfused us, best (tile, us) or None) for product `name` at one row; product(x, w) is the
+    unfused product as the model would run it after the op."""
     prologue = GEMV_PROLOGUES[name]
     width = 2 * k if prologue == "silu_mul" else k
-    x = torch.randn(rows, width, device=DEVICE, dtype=dtype)
+    x = torch.randn(1, width, device=DEVICE, dtype=dtype)
     residual = torch.randn_like(x) if prologue == "add_rms_norm" else None
     norm_w = (1 + 0.1 * torch.randn(k, device=DEVICE)).to(dtype)
     w = torch.randn(n, k, device=DEVICE, dtype=dtype) / k**0.5
@@ -138,34 +124,25 @@ def tune_fused(name: str, n: int, k: int, rows: int, dtype: torch.dtype, out_dty
             xin = x
         return product(xin, w)
 
-    kernel = triton_gemv.gemv if rows == 1 else triton_linear.fused_skinny_matmul
-    tiles = gemv_candidates(k) if rows == 1 else fused_candidates(n, k, num_sms)
-
     def fused(tile):
-        return kernel(x, w, tile, prologue, residual, norm_w, eps, out_dtype)
+        return triton_gemv.gemv(x, w, tile, prologue, residual, norm_w, eps, out_dtype)
 
     expected, h = unfused().float(), (x + residual) if residual is not None else None
     best = None
-    for tile in tiles:
+    for tile in gemv_candidates(k):
         try:
             got, h_got = fused(tile)
         except Exception:  # noqa: BLE001 - a tile the GPU cannot hold is skipped
             continue
         if not torch.allclose(got.float(), expected, rtol=2e-2, atol=2e-2) or (
                 h is not None and not torch.equal(h_got, h)):
-            print(f"  fused tile {tile} disagrees with the unfused pair on {name} {n}x{k} at "
-                  f"{rows} rows: skipped", flush=True)
+            print(f"  gemv tile {tile} disagrees with the unfused pair on {name} {n}x{k}: skipped",
+                  flush=True)
             continue
         us = bench_us(lambda t=tile: fused(t))
         if best is None or us < best[1]:
             best = (tile, us)
     return bench_us(unfused), best
-
-
-def fused_key(prologue: str, rows: int, n: int, k: int, dtype: torch.dtype) -> str:
-    if rows == 1:
-        return triton_gemv.table_key(prologue, n, k, dtype)
-    return triton_linear.table_key(rows, n, k, dtype, prologue)
 
 
 def _record(entries: dict, key: str, best, baseline_us: float) -> bool:
@@ -191,10 +168,6 @@ def _product(tile: Tile | None, out_dtype):
     return lambda x, w: triton_linear.skinny_matmul(x, w, tile, out_dtype)
 
 
-def _tile_or_none(entry: list[int] | None) -> Tile | None:
-    return None if entry is None else Tile(*entry)
-
-
 def _write(path: Path, table: dict, device: str, entries: dict) -> None:
     table[device] = dict(sorted(entries.items()))
     path.write_text(table_text(table))
@@ -214,11 +187,7 @@ def main() -> None:
     p.add_argument("--shapes", default="1b,8b", help=f"of {', '.join(SHAPES)}")
     p.add_argument("--models", default="", help="checkpoint directories (config.json) as well")
     p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--rows", default=",".join(map(str, triton_linear.ROW_CLASSES)),
-                   help="row counts at which products are timed against cuBLAS")
-    p.add_argument("--fused-rows", default=None,
-                   help="row counts at which products are timed with their op fused in (default "
-                        "--rows); the unfused product is the table's choice at that row count")
+    p.add_argument("--rows", default=",".join(map(str, triton_linear.ROW_CLASSES)))
     p.add_argument("--write", default=str(triton_linear.CONFIG_FILE))
     a = p.parse_args()
     shapes = {s: products(SHAPES[s], a.tp) for s in a.shapes.split(",") if s}
@@ -235,21 +204,21 @@ def main() -> None:
     path = Path(a.write)
     table = json.loads(path.read_text()) if path.exists() else {}
     entries = table.setdefault(device, {})
-    rows_plain = [int(r) for r in a.rows.split(",") if r]
-    rows_fused = [int(r) for r in (a.fused_rows if a.fused_rows is not None else a.rows).split(",")
-                  if r]
     print(f"\n### Skinny matmuls vs cuBLAS on {device} (bf16, L2 flushed, median us)\n")
     print("| shape | product | N x K | rows | cuBLAS us | Triton us | tile (n, k, split, stages) "
           "| cuBLAS TB/s | Triton TB/s | chosen |")
     print("|---|---|---|---:|---:|---:|---|---:|---:|---|")
+    winners = {}  # (shape, product) -> the batch-1 product as the model runs it unfused
     for shape, prods in shapes.items():
         for name, (n, k) in prods.items():
             out_dtype = _out_dtype(name, a.tp)
-            for rows in rows_plain:
+            for rows in (int(r) for r in a.rows.split(",")):
                 cublas, best = tune_one(n, k, rows, torch.bfloat16, out_dtype, num_sms)
                 chosen = _record(entries, triton_linear.table_key(rows, n, k, torch.bfloat16),
                                  best, cublas)
                 _write(path, table, device, entries)
+                if rows == 1:
+                    winners[shape, name] = _product(best[0] if chosen else None, out_dtype)
                 gb = n * k * 2 / 1e12
                 tile = best[0] if best else None
                 tile_text = f"{tile.block_n}, {tile.block_k}, {tile.split_k}, {tile.num_stages}" \
@@ -259,33 +228,27 @@ def main() -> None:
                 print(f"| {shape} | {name} | {n} x {k} | {rows} | {cublas:.1f} | {triton_us} | "
                       f"{tile_text} | {gb / (cublas / 1e6):.2f} | {triton_bw} | "
                       f"{'Triton' if chosen else 'cuBLAS'} |", flush=True)
-    # (shape, product, rows) -> the product as the model runs it after its op, per the table
-    winners = {(shape, name, rows): _product(
-        _tile_or_none(entries.get(triton_linear.table_key(rows, n, k, torch.bfloat16))),
-        _out_dtype(name, a.tp))
-        for shape, prods in shapes.items() for name, (n, k) in prods.items() for rows in rows_fused
-        if GEMV_PROLOGUES[name] != "none" or rows == 1}
     if winners:
-        print(f"\n### Products with their op fused in vs the pair apart on {device} (bf16, L2 "
-              "flushed, median us)\n")
-        print("| shape | product | prologue | N x K | rows | unfused us | fused us | tile (n, k, "
-              "split, stages, warps) | fused TB/s | ratio | chosen |")
-        print("|---|---|---|---|---:|---:|---:|---|---:|---:|---|")
-    for (shape, name, rows), product in winners.items():
+        print(f"\n### Fused batch-1 GEMVs vs the unfused pair on {device} (bf16, L2 flushed, "
+              "median us)\n")
+        print("| shape | product | prologue | N x K | unfused us | fused us | tile (n, k, stages, "
+              "warps) | fused TB/s | ratio | chosen |")
+        print("|---|---|---|---|---:|---:|---|---:|---:|---|")
+    for (shape, name), product in winners.items():
         n, k = shapes[shape][name]
-        unfused, best = tune_fused(name, n, k, rows, torch.bfloat16, _out_dtype(name, a.tp),
-                                   product, num_sms)
+        unfused, best = tune_gemv(name, n, k, torch.bfloat16, _out_dtype(name, a.tp), product)
         prologue = GEMV_PROLOGUES[name]
-        chosen = _record(entries, fused_key(prologue, rows, n, k, torch.bfloat16), best, unfused)
+        chosen = _record(entries, triton_gemv.table_key(prologue, n, k, torch.bfloat16), best,
+                         unfused)
         _write(path, table, device, entries)  # a run cut short keeps what it measured
         tile = best[0] if best else None
-        tile_text = ", ".join(map(str, tile.as_list())) if tile else "-"
+        tile_text = f"{tile.block_n}, {tile.block_k}, {tile.num_stages}, {tile.num_warps}" \
+            if tile else "-"
         fused_us = f"{best[1]:.1f}" if best else "-"
         bw = f"{n * k * 2 / 1e12 / (best[1] / 1e6):.2f}" if best else "-"
         ratio = f"{best[1] / unfused:.2f}" if best else "-"
-        print(f"| {shape} | {name} | {prologue} | {n} x {k} | {rows} | {unfused:.1f} | "
-              f"{fused_us} | {tile_text} | {bw} | {ratio} | {'fused' if chosen else 'unfused'} |",
-              flush=True)
+        print(f"| {shape} | {name} | {prologue} | {n} x {k} | {unfused:.1f} | {fused_us} | "
+              f"{tile_text} | {bw} | {ratio} | {'fused' if chosen else 'unfused'} |", flush=True)
     _write(path, table, device, entries)
     print(f"\nwrote {len(entries)} entries for {device} to {path}")
 

@@ -225,7 +225,7 @@ class RMSNorm(nn.Module):
 
 FUSED_KERNELS = True  # False: the plain-torch reference on GPUs too (benchmarks compare both)
 SKINNY_MATMULS = True  # False: every product on cuBLAS (benchmarks compare both)
-FUSED_GEMVS = True  # False: no product with its op fused in (the norm and SiLU x mul kernels apart)
+FUSED_GEMVS = True  # False: batch-1 products unfused, the norm and SiLU x mul kernels apart
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -252,40 +252,28 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
                 proj: ColumnParallelLinear) -> tuple[torch.Tensor, torch.Tensor]:
-    """(proj(norm(x + residual)), x + residual); residual None: (proj(norm(x)), x). On a GPU whose
-    measured table holds a fused tile for the product at this batch, one kernel (_fused_product)."""
+    """(proj(norm(x + residual)), x + residual); residual None: (proj(norm(x)), x). At batch 1 on
+    a GPU whose measured table holds a fused tile for the product, one kernel (triton_gemv)."""
     prologue = "rms_norm" if residual is None else "add_rms_norm"
-    fused = _fused_product(x, proj.weight, prologue)
-    if fused is None:
+    tile = _gemv_tile(x, proj.weight, prologue)
+    if tile is None:
         x, residual = norm(x, residual)
         return proj(x), residual
-    y, stream = fused(x, proj.weight, prologue=prologue, residual=residual,
-                      norm_weight=norm.weight, eps=norm.eps)
+    from services.model import triton_gemv
+
+    y, stream = triton_gemv.gemv(x, proj.weight, tile, prologue, residual, norm.weight, norm.eps)
     return (y if proj.bias is None else y + proj.bias), (x if stream is None else stream)
 
 
 def silu_mul_linear(gate_up: torch.Tensor, proj: RowParallelLinear) -> torch.Tensor:
-    """proj(silu(gate) ⊙ up) for gate_up [n, 2·m] = [gate | up]; fused as norm_linear is."""
-    fused = _fused_product(gate_up, proj.weight, "silu_mul")
-    if fused is None:
+    """proj(silu(gate) ⊙ up) for gate_up [n, 2·m] = [gate | up]; fused at batch 1 as norm_linear."""
+    tile = _gemv_tile(gate_up, proj.weight, "silu_mul")
+    if tile is None:
         return proj(silu_and_mul(gate_up))
-    partial, _ = fused(gate_up, proj.weight, prologue="silu_mul")
+    from services.model import triton_gemv
+
+    partial, _ = triton_gemv.gemv(gate_up, proj.weight, tile, "silu_mul")
     return proj.reduce(partial)
-
-
-def _fused_product(x: torch.Tensor, weight: torch.Tensor, prologue: str):
-    """The product x' weightᵀ with the op that makes x' from x (prologue) fused in, as this GPU's
-    measured table chooses: the GEMV at one row (triton_gemv), the skinny matmul at up to 64
-    (triton_linear), both called as (x, weight, prologue=, residual=, norm_weight=, eps=) ->
-    (y, stream or None); None where the table holds no fused tile (a CPU, a larger batch, a
-    shape where the op's kernel and the product apart measured faster)."""
-    if not (FUSED_GEMVS and x.dim() == 2 and uses_triton(x)):
-        return None
-    from services.model import triton_gemv, triton_linear
-
-    kernel = triton_gemv.gemv if x.shape[0] == 1 else triton_linear.fused_skinny_matmul
-    tile = (triton_gemv if x.shape[0] == 1 else triton_linear).tile_for(x, weight, prologue)
-    return None if tile is None else functools.partial(kernel, tile=tile)
 
 
 def _gemv_tile(x: torch.Tensor, weight: torch.Tensor, prologue: str):

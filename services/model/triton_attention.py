@@ -51,7 +51,10 @@ _PREFILL_ROWS = 128  # query rows (tokens x group heads) per prefill tile (BLOCK
 _PREFILL_TILE = 32  # positions per K/V tile in prefill (BLOCK_N)
 _MIN_SPLIT_POSITIONS = 256  # a default decode split covers at least this many possible positions
 _MAX_SPLITS = 16
-_PROGRAMS_PER_SM = 8  # default splits stop once B * KVH * splits reaches this many programs per SM
+# Default splits stop before B * KVH * splits passes this many programs per SM: a split costs its
+# partials and a combine, and past ~4 programs per SM it no longer pays (bench/tune_attention.py
+# on an H200: at 64 sequences one split beat three by 1.1-1.3x, at 16 four to eight splits beat nine)
+_PROGRAMS_PER_SM = 4
 _INTERPRETER_NUM_SMS = 132  # on CPU (the Triton interpreter) split as on an H200
 _NUM_WARPS = 4
 _MAX_TICKETS = 1 << 16  # (sequence, KV head) counters per device: B * KVH of a split decode
@@ -134,9 +137,10 @@ def paged_prefill_attention(
 
 def _default_num_splits(max_positions: int, num_programs: int, num_sms: int) -> int:
     """Decode splits, from shapes alone: each covers >= 256 of the max_positions = W * block_size possible
-    positions, at most 16, and no more than the B * KVH = num_programs of one split need to fill the GPU."""
+    positions, at most 16, and no more than keep the B * KVH = num_programs of one split within
+    _PROGRAMS_PER_SM programs per SM (at least one split)."""
     by_length = max_positions // _MIN_SPLIT_POSITIONS
-    by_occupancy = triton.cdiv(_PROGRAMS_PER_SM * num_sms, num_programs)
+    by_occupancy = _PROGRAMS_PER_SM * num_sms // num_programs
     return max(1, min(_MAX_SPLITS, by_length, by_occupancy))
 
 

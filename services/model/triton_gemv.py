@@ -31,7 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from services.model.triton_linear import PROLOGUES, Tile, _device_name, _tiles_of
+from services.model.triton_linear import Tile, _device_name, _tiles_of
+
+PROLOGUES = {"none": 0, "rms_norm": 1, "add_rms_norm": 2, "silu_mul": 3}
 
 
 @triton.jit

@@ -84,9 +84,9 @@ def test_kernels_run_under_the_interpreter() -> None:
 def test_default_num_splits_from_longest_context_and_batch() -> None:
     by_length = [triton_attention._default_num_splits(n, 8, 132) for n in (16, 511, 512, 1024, 4096, 1 << 20)]
     assert by_length == [1, 1, 2, 4, 16, 16]
-    # B * KVH programs per split; 8 per SM on 132 SMs are 1056
-    by_occupancy = [triton_attention._default_num_splits(1 << 20, n, 132) for n in (64, 256, 528, 2048)]
-    assert by_occupancy == [16, 5, 2, 1]
+    # B * KVH programs per split; 4 per SM on 132 SMs are 528, a split more only below that
+    by_occupancy = [triton_attention._default_num_splits(1 << 20, n, 132) for n in (8, 64, 128, 256, 512, 2048)]
+    assert by_occupancy == [16, 8, 4, 2, 1, 1]
 
 
 @pytest.mark.parametrize("num_splits", [1, 3, None])  # None: 640 // 256 = 2 splits of 320 positions

@@ -11,8 +11,7 @@ import torch.nn.functional as F
 
 triton_linear = pytest.importorskip("services.model.triton_linear")
 Tile = triton_linear.Tile
-PROLOGUES = triton_linear.PROLOGUES
-EPS = 1e-5
+PROLOGUES = pytest.importorskip("services.model.triton_gemv").PROLOGUES
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -41,66 +40,6 @@ def test_skinny_matmul_bf16_and_float32_output():
     torch.testing.assert_close(rounded.float(), expected, rtol=2**-7, atol=2**-7)
 
 
-def rms_norm(h, w):
-    hf = h.float()
-    return w.float() * hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + EPS)
-
-
-@pytest.mark.parametrize("rows", [2, 16, 33])
-@pytest.mark.parametrize("tile", [Tile(16, 32), Tile(32, 32, 2), Tile(64, 16, 4)])
-def test_add_rms_norm_prologue_returns_the_stream_and_its_normed_product(rows, tile):
-    x, res = randn(rows, 128, seed=5), randn(rows, 128, seed=6)
-    w_n, w = randn(128, seed=7), randn(80, 128, seed=8) / 11
-    y, h = triton_linear.fused_skinny_matmul(x, w, tile, "add_rms_norm", residual=res,
-                                             norm_weight=w_n, eps=EPS)
-    torch.testing.assert_close(h, x + res, rtol=0, atol=0)  # the residual stream, exactly
-    torch.testing.assert_close(y, F.linear(rms_norm(x + res, w_n), w), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("tile", [Tile(16, 32), Tile(16, 32, 4)])
-def test_rms_norm_prologue_without_residual(tile):
-    x, w_n, w = randn(7, 128, seed=9), randn(128, seed=10), randn(40, 128, seed=11)
-    y, h = triton_linear.fused_skinny_matmul(x, w, tile, "rms_norm", norm_weight=w_n, eps=EPS)
-    assert h is None
-    torch.testing.assert_close(y, F.linear(rms_norm(x, w_n), w), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("tile", [Tile(32, 32), Tile(16, 16, 2)])
-def test_silu_mul_prologue_reads_gate_then_up(tile):
-    gate_up, w = randn(9, 2 * 96, seed=12), randn(64, 96, seed=13)
-    gate, up = gate_up.chunk(2, dim=-1)
-    y, _ = triton_linear.fused_skinny_matmul(gate_up, w, tile, "silu_mul")
-    torch.testing.assert_close(y, F.linear(F.silu(gate) * up, w), rtol=1e-5, atol=1e-5)
-
-
-def test_bf16_fused_norm_stays_within_the_bf16_error_of_the_unfused_path():
-    """bf16: the unfused path rounds x / rms before the product, the fused one x ⊙ w_norm; both
-    stay within bf16 rounding of the float32 result."""
-    x, res = randn(16, 512, seed=14).bfloat16(), randn(16, 512, seed=15).bfloat16()
-    w_n, w = (1 + randn(512, seed=16) / 10).bfloat16(), (randn(256, 512, seed=17) / 23).bfloat16()
-    for tile in (Tile(32, 64), Tile(32, 64, 4)):
-        y, h = triton_linear.fused_skinny_matmul(x, w, tile, "add_rms_norm", residual=res,
-                                                 norm_weight=w_n, eps=EPS)
-        assert y.dtype == h.dtype == torch.bfloat16
-        exact = F.linear(rms_norm((x.float() + res.float()).bfloat16(), w_n), w.float())
-        unfused = F.linear(rms_norm(h, w_n).bfloat16(), w).float()
-        err_fused, err_unfused = (y.float() - exact).abs().max(), (unfused - exact).abs().max()
-        assert err_fused <= max(err_unfused * 1.5, 2**-7 * exact.abs().max())
-
-
-def test_prologue_arguments_that_do_not_fit_are_refused():
-    w = randn(32, 96)
-    assert triton_linear.fits(randn(4, 192), w, Tile(16, 32), "silu_mul")  # [gate | up]
-    assert not triton_linear.fits(randn(4, 96), w, Tile(16, 32), "silu_mul")
-    with pytest.raises(ValueError, match="residual"):
-        triton_linear.fused_skinny_matmul(randn(4, 96), w, Tile(16, 32), "add_rms_norm",
-                                          norm_weight=randn(96))
-    with pytest.raises(ValueError, match="norm's weight"):
-        triton_linear.fused_skinny_matmul(randn(4, 96), w, Tile(16, 32), "rms_norm")
-    with pytest.raises(ValueError, match="unknown prologue"):
-        triton_linear.fused_skinny_matmul(randn(4, 96), w, Tile(16, 32), "gelu")
-
-
 def test_shapes_the_tile_does_not_fit_are_refused():
     x, w = randn(2, 96), randn(32, 96)
     assert not triton_linear.fits(x, w, Tile(16, 64))  # 96 is not a multiple of 64
@@ -112,8 +51,6 @@ def test_shapes_the_tile_does_not_fit_are_refused():
 def test_row_classes_cover_every_decode_batch():
     assert [triton_linear.row_class(m) for m in (1, 2, 16, 17, 32, 33, 64)] == [1, 16, 16, 32, 32, 64, 64]
     assert triton_linear.table_key(3, 80, 128, torch.bfloat16) == "16,80,128,bfloat16"
-    assert (triton_linear.table_key(40, 80, 128, torch.bfloat16, "silu_mul")
-            == "skinny-silu_mul,64,80,128,bfloat16")
 
 
 def test_tile_lookup_reads_the_table_and_falls_back_to_cublas(tmp_path):
@@ -130,13 +67,10 @@ def test_the_shipped_table_holds_valid_tiles():
     table = json.loads(triton_linear.CONFIG_FILE.read_text())
     for device, entries in table.items():
         for key, value in entries.items():
-            *kind, rows, n, k, dtype = key.split(",")
+            rows, n, k, dtype = key.split(",")
             assert dtype in ("bfloat16", "float16"), (device, key)
             tile = Tile(*value)
-            if kind:  # a product with its op fused in, at up to 64 rows
-                assert kind[0].startswith("skinny-") and len(kind) == 1, (device, key)
-                assert kind[0].removeprefix("skinny-") in PROLOGUES, (device, key)
-            elif rows.startswith("gemv-"):  # a fused batch-1 product (services/model/triton_gemv.py)
+            if rows.startswith("gemv-"):  # a fused batch-1 product (services/model/triton_gemv.py)
                 assert rows.removeprefix("gemv-") in PROLOGUES, (device, key)
                 assert tile.split_k == 1 and int(k) % tile.block_k == 0, (device, key)
                 continue
