@@ -37,14 +37,20 @@ INFLIGHT = 3  # plans in flight in the in-process loop, as the scheduler keeps a
 # Worker flags of each in-process mode, whether the fused Triton kernels run, and whether the
 # skinny Triton matmuls of the measured table (bench/tune_linear.py) replace cuBLAS where it says.
 EAGER, GRAPHS = dict(enforce_eager=True), dict(enforce_eager=False)
+# The last flag: whether the Triton kernels launch with programmatic dependent launch (triton_pdl).
 MODES = {
-    "eager, torch attention, unfused": (dict(attention_backend="torch", **EAGER), False, False),
-    "eager, triton attention": (dict(attention_backend="triton", **EAGER), True, True),
-    "CUDA graphs, triton, unfused": (dict(attention_backend="triton", **GRAPHS), False, False),
-    "CUDA graphs, triton + fused, cuBLAS": (dict(attention_backend="triton", **GRAPHS), True, False),
-    "CUDA graphs, triton": (dict(attention_backend="triton", **GRAPHS), True, True),
+    "eager, torch attention, unfused": (dict(attention_backend="torch", **EAGER), False, False,
+                                        True),
+    "eager, triton attention": (dict(attention_backend="triton", **EAGER), True, True, True),
+    "CUDA graphs, triton, unfused": (dict(attention_backend="triton", **GRAPHS), False, False,
+                                     True),
+    "CUDA graphs, triton + fused, cuBLAS": (dict(attention_backend="triton", **GRAPHS), True, False,
+                                            True),
+    "CUDA graphs, triton, no PDL": (dict(attention_backend="triton", **GRAPHS), True, True, False),
+    "CUDA graphs, triton": (dict(attention_backend="triton", **GRAPHS), True, True, True),
 }
-MODE_KEYS = dict(zip(["torch", "triton", "graphs-unfused", "graphs-cublas", "graphs"], MODES))
+MODE_KEYS = dict(zip(["torch", "triton", "graphs-unfused", "graphs-cublas", "graphs-nopdl",
+                      "graphs"], MODES))
 
 
 def checkpoint(shape: str, root: Path) -> Path:
@@ -158,11 +164,11 @@ def prompts_for(batch: int, vocab: int, seed: int = 0) -> list[list[int]]:
 
 def runner_rows(model_dir: Path, batches: list[int], profile: bool, modes: list[str]) -> dict:
     vocab = ModelConfig.from_dir(model_dir).vocab_size
-    from services.model import layers
+    from services.model import layers, triton_pdl
 
     out = {}
     for mode in modes:
-        flags, fused, skinny = MODES[mode]
+        flags, fused, skinny, triton_pdl.ENABLED = MODES[mode]
         # the cuBLAS modes run every product on cuBLAS: no skinny tiles, no fused GEMVs
         layers.FUSED_KERNELS, layers.SKINNY_MATMULS, layers.FUSED_GEMVS = fused, skinny, skinny
         shard = load_shard(model_dir, max(batches), **flags)
@@ -176,7 +182,7 @@ def runner_rows(model_dir: Path, batches: list[int], profile: bool, modes: list[
                 print(profile_table(shard, batch, vocab), flush=True)
         del shard
         torch.cuda.empty_cache()
-    layers.FUSED_KERNELS = layers.SKINNY_MATMULS = layers.FUSED_GEMVS = True
+    layers.FUSED_KERNELS = layers.SKINNY_MATMULS = layers.FUSED_GEMVS = triton_pdl.ENABLED = True
     return out
 
 

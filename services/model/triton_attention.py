@@ -46,6 +46,9 @@ import torch
 import triton
 import triton.language as tl
 
+from services.model import triton_pdl
+from services.model.triton_pdl import pdl_begin
+
 _DECODE_TILE = 64  # positions per K/V tile in decode (BLOCK_N)
 _PREFILL_ROWS = 128  # query rows (tokens x group heads) per prefill tile (BLOCK_M)
 _PREFILL_TILE = 32  # positions per K/V tile in prefill (BLOCK_N)
@@ -96,7 +99,7 @@ def paged_decode_attention(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q),
         SPLIT=num_splits > 1, SPLITS_PAD=triton.next_power_of_2(num_splits),
-        GROUP_P2=triton.next_power_of_2(group), num_warps=num_warps,
+        GROUP_P2=triton.next_power_of_2(group), num_warps=num_warps, **triton_pdl.kwargs(q.device),
     )  # fmt: skip
     return out
 
@@ -130,7 +133,7 @@ def paged_prefill_attention(
         *_cache_strides(kv_cache), block_tables.stride(0),
         GROUP=group, HEAD_DIM=q.shape[2], BLOCK_SIZE=kv_cache.shape[2],
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=_PREFILL_TILE, DOT_PRECISION=_dot_precision(q),
-        num_warps=_NUM_WARPS,
+        num_warps=_NUM_WARPS, **triton_pdl.kwargs(q.device),
     )  # fmt: skip
     return out
 
@@ -223,9 +226,11 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, SPLITS_PAD: tl.constexpr,
     GROUP_P2: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """One (sequence, KV head, split): partial [B, H, splits, D] and lse [B, H, splits]; the last
     split of (sequence, KV head) to finish combines them into out [B, H, D]."""
+    pdl_begin(PDL)
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     num_kv_heads, num_splits = tl.num_programs(1), tl.num_programs(2)
     num_heads = GROUP * num_kv_heads
@@ -303,8 +308,10 @@ def _prefill_kernel(
     stride_kv, stride_block, stride_slot, stride_head, stride_table,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """One (query tile, KV head, sequence): rows are BLOCK_Q tokens x GROUP heads, token-major."""
+    pdl_begin(PDL)
     tile, kv_head, seq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     query_start = tl.load(query_start_ptr + seq)
     query_len = tl.load(query_start_ptr + seq + 1) - query_start

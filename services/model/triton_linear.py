@@ -29,6 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
+from services.model import triton_pdl
+from services.model.triton_pdl import pdl_begin
+
 MAX_ROWS = 64  # past this a step is a real GEMM and cuBLAS's tiles are the right ones
 ROW_CLASSES = (1, 16, 32, 64)  # a table entry serves every row count up to its class
 CONFIG_FILE = Path(__file__).with_name("linear_configs.json")
@@ -57,8 +60,9 @@ def block_m(num_rows: int) -> int:
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ys, stride_ym,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Y[split, :, n-tile] = X[:, k-range] W[n-tile, k-range]ᵀ; K is a multiple of BLOCK_K · SPLIT_K."""
+    pdl_begin(PDL)
     pid_n, split = tl.program_id(0), tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -78,8 +82,10 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ys
 
 
 @triton.jit
-def _sum_splits_kernel(partial_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+def _sum_splits_kernel(partial_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
+                       PDL: tl.constexpr):
     """y [M · N] = sum over splits of partial [SPLIT_K, M · N] (float32), in y's dtype."""
+    pdl_begin(PDL)
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < MN
     acc = tl.zeros((BLOCK,), tl.float32)
@@ -116,11 +122,12 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, tile: Tile,
         partial.stride(0) if tile.split_k > 1 else 0, n,
         BLOCK_M=block_m(m), BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, SPLIT_K=tile.split_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_stages=tile.num_stages, num_warps=tile.num_warps)
+        num_stages=tile.num_stages, num_warps=tile.num_warps, **triton_pdl.kwargs(x.device))
     if tile.split_k > 1:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(m * n, block),)](partial, y, m * n, SPLIT_K=tile.split_k,
-                                                         BLOCK=block, num_warps=4)
+                                                         BLOCK=block, num_warps=4,
+                                                         **triton_pdl.kwargs(x.device))
     return y
 
 

@@ -23,10 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
+from services.model import triton_pdl
+from services.model.triton_pdl import pdl_begin
+
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
-                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -54,12 +58,13 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: t
         _add_rms_norm_kernel[(n_rows,)](
             x, residual.contiguous() if residual is not None else x, weight, out, res_out, n_cols,
             eps, HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n_cols),
-            num_warps=_warps(n_cols))
+            num_warps=_warps(n_cols), **triton_pdl.kwargs(x.device))
     return out, res_out
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, n_cols, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -79,17 +84,19 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     block = 1024
     if n_rows:
         _silu_and_mul_kernel[(n_rows, triton.cdiv(width // 2, block))](
-            gate_up, out, width // 2, BLOCK=block, num_warps=4)
+            gate_up, out, width // 2, BLOCK=block, num_warps=4,
+            **triton_pdl.kwargs(gate_up.device))
     return out
 
 
 @triton.jit
 def _rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr, row_stride, num_heads,
                    num_kv_heads, stride_kv, HALF: tl.constexpr, HEADS_PAD: tl.constexpr,
-                   KV_PAD: tl.constexpr, WRITE_CACHE: tl.constexpr):
+                   KV_PAD: tl.constexpr, WRITE_CACHE: tl.constexpr, PDL: tl.constexpr):
     """One token row: its q and k heads rotated in place; WRITE_CACHE: then k (rotated) and v
     stored at the row's slot of the cache, whose slots are rows of num_kv_heads x head_dim
     (stride_kv: K to V)."""
+    pdl_begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     num_rot = num_heads + num_kv_heads  # q heads then k heads lie side by side
     heads = tl.arange(0, HEADS_PAD)[:, None]  # [H, 1]
@@ -148,7 +155,8 @@ def _launch_rotary(qkv, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_head
         slot_mapping if write_cache else qkv, qkv.stride(0), num_heads, num_kv_heads,
         kv_cache.stride(0) if write_cache else 0, HALF=head_dim // 2,
         HEADS_PAD=triton.next_power_of_2(num_heads + num_kv_heads),
-        KV_PAD=triton.next_power_of_2(num_kv_heads), WRITE_CACHE=write_cache, num_warps=4)
+        KV_PAD=triton.next_power_of_2(num_kv_heads), WRITE_CACHE=write_cache, num_warps=4,
+        **triton_pdl.kwargs(qkv.device))
 
 
 _ARGMAX_CHUNK = 4096  # logits per program of the first pass
@@ -156,9 +164,10 @@ _ARGMAX_CHUNK = 4096  # logits per program of the first pass
 
 @triton.jit
 def _argmax_chunk_kernel(logits_ptr, values_ptr, indices_ptr, n_cols, row_stride,
-                         CHUNK: tl.constexpr):
+                         CHUNK: tl.constexpr, PDL: tl.constexpr):
     """Pass 1, one (row, chunk): the chunk's maximum and the first index holding it. NaN counts
     as the largest value, as in torch.argmax."""
+    pdl_begin(PDL)
     row, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)
     cols = chunk * CHUNK + tl.arange(0, CHUNK)
     x = tl.load(logits_ptr + row * row_stride + cols, mask=cols < n_cols,
@@ -172,8 +181,9 @@ def _argmax_chunk_kernel(logits_ptr, values_ptr, indices_ptr, n_cols, row_stride
 
 @triton.jit
 def _argmax_reduce_kernel(values_ptr, indices_ptr, out_ptr, num_chunks, n_cols,
-                          CHUNKS_PAD: tl.constexpr):
+                          CHUNKS_PAD: tl.constexpr, PDL: tl.constexpr):
     """Pass 2, one row: the largest chunk maximum, the first index among chunks that hold it."""
+    pdl_begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, CHUNKS_PAD)
     valid = c < num_chunks
@@ -196,10 +206,10 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     if n_rows:
         _argmax_chunk_kernel[(n_rows, num_chunks)](logits, values, indices, n_cols,
                                                    logits.stride(0), CHUNK=_ARGMAX_CHUNK,
-                                                   num_warps=8)
+                                                   num_warps=8, **triton_pdl.kwargs(logits.device))
         _argmax_reduce_kernel[(n_rows,)](values, indices, out, num_chunks, n_cols,
                                          CHUNKS_PAD=triton.next_power_of_2(num_chunks),
-                                         num_warps=1)
+                                         num_warps=1, **triton_pdl.kwargs(logits.device))
     return out
 
 
