@@ -8,23 +8,39 @@ owns and whose outputs are ignored. A graph reads its inputs from one static dev
 
 which a step fills with one host-to-device copy, and it resolves "the row's last sampled id"
 and gathers the step's block tables from the persistent batch inside the graph, so a replay
-costs one copy (plus one on the device) and one launch whatever the model's size. The last stage's graph ends with the
-logits of every row; other stages' with the residual stream. Graphs share one memory pool and
-are captured from the largest bucket down, so they take about the memory of the largest.
+costs one copy (plus one on the device) and one launch whatever the model's size. The last
+stage's graph ends with the logits of every row and their greedy ids, which it also writes into
+the persistent batch as the rows' last sampled ids: a step of greedy requests launches nothing
+after the replay but the ids' copy to the host (a step with other draws samples from the logits
+after it, and its writes replace the greedy ones). A row the step does not sample (a one-token
+prompt chunk) gets its argmax written too, which nothing reads: a row's last sampled id is read
+only by the step right after one that sampled it. Other stages' graphs end with the residual
+stream. Graphs share one memory pool and are captured from the largest bucket down, so they take
+about the memory of the largest.
 """
 
 from __future__ import annotations
 
 import bisect
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from services.model import comm
 from services.model.attention import AttentionMetadata
+from services.model.sampler import argmax_ids
 from services.worker.input_batch import HostStep
 
 NUM_STATIC_FIELDS = 5
+
+
+@dataclass
+class ReplayedStep:
+    outputs: torch.Tensor  # [num_seqs, vocab] logits (last stage) or [num_seqs, hidden]
+    greedy_ids: torch.Tensor | None  # [num_seqs] argmax of the logits, already the rows' last
+    logits_indices: torch.Tensor  # [N] on the device
+    sampled_rows: torch.Tensor  # [N]
 
 
 def bucket_sizes(max_num_seqs: int) -> tuple[int, ...]:
@@ -60,6 +76,7 @@ class DecodeGraphs:
         self.scratch_row = runner.batch.scratch_row
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.greedy_ids: dict[int, torch.Tensor] = {}  # last stage: [bucket] argmax of the logits
         self.num_replays = 0
         self.collectives: dict[int, tuple] = {}  # bucket -> what one replay communicates
 
@@ -82,7 +99,7 @@ class DecodeGraphs:
             graph = torch.cuda.CUDAGraph()
             before = comm.TOTALS.snapshot()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[size] = self._body(size)
+                self.outputs[size], self.greedy_ids[size] = self._body(size)
             self.collectives[size] = comm.TOTALS.since(before)  # recorded, not yet run
             comm.TOTALS.remove(self.collectives[size])
             self.graphs[size] = graph
@@ -104,9 +121,10 @@ class DecodeGraphs:
             self._body(size)
         torch.cuda.synchronize()
 
-    def _body(self, size: int) -> torch.Tensor:
-        """The decode step over static[: 5 · size]: [size, vocab] logits on the last stage,
-        [size, hidden] residual stream on the others."""
+    def _body(self, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The decode step over static[: 5 · size]: ([size, vocab] logits, [size] their greedy
+        ids, also stored as the rows' last sampled ids) on the last stage, ([size, hidden]
+        residual stream, None) on the others."""
         runner, batch = self.runner, self.runner.batch
         ids, positions, slots, seq_lens, rows = self.static[:NUM_STATIC_FIELDS * size].view(
             NUM_STATIC_FIELDS, size)
@@ -119,15 +137,18 @@ class DecodeGraphs:
         ids = batch.resolve_last_sampled(ids) if runner.is_first_stage else None
         hidden_in = self.hidden_in[:size] if self.hidden_in is not None else None
         hidden = runner.forward(ids, positions, meta, hidden_in)
-        return runner.model.compute_logits(hidden) if runner.is_last_stage else hidden
+        if not runner.is_last_stage:
+            return hidden, None
+        logits = runner.model.compute_logits(hidden)
+        greedy = argmax_ids(logits)  # [size]; padding rows write the scratch row
+        batch.last_sampled.index_copy_(0, rows, greedy)
+        return logits, greedy
 
     # -- replay ------------------------------------------------------------------------------
 
-    def run(self, host: HostStep, hidden_in: torch.Tensor | None
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Replays the bucket of host's decode step: (outputs of its rows [num_seqs, ...],
-        logits_indices [N], sampled_rows [N] on the device). The outputs are the graph's own
-        memory, which its next replay overwrites."""
+    def run(self, host: HostStep, hidden_in: torch.Tensor | None) -> ReplayedStep:
+        """Replays the bucket of host's decode step. Its outputs are the graph's own memory,
+        which the next replay overwrites."""
         size = self.sizes[bisect.bisect_left(self.sizes, host.num_seqs)]
         n = host.num_seqs
         fields = self._padding(size)
@@ -141,9 +162,11 @@ class DecodeGraphs:
             self.graphs[size].replay()
             comm.TOTALS.add_all(self.collectives[size])
         else:
-            self.outputs[size] = self._body(size)
+            self.outputs[size], self.greedy_ids[size] = self._body(size)
         self.num_replays += 1
-        return self.outputs[size][:n], *sampling
+        greedy = self.greedy_ids[size]
+        return ReplayedStep(self.outputs[size][:n], None if greedy is None else greedy[:n],
+                            *sampling)
 
     def _padding(self, size: int) -> np.ndarray:
         """[5, size]: every row a padding row (id 0, position 0, the scratch slot and row)."""

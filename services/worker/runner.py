@@ -85,15 +85,20 @@ class ModelRunner:
         if hidden_in is not None and self.ctx.tp_size > 1:
             # The previous stage sent each rank its column slice: [num_tokens, hidden / T].
             hidden_in = tp_all_gather(hidden_in, self.ctx, dim=-1)  # [num_tokens, hidden]
+        greedy = None  # the step's greedy ids, already the rows' last sampled ids
         if self.graphs is not None and self.graphs.can_run(host):
-            out, logits_indices, sampled_rows = self.graphs.run(host, hidden_in)
+            replayed = self.graphs.run(host, hidden_in)
             pending.graph_replay = True
             if not self.is_last_stage:  # the stage link sends it after the next replay began
-                pending.hidden = out.clone()
+                pending.hidden = replayed.outputs.clone()
                 return pending
             if not len(host.sampled_rows):
                 return pending
-            logits = out if host.all_rows_sampled else out[logits_indices]
+            sampled_rows = replayed.sampled_rows
+            if host.all_rows_sampled:
+                logits, greedy = replayed.outputs, replayed.greedy_ids
+            else:
+                logits = replayed.outputs[replayed.logits_indices]
         else:
             step = self.batch.to_device(host, self.attention_backend)
             hidden = self.forward(step.input_ids, step.positions, step.attn, hidden_in)
@@ -102,7 +107,7 @@ class ModelRunner:
                 return pending
             logits = self.model.compute_logits(hidden[step.logits_indices])
             sampled_rows = step.sampled_rows
-        self._sample(logits, host, sampled_rows, pending)
+        self._sample(logits, host, sampled_rows, pending, greedy)
         return pending
 
     def forward(self, ids, positions, meta, hidden_in) -> torch.Tensor:
@@ -112,15 +117,20 @@ class ModelRunner:
                           hidden_states=hidden_in)
 
     def _sample(self, logits: torch.Tensor, host: HostStep, sampled_rows: torch.Tensor,
-                pending: PendingStep) -> None:
+                pending: PendingStep, greedy: torch.Tensor | None = None) -> None:
         """logits [num_sampled, vocab] -> ids on the device (kept per row for the next decode),
-        and on their way to the host."""
+        and on their way to the host. greedy: the rows' argmax where a graph took it and kept
+        it as their last sampled ids."""
         held = self.batch.held_at(host.sampled_rows)
         if all(h.sampling.is_greedy for h in held):
-            tokens = argmax_ids(logits)  # [num_sampled]
+            if greedy is not None:
+                tokens = greedy  # nothing to launch: the graph stored them too
+            else:
+                tokens = argmax_ids(logits)  # [num_sampled]
+                self.batch.last_sampled.index_copy_(0, sampled_rows, tokens)
         else:
             tokens = sample_batch(logits, *self._sampling_tensors(held, host), all_greedy=False)
-        self.batch.last_sampled.index_copy_(0, sampled_rows, tokens)
+            self.batch.last_sampled.index_copy_(0, sampled_rows, tokens)
         if self.device.type == "cuda":
             pending.ids_host = torch.empty(tokens.shape, dtype=torch.long, pin_memory=True)
             pending.ids_host.copy_(tokens, non_blocking=True)

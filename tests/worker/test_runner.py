@@ -98,6 +98,28 @@ def test_the_graph_path_pads_buckets_with_scratch_rows_and_gives_the_same_tokens
     assert runner.graphs.num_replays >= 5  # every decode step went through a bucket
 
 
+def test_the_graph_path_keeps_greedy_and_seeded_draws_of_one_batch_apart(tiny_dir):
+    """The graph bodies write every row's greedy id as its last sampled id; a seeded row's draw
+    must replace it. Greedy and seeded sequences sharing the batches give through the graph path
+    the tokens they get without graphs."""
+    pytest.importorskip("triton")
+    seeded = RequestParams(8, SamplingOptions(temperature=0.9, top_k=50, seed=7), ignore_eos=True)
+    greedy = RequestParams(8, SamplingOptions(), ignore_eos=True)
+
+    def run(graph_sizes) -> tuple[dict[int, list[int]], ModelRunner]:
+        sched = Scheduler(SchedulerConfig(), BlockManager(48, BLOCK_SIZE))
+        seqs = [Sequence(i, f"r{i}", list(p), seeded if i == 1 else greedy)
+                for i, p in enumerate(PROMPTS)]
+        runner = make_runner(tiny_dir, 48, "triton", graph_sizes)
+        return serve(runner, sched, seqs), runner
+
+    without, _ = run(())
+    with_graphs, runner = run((1, 2, 4))
+    assert with_graphs == without
+    assert runner.graphs.num_replays >= 5
+    assert len(set(without[1])) > 2  # the seeded row drew, it did not take the argmax
+
+
 def test_a_seeded_draw_does_not_depend_on_what_shares_the_batch(tiny_dir):
     options = SamplingOptions(temperature=0.9, top_p=0.95, top_k=50, seed=1234)
     params = RequestParams(16, options, ignore_eos=True)
