@@ -3,14 +3,19 @@ transformers' `generate` on the same prompts and model in the same run: one requ
 and all of them as one static batch (left-padded), the best a plain `generate` loop can do.
 
     python bench/bench_throughput.py [--model DIR] [--num-requests 32] [--max-tokens 64]
+                                     [--repeats 3]
 
-Prints a markdown section for bench/RESULTS.md.
+The static batch and the mesh run --repeats times, alternately, with the mesh up (and idle while
+transformers runs): on a small shared machine either moves by tens of percent from one run to
+the next, so the table gives the median of each and the median of the per-round ratios. Prints
+a markdown section for bench/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -95,6 +100,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
     torch.set_num_threads(1)
     model_dir = Path(a.model) if a.model else ensure_default_model()
@@ -103,21 +109,31 @@ def main() -> None:
     vocab = min(ModelConfig.from_dir(model_dir).vocab_size, 32000)
     prompts = make_prompts(a.num_requests, vocab)
     baseline = hf_tokens_per_s(model_dir, prompts[:8], a.max_tokens)
-    static = hf_static_batch_tokens_per_s(model_dir, prompts, a.max_tokens)
-    rows = []
+    concurrency = [int(x) for x in a.concurrency.split(",")]
+    statics, rates = [], {c: [] for c in concurrency}  # per round
     with LocalMesh(MeshSpec(model=a.model, tp=a.tp, port=0)) as mesh:
-        for c in (int(x) for x in a.concurrency.split(",")):
-            rate = mesh_tokens_per_s(mesh.gateway_address, prompts, a.max_tokens, c)
-            rows.append((c, rate))
+        for _ in range(a.repeats):
+            statics.append(hf_static_batch_tokens_per_s(model_dir, prompts, a.max_tokens))
+            for c in concurrency:
+                rates[c].append(mesh_tokens_per_s(mesh.gateway_address, prompts, a.max_tokens, c))
+    static = statistics.median(statics)
     print(f"\n### Mesh throughput vs transformers generate ({model_dir.name}, tp={a.tp}, "
           f"{a.num_requests} requests x {a.max_tokens} tokens)\n")
     print(f"Machine: {machine()}\n")
-    print(f"transformers `generate`: {baseline:.0f} tokens/s one request at a time, "
-          f"{static:.0f} tokens/s with all {len(prompts)} prompts as one static batch.\n")
-    print("| concurrency | mesh tokens/s | vs 1 at a time | vs one static batch |")
-    print("|---:|---:|---:|---:|")
-    for c, rate in rows:
-        print(f"| {c} | {rate:.0f} | {rate / baseline:.2f}x | {rate / static:.2f}x |")
+    print(f"transformers `generate`: {baseline:.0f} tokens/s one request at a time; all "
+          f"{len(prompts)} prompts as one static batch: {_runs(statics)} tokens/s in "
+          f"{a.repeats} rounds (median {static:.0f}).\n")
+    print("| concurrency | mesh tokens/s, per round | median | vs 1 at a time | vs one static "
+          "batch (median of the rounds' ratios) |")
+    print("|---:|---|---:|---:|---:|")
+    for c in concurrency:
+        rate = statistics.median(rates[c])
+        ratio = statistics.median(r / s for r, s in zip(rates[c], statics))
+        print(f"| {c} | {_runs(rates[c])} | {rate:.0f} | {rate / baseline:.2f}x | {ratio:.2f}x |")
+
+
+def _runs(values) -> str:
+    return ", ".join(f"{v:,.0f}" for v in values)
 
 
 if __name__ == "__main__":
