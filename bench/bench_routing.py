@@ -6,7 +6,7 @@ sharing a long prefix (a system prompt), with a short unique tail; Poisson arriv
 rates. The KV pools are sized so that every group's prefix fits in the mesh but not in one
 replica: a policy that sends a group where its prefix is cached saves that prefill.
 
-    python bench/bench_routing.py [--rates 4,8,16] [--groups 8] [--prefix-tokens 256]
+    python bench/bench_routing.py [--rates 8,16,32] [--groups 8] [--prefix-tokens 768]
                                   [--plot bench/plots/routing.png]
     python bench/bench_routing.py --skew 0.8 --policies prefix --rates 16   # one hot prefix
     python bench/bench_routing.py --api-servers 2 --policies prefix          # two gateways
@@ -144,13 +144,16 @@ def plot(results: dict[tuple[str, float], Result], rates, path: Path, title: str
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rates", default="4,8,16", help="requests/s, comma-separated")
+    p.add_argument("--rates", default="8,16,32", help="requests/s, comma-separated")
     p.add_argument("--requests-per-rate", type=int, default=48)
     p.add_argument("--groups", type=int, default=8)
-    p.add_argument("--prefix-tokens", type=int, default=256)
+    # 768 of the tiny model's 1,024 positions: a prefill long enough that repeating it is what a
+    # policy costs (llm-d's groups share 6k-token prefixes)
+    p.add_argument("--prefix-tokens", type=int, default=768)
     p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--kv-blocks", type=int, default=80,
-                   help="per replica: room for a few groups' prefixes, not all of them")
+    p.add_argument("--kv-blocks", type=int, default=160,
+                   help="per replica: room for a few groups' prefixes, not all of them "
+                        "(8 x 768 tokens are 384 blocks of 16; 160 hold 3 groups)")
     p.add_argument("--plot", default="")
     p.add_argument("--skew", type=float, default=0.0,
                    help="share of requests in one group (0: groups equally likely)")

@@ -156,6 +156,17 @@ class Registry:
             pipe.pexpire(key, self._ttl_ms)
             await pipe.execute()
 
+    async def replace_prefix(self, replica_id: str, hashes: Sequence[int]) -> None:
+        """Make the prefix set exactly `hashes` (after Redis lost it, or a batch of changes was
+        lost on the way), in one transaction, and reset its TTL."""
+        key = self._prefix_key(replica_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            for chunk in _chunks([encode_block_hash(h) for h in hashes]):
+                pipe.sadd(key, *chunk)
+            pipe.pexpire(key, self._ttl_ms)
+            await pipe.execute()
+
     # -- readers: gateways --------------------------------------------------------------------------
 
     async def get_replica(self, replica_id: str) -> ReplicaRecord | None:

@@ -6,9 +6,10 @@ Every key starts with a namespace (default `meshserve`), so several meshes can s
 |------------------------------|--------|-----------------------------------------|----------------------------|--------------------------------|
 | `{ns}:replica:{replica_id}`  | string | `ReplicaRecord` as a JSON object        | `ttl_s`, reset by each     | the replica's scheduler:       |
 |                              |        |                                         | heartbeat (SET ... PX)     | register / heartbeat / drain   |
-| `{ns}:prefix:{replica_id}`   | set    | block hashes the replica holds in its   | `ttl_s`, reset by each     | the replica's scheduler:       |
-|                              |        | prefix cache, as decimal strings        | heartbeat and publish      | publish_prefix (SADD / SREM)   |
-|                              |        | (`str(int)`: any width, any sign)       | (PEXPIRE)                  |                                |
+| `{ns}:prefix:{replica_id}`   | set    | block hashes the replica holds in its   | `ttl_s`, reset by each     | the replica's scheduler, every |
+|                              |        | prefix cache, as decimal strings        | heartbeat and publish      | 0.2 s with changes:            |
+|                              |        | (`str(int)`: any width, any sign)       | (PEXPIRE)                  | publish_prefix (SADD / SREM),  |
+|                              |        |                                         |                            | replace_prefix (DEL + SADD)    |
 
 | `{ns}:request:{request_id}`  | string | the gateway call that runs it           | `request_claim_ttl_s` of   | a gateway, while a request |
 |                              |        |                                         | the gateway (10 min)       | with a client-chosen id runs |

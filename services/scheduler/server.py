@@ -311,9 +311,14 @@ def build_engine(settings: SchedulerSettings, shape: ReplicaShape, workers: Work
     return Engine(Scheduler(config, blocks), workers, max_inflight_steps=inflight)
 
 
+PREFIX_PUBLISH_S = 0.2  # new and evicted blocks reach the index this often (when there are any)
+
+
 async def heartbeat_loop(registry: Registry, servicer: SchedulerServicer, record: ReplicaRecord,
-                         period_s: float) -> None:
-    """Keeps the replica's record and prefix set alive; batches prefix-index updates."""
+                         period_s: float, resync: asyncio.Event) -> None:
+    """Keeps the replica's record and prefix set alive. A record that had expired (Redis
+    restarted, or this process stalled) had lost its prefix set too: `resync` asks
+    prefix_publish_loop to write it whole again."""
     sched = servicer.engine.scheduler
     blocks = sched.blocks
     last_tokens, last_time = sched.num_generation_tokens, time.monotonic()
@@ -328,20 +333,38 @@ async def heartbeat_loop(registry: Registry, servicer: SchedulerServicer, record
                                      num_prefix_query_tokens=sched.num_prefix_query_tokens,
                                      num_prefix_hit_tokens=sched.num_prefix_hit_tokens,
                                      generation_throughput=round(throughput, 1))
-        added, removed = blocks.drain_events()
         try:
-            if added or removed:
-                await registry.publish_prefix(record.replica_id, added, removed)
             beat = await registry.heartbeat(record)
             if not beat.was_live:
-                # The record had expired (Redis restarted, or we stalled): so had the prefix
-                # set. Publish everything the cache holds again.
-                await registry.publish_prefix(record.replica_id, blocks.cached_hashes(), [])
+                resync.set()
             if beat.drain_requested and not servicer.draining.is_set():
                 log.info("replica %s: drain requested", record.replica_id)
                 servicer.draining.set()
         except Exception as exc:  # Redis hiccup: try again next period
             log.warning("heartbeat failed: %s", exc)
+        await asyncio.sleep(period_s)
+
+
+async def prefix_publish_loop(registry: Registry, blocks, replica_id: str, resync: asyncio.Event,
+                              period_s: float = PREFIX_PUBLISH_S) -> None:
+    """Publishes the prefix cache's changes every period_s (a few hundred ms: a gateway that did
+    not route a prompt itself learns where its blocks went before the next heartbeat), all
+    writes of the set from this one task, in order. When the set must be rewritten (resync, or
+    a batch whose fate is unknown because its write failed), it is replaced whole from the
+    cache's own state, so a lost batch leaves neither a missing nor a stale block behind."""
+    while True:
+        try:
+            if resync.is_set():
+                blocks.drain_events()  # the whole set below includes them
+                resync.clear()
+                await registry.replace_prefix(replica_id, blocks.cached_hashes())
+            else:
+                added, removed = blocks.drain_events()
+                if added or removed:
+                    await registry.publish_prefix(replica_id, added, removed)
+        except Exception as exc:  # Redis hiccup: rewrite the whole set once it is back
+            log.warning("prefix index update failed: %s", exc)
+            resync.set()
         await asyncio.sleep(period_s)
 
 
@@ -396,9 +419,12 @@ async def serve(settings: SchedulerSettings, stop: asyncio.Event | None = None) 
         announce(settings.ready_file and settings.ready_file + ".metrics", settings.host,
                  metrics_port)
     announce(settings.ready_file, settings.host, port)
+    resync = asyncio.Event()
     tasks = [asyncio.create_task(engine.run()),
              asyncio.create_task(heartbeat_loop(registry, servicer, record,
-                                                settings.heartbeat_ttl_s / 3))]
+                                                settings.heartbeat_ttl_s / 3, resync)),
+             asyncio.create_task(prefix_publish_loop(registry, engine.scheduler.blocks,
+                                                     replica_id, resync))]
     stop = stop or asyncio.Event()
     waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(servicer.draining.wait())]
     await asyncio.wait([*tasks, *waiters], return_when=asyncio.FIRST_COMPLETED)
