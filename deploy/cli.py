@@ -7,7 +7,7 @@
     meshserve demo [--model DIR|tiny] [--tp N] [--pp N] [PROMPT]  start a mesh, answer, stop
     meshserve models pull                      fetch the default model (SmolLM2-135M-Instruct)
     meshserve status --redis-url URL [--once]  every replica live: state, load, KV, tokens/s
-    meshserve drain --redis-url URL REPLICA    the replica finishes its requests, takes no new
+    meshserve drain --redis-url URL [--wait S] REPLICA    the replica finishes its requests, takes no new
                                                ones, then leaves (as on SIGTERM)
     meshserve gateway|scheduler|worker ...     one service each, as the Helm chart runs them
     meshserve --version | --log-level LEVEL | --log-format text|json   (to every service)
@@ -243,24 +243,44 @@ def cmd_models(argv: list[str]) -> int:
 
 
 def cmd_drain(argv: list[str]) -> int:
-    """Marks a replica draining in Redis; its scheduler sees it at its next heartbeat."""
+    """Marks a replica draining in Redis; its scheduler sees it at its next heartbeat, finishes
+    its requests and leaves. With --wait, returns once it has left (its record is gone), or
+    after that many seconds (a pod's preStop hook)."""
     import asyncio
+    import time
 
     from services.registry import Registry
 
     p = argparse.ArgumentParser(prog="meshserve drain", description=cmd_drain.__doc__)
     p.add_argument("--redis-url", required=True, help="the mesh's Redis")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait up to this long for the replica to finish and leave")
     p.add_argument("replica", help="its replica id, as its scheduler's log shows it")
     a = p.parse_args(argv)
 
-    async def mark() -> bool:
+    async def drain() -> tuple[bool, bool]:
+        """(it was live, it has left)"""
         async with Registry(a.redis_url) as registry:
-            return await registry.set_draining(a.replica, True)
+            if not await registry.set_draining(a.replica, True):
+                return False, False
+            deadline = time.monotonic() + a.wait
+            while time.monotonic() < deadline:
+                if await registry.get_replica(a.replica) is None:
+                    return True, True
+                await asyncio.sleep(0.2)
+            return True, False
 
-    if not asyncio.run(mark()):
+    live, left = asyncio.run(drain())
+    if not live:
         print(f"error: no live replica {a.replica!r} in {a.redis_url}", file=sys.stderr)
         return 1
-    print(f"replica {a.replica} is draining: it finishes its requests, then leaves", flush=True)
+    if left:
+        print(f"replica {a.replica} finished its requests and left", flush=True)
+    elif a.wait:
+        print(f"replica {a.replica} is still draining after {a.wait:g} s", flush=True)
+    else:
+        print(f"replica {a.replica} is draining: it finishes its requests, then leaves",
+              flush=True)
     return 0
 
 

@@ -79,17 +79,30 @@ def test_sigterm_to_a_replica_under_load_fails_and_recomputes_nothing(default_mo
 
 
 def test_meshserve_drain_marks_the_replica_and_it_leaves_once_idle(default_model_dir):
+    """`meshserve drain --wait`, the chart's preStop hook: it returns once the replica has
+    finished its requests and left, while later requests went elsewhere."""
     spec = MeshSpec(port=0, http_port=-1, replicas=2, worker_args=("--num-kv-blocks", "128"))
     with LocalMesh(spec) as mesh, grpc.insecure_channel(mesh.gateway_address) as channel:
         stub = pb_grpc.GenerationStub(channel)
 
-        def meshserve_drain_replica_0():
+        hook = ThreadPoolExecutor(1)  # a preStop hook runs beside the pod's processes
+
+        def drain() -> tuple[subprocess.CompletedProcess, dict]:
             out = subprocess.run([sys.executable, "-m", "deploy.cli", "drain", "--redis-url",
-                                  mesh.redis_url, "replica-0"], capture_output=True, text=True,
-                                 timeout=60)
-            assert out.returncode == 0, out.stderr
+                                  mesh.redis_url, "--wait", "60", "replica-0"],
+                                 capture_output=True, text=True, timeout=90)
+            return out, replica_records(mesh.redis_url)
+
+        def meshserve_drain_replica_0():
+            hook_result.append(hook.submit(drain))
+
+        hook_result = []
 
         _drain_under_load(mesh, stub, meshserve_drain_replica_0)
+        out, records_then = hook_result[0].result(timeout=90)
+        assert out.returncode == 0, out.stderr
+        assert "replica-0 finished its requests and left" in out.stdout
+        assert "replica-0" not in records_then  # it returned only once the replica had left
         missing = subprocess.run([sys.executable, "-m", "deploy.cli", "drain", "--redis-url",
                                   mesh.redis_url, "replica-0"], capture_output=True, text=True,
                                  timeout=60)
