@@ -68,13 +68,37 @@ def start_worker_pod(rendered: Rendered, statefulset: str, ordinal: int, tmp: Pa
     `meshserve` (whose rank `fail_rank` exits 3 at once), or, given `real_env` (overrides of the
     container's env), with the real one, its output in <tmp>/<pod>/log."""
     sts = rendered.get("StatefulSet", statefulset)
-    c = container(sts, "worker")
-    pod_dir = tmp / f"{statefulset}-{ordinal}"
+    return _start(rendered, sts["spec"]["template"]["spec"], "worker", f"{statefulset}-{ordinal}",
+                  {}, tmp, fail_rank=fail_rank, real_env=real_env)
+
+
+def start_lws_pod(rendered: Rendered, lws: str, group: int, index: int, tmp: Path,
+                  scripts: dict[str, str] | None = None) -> Pod:
+    """Starts pod `index` of group `group` of LeaderWorkerSet `lws` here, with the stand-in
+    `meshserve` and the environment the LeaderWorkerSet controller gives its pods: index 0 is
+    the leader `<lws>-<group>` (its scheduler container), index s the worker `<lws>-<group>-<s>`.
+    `scripts` replaces ConfigMap scripts by name (e.g. a wait for workers that returns)."""
+    template = rendered.get("LeaderWorkerSet", lws)["spec"]["leaderWorkerTemplate"]
+    spec = (template["leaderTemplate"] if index == 0 else template["workerTemplate"])["spec"]
+    name = f"{lws}-{group}" + (f"-{index}" if index else "")
+    env = {"LWS_WORKER_INDEX": str(index), "LWS_GROUP_SIZE": str(template["size"]),
+           "LWS_LEADER_ADDRESS": f"{lws}-{group}.{lws}"}
+    return _start(rendered, spec, "scheduler" if index == 0 else "worker", name, env, tmp,
+                  scripts=scripts)
+
+
+def _start(rendered: Rendered, pod_spec: dict, container_name: str, pod_name: str,
+           extra_env: dict[str, str], tmp: Path, fail_rank: int | None = None,
+           real_env: dict[str, str] | None = None,
+           scripts: dict[str, str] | None = None) -> Pod:
+    (c,) = [c for c in pod_spec["containers"] if c["name"] == container_name]
+    pod_dir = tmp / pod_name
     pod_dir.mkdir(parents=True)
-    script = _script(rendered, sts, c, pod_dir)
+    script = _scripts(rendered, pod_spec, c, pod_dir, scripts or {})
     # the stand-in runs with the container's env alone; the real one also needs this machine's
     env = {} if real_env is None else dict(os.environ)
-    env["POD_NAME"] = f"{statefulset}-{ordinal}"
+    env["POD_NAME"] = pod_name
+    env.update(extra_env)
     for name, entry in env_of(c).items():
         if "value" in entry:
             env[name] = entry["value"]
@@ -97,13 +121,15 @@ def start_worker_pod(rendered: Rendered, statefulset: str, ordinal: int, tmp: Pa
     return Pod(proc, pod_dir)
 
 
-def _script(rendered: Rendered, sts: dict, c: dict, tmp: Path) -> Path:
-    """The ConfigMap file that the container's command names, written under tmp."""
+def _scripts(rendered: Rendered, pod_spec: dict, c: dict, tmp: Path,
+             replaced: dict[str, str]) -> Path:
+    """Every file of the ConfigMap that holds the script the container's command names,
+    written under tmp (scripts call each other by path); returns that script's path."""
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
-    volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    volumes = {v["name"]: v for v in pod_spec["volumes"]}
     path = Path(c["command"][1])
     (volume_name,) = [n for n, m in mounts.items() if path.parent == Path(m)]
     configmap = rendered.get("ConfigMap", volumes[volume_name]["configMap"]["name"])
-    script = tmp / path.name
-    script.write_text(configmap["data"][path.name])
-    return script
+    for name, text in {**configmap["data"], **replaced}.items():
+        (tmp / name).write_text(text)
+    return tmp / path.name

@@ -514,7 +514,7 @@ def test_notes_name_the_gateway(rendered):
 @pytest.mark.parametrize("values, words", [
     ({"tp": 0}, "tp"),
     ({"pp": 0}, "pp"),
-    ({"replicas": 0}, "replicas"),
+    ({"replicas": -1}, "replicas"),
     ({"tp": "2"}, "tp"),
     ({"worker": {"dtype": "fp8"}}, "dtype"),
     ({"worker": {"device": "gpu0"}}, "device"),

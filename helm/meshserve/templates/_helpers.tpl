@@ -33,6 +33,29 @@ app.kubernetes.io/component: {{ .component }}
 {{- if hasKey . "replica" }}
 meshserve/replica: {{ .replica | quote }}
 {{- end }}
+{{- if hasKey . "pool" }}
+meshserve/pool: {{ .pool }}
+{{- end }}
+{{- end -}}
+
+{{/* The LeaderWorkerSet pools (lws.enabled), each with every field filled in, as a YAML list
+(read back with fromYamlArray): lws.pools, or one pool "main" of the top-level shape. */}}
+{{- define "meshserve.pools" -}}
+{{- $v := .Values -}}
+{{- $pools := list -}}
+{{- range $p := $v.lws.pools | default (list (dict "name" "main")) -}}
+{{- $scaling := mergeOverwrite (dict "enabled" false "minReplicas" 1 "maxReplicas" 4 "waitingPerReplica" 8 "scaleDownWindowSeconds" 300) (deepCopy ($p.autoscaling | default dict)) -}}
+{{- $replicas := ternary $p.replicas $v.replicas (hasKey $p "replicas") -}}
+{{- $pools = append $pools (dict "name" $p.name "replicas" (int $replicas) "tp" (int ($p.tp | default $v.tp)) "pp" (int ($p.pp | default $v.pp)) "worker" ($p.worker | default dict) "autoscaling" $scaling) -}}
+{{- end -}}
+{{- toYaml $pools -}}
+{{- end -}}
+
+{{/* A pool's LeaderWorkerSet name (ctx: dict root, pool): <fullname, 32 at most>-<pool>. Its
+worker StatefulSets are <name>-<group>, whose pods' controller-revision-hash label adds 11
+characters: 32 + 1 + 12 (pool) + 4 (group) + 11 = 60 <= 63. */}}
+{{- define "meshserve.poolName" -}}
+{{- printf "%s-%s" (include "meshserve.fullname" .root | trunc 32 | trimSuffix "-") .pool -}}
 {{- end -}}
 
 {{- define "meshserve.image" -}}
@@ -173,6 +196,24 @@ affinity:
 {{- end -}}
 {{- if and (ge $dist $metrics) (lt $dist (add $metrics (int $v.tp))) -}}
 {{- fail (printf "worker.distInitPort %d falls among the worker metrics ports %d..%d: move one of them" $dist $metrics (sub (add $metrics (int $v.tp)) 1)) -}}
+{{- end -}}
+{{- if $v.lws.enabled -}}
+{{- $names := list -}}
+{{- range $pool := include "meshserve.pools" . | fromYamlArray -}}
+{{- if has $pool.name $names -}}
+{{- fail (printf "lws.pools: two pools are named %q: give each its own name" $pool.name) -}}
+{{- end -}}
+{{- $names = append $names $pool.name -}}
+{{- if and $v.gpu.enabled (gt (int $pool.tp) (int $v.gpu.gpusPerNode)) -}}
+{{- fail (printf "pool %s: tp %d needs %d GPUs in one worker pod but gpu.gpusPerNode is %d: a TP group stays on one node; lower tp and raise pp (or set gpusPerNode)" $pool.name (int $pool.tp) (int $pool.tp) (int $v.gpu.gpusPerNode)) -}}
+{{- end -}}
+{{- if and $pool.autoscaling.enabled (gt (int $pool.autoscaling.minReplicas) (int $pool.autoscaling.maxReplicas)) -}}
+{{- fail (printf "pool %s: autoscaling.minReplicas %d is above maxReplicas %d" $pool.name (int $pool.autoscaling.minReplicas) (int $pool.autoscaling.maxReplicas)) -}}
+{{- end -}}
+{{- if and $v.worker.layerSplit (ne (len $v.worker.layerSplit) (int $pool.pp)) -}}
+{{- fail (printf "worker.layerSplit has %d entries but pool %s has pp %d: give one layer count per stage, or []" (len $v.worker.layerSplit) $pool.name (int $pool.pp)) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- if and $v.gpu.enabled (gt (int $v.tp) (int $v.gpu.gpusPerNode)) -}}
 {{- fail (printf "tp %d needs %d GPUs in one worker pod but gpu.gpusPerNode is %d: a TP group stays on one node; lower tp and raise pp (or set gpusPerNode)" (int $v.tp) (int $v.tp) (int $v.gpu.gpusPerNode)) -}}

@@ -235,9 +235,39 @@ containers:
         valueFrom:
           fieldRef:
             fieldPath: status.podIP
+      - name: POD_NAME
+        valueFrom:
+          fieldRef:
+            fieldPath: metadata.name
       - name: PYTHONUNBUFFERED
         value: "1"
+      {{- if not $workers }}
+      # scheduler.sh: its workers are <this pod>-<stage 1..PP_SIZE>.WORKER_DOMAIN, ranks on
+      # FIRST_PORT + r
+      - name: TP_SIZE
+        value: {{ int $v.tp | quote }}
+      - name: PP_SIZE
+        value: {{ int $v.pp | quote }}
+      - name: FIRST_PORT
+        value: {{ int $v.worker.port | quote }}
+      - name: WORKER_DOMAIN
+        value: {{ .workerDomain | quote }}
+      {{- end }}
       {{- with include "meshserve.redisEnv" $root }}{{ . | trim | nindent 6 }}{{ end }}
+      # for the preStop hook (Kubernetes expands $(VAR) in env values, not in hooks)
+      - name: MESHSERVE_REDIS_URL
+        value: {{ include "meshserve.redisUrl" $root | quote }}
+      - name: MESHSERVE_REPLICA_ID
+        value: {{ $replicaId | default "$(POD_NAME)" | quote }}
+    # Scale-down: mark the replica draining (gateways route elsewhere at once) and wait until
+    # it has finished its requests and left; SIGTERM would drain it all the same, after.
+    lifecycle:
+      preStop:
+        exec:
+          command:
+            - /bin/bash
+            - -c
+            - 'meshserve drain --redis-url "$MESHSERVE_REDIS_URL" --wait {{ int $v.scheduler.drainTimeout }} "$MESHSERVE_REPLICA_ID" || true'
     ports:
       - name: grpc
         containerPort: {{ int $v.scheduler.port }}
@@ -261,6 +291,10 @@ containers:
     securityContext:
       {{- toYaml . | nindent 6 }}
     {{- end }}
+    volumeMounts:
+      - name: scripts
+        mountPath: /opt/meshserve-scripts
+        readOnly: true
 volumes:
   - name: scripts
     configMap:
