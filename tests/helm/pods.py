@@ -6,6 +6,7 @@ the real `meshserve`."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,6 +29,20 @@ while :; do sleep 0.1; done
 REAL_MESHSERVE = f"""#!/bin/bash
 printf '%s\\0' "$@" > "$POD_DIR/.argv.$$" && mv "$POD_DIR/.argv.$$" "$POD_DIR/argv.$$"
 exec "{sys.executable}" -m deploy.cli "$@"
+"""
+# The real one, with the pod DNS names of --workers stood in for by 127.0.0.1 (the ports stay):
+# this machine has no cluster DNS.
+REAL_MESHSERVE_LOCAL = f"""#!{sys.executable}
+import os, sys
+args = sys.argv[1:]
+tmp = os.path.join(os.environ["POD_DIR"], f".argv.{{os.getpid()}}")
+with open(tmp, "w") as f:
+    f.write("".join(a + "\\0" for a in args))
+os.rename(tmp, os.path.join(os.environ["POD_DIR"], f"argv.{{os.getpid()}}"))
+if "--workers" in args:
+    at = args.index("--workers") + 1
+    args[at] = ",".join("127.0.0.1:" + a.rsplit(":", 1)[1] for a in args[at].split(","))
+os.execv(sys.executable, [sys.executable, "-m", "deploy.cli", *args])
 """
 
 
@@ -73,52 +88,64 @@ def start_worker_pod(rendered: Rendered, statefulset: str, ordinal: int, tmp: Pa
 
 
 def start_lws_pod(rendered: Rendered, lws: str, group: int, index: int, tmp: Path,
-                  scripts: dict[str, str] | None = None) -> Pod:
+                  scripts: dict[str, str] | None = None,
+                  real_env: dict[str, str] | None = None) -> Pod:
     """Starts pod `index` of group `group` of LeaderWorkerSet `lws` here, with the stand-in
     `meshserve` and the environment the LeaderWorkerSet controller gives its pods: index 0 is
     the leader `<lws>-<group>` (its scheduler container), index s the worker `<lws>-<group>-<s>`.
-    `scripts` replaces ConfigMap scripts by name (e.g. a wait for workers that returns)."""
+    `scripts` replaces ConfigMap scripts by name (e.g. a wait for workers that returns); with
+    `real_env` the real `meshserve` runs (pod DNS names in --workers stood in for by 127.0.0.1)."""
     template = rendered.get("LeaderWorkerSet", lws)["spec"]["leaderWorkerTemplate"]
     spec = (template["leaderTemplate"] if index == 0 else template["workerTemplate"])["spec"]
     name = f"{lws}-{group}" + (f"-{index}" if index else "")
     env = {"LWS_WORKER_INDEX": str(index), "LWS_GROUP_SIZE": str(template["size"]),
            "LWS_LEADER_ADDRESS": f"{lws}-{group}.{lws}"}
     return _start(rendered, spec, "scheduler" if index == 0 else "worker", name, env, tmp,
-                  scripts=scripts)
+                  scripts=scripts, real_env=real_env,
+                  real_meshserve=REAL_MESHSERVE_LOCAL if index == 0 else REAL_MESHSERVE)
 
 
 def _start(rendered: Rendered, pod_spec: dict, container_name: str, pod_name: str,
            extra_env: dict[str, str], tmp: Path, fail_rank: int | None = None,
            real_env: dict[str, str] | None = None,
-           scripts: dict[str, str] | None = None) -> Pod:
+           scripts: dict[str, str] | None = None, real_meshserve: str = REAL_MESHSERVE) -> Pod:
     (c,) = [c for c in pod_spec["containers"] if c["name"] == container_name]
     pod_dir = tmp / pod_name
     pod_dir.mkdir(parents=True)
     script = _scripts(rendered, pod_spec, c, pod_dir, scripts or {})
     # the stand-in runs with the container's env alone; the real one also needs this machine's
     env = {} if real_env is None else dict(os.environ)
-    env["POD_NAME"] = pod_name
+    env.update(POD_NAME=pod_name, POD_IP="127.0.0.1")
     env.update(extra_env)
-    for name, entry in env_of(c).items():
+    if real_env is not None:
+        env.update(real_env)
+    for name, entry in env_of(c).items():  # in order: a value may name the ones before
         if "value" in entry:
-            env[name] = entry["value"]
+            env[name] = _expand(entry["value"], env)
     bin_dir = pod_dir / "bin"
     bin_dir.mkdir()
-    (bin_dir / "meshserve").write_text(FAKE_MESHSERVE if real_env is None else REAL_MESHSERVE)
+    (bin_dir / "meshserve").write_text(FAKE_MESHSERVE if real_env is None else real_meshserve)
     (bin_dir / "meshserve").chmod(0o755)
     env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", POD_DIR=str(pod_dir))
     if fail_rank is not None:
         env["FAKE_FAIL_RANK"] = str(fail_rank)
     out = None
     if real_env is not None:
-        env.update(real_env)
         out = open(pod_dir / "log", "wb")  # noqa: SIM115 (the child writes it)
-    proc = subprocess.Popen([c["command"][0], str(script), *c["args"]], env=env,
+    args = [_expand(a, env) for a in c["args"]]
+    proc = subprocess.Popen([c["command"][0], str(script), *args], env=env,
                             stdout=out, stderr=subprocess.STDOUT if out else None,
                             start_new_session=True)
     if out is not None:
         out.close()
     return Pod(proc, pod_dir)
+
+
+def _expand(text: str, env: dict[str, str]) -> str:
+    """$(NAME) -> env[NAME] as the kubelet expands container args and env values (a name it
+    does not know stays as it is)."""
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)),
+                  text)
 
 
 def _scripts(rendered: Rendered, pod_spec: dict, c: dict, tmp: Path,
