@@ -231,3 +231,10 @@ def test_one_groups_pods_form_the_grid_its_scheduler_dials(rendered, tmp_path):
     assert sorted(settings.workers) == sorted(listening)
     assert settings.replica_id == f"{name}-{group}"
     assert (leader.pod_dir / "waited").read_text().split() == list(settings.workers)
+
+
+def test_notes_list_the_pools(rendered):
+    notes = rendered["two-pools-autoscaling"].notes
+    assert notes.startswith("meshserve 0.1.0: LeaderWorkerSet pools\n")
+    assert f"{FULLNAME}-h200: 2 replica(s) of a scheduler and 2 stage pod(s) x 8 TP rank(s)" in notes
+    assert f"{FULLNAME}-a100: 1-6 (KEDA) replica(s)" in notes
