@@ -9,6 +9,8 @@
     meshserve status --redis-url URL [--once]  every replica live: state, load, KV, tokens/s
     meshserve drain --redis-url URL [--wait S] REPLICA    the replica finishes its requests, takes no new
                                                ones, then leaves (as on SIGTERM)
+    meshserve plan --model DIR [--gpu H200-SXM] [--nodes N] [--json] [--helm-values F]
+                                               TP x PP x DP layouts: memory, links, the pick
     meshserve gateway|scheduler|worker ...     one service each, as the Helm chart runs them
     meshserve --version | --log-level LEVEL | --log-format text|json   (to every service)
 
@@ -286,8 +288,8 @@ def cmd_drain(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = _take_log_flags(sys.argv[1:] if argv is None else argv)
-    commands = ("up", "serve", "generate", "demo", "models", "status", "drain", "gateway",
-                "scheduler", "worker")
+    commands = ("up", "serve", "generate", "demo", "models", "status", "drain", "plan",
+                "gateway", "scheduler", "worker")
     if argv[:1] in (["-h"], ["--help"]):
         print(__doc__)
         return 0
@@ -316,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
         from deploy.status import main as status
 
         return status(rest)
+    if cmd == "plan":
+        from deploy.plan import main as plan
+
+        return plan(rest)
     if cmd == "gateway":
         from gateway.server import main as run
     elif cmd == "scheduler":
