@@ -166,6 +166,12 @@ class WorkerMetrics:
             for op in ("all_reduce", "all_gather"):
                 family.add_metric([*values, op], counts.get(op, 0))
             yield family
+        family = m.GaugeMetricFamily(m.PREFIX + "worker_memory_bytes",
+                                     "Bytes this rank holds: weights, KV cache, CUDA graphs.",
+                                     labels=[*names, "kind"])
+        for kind, value in self.shard.memory.items():
+            family.add_metric([*values, kind], value)
+        yield family
         link = self.shard.link_stats
         for what, doc, value in (
                 ("stage_link_sent_bytes", "Activation bytes sent to the next stage.",
@@ -193,7 +199,7 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event | None = None) -> 
     shard = await loop.run_in_executor(None, WorkerShard.load, settings)
     await shard.start_stage_link()
     servicer = WorkerServicer(shard)
-    await servicer.on_model_thread(shard.runner.capture_graphs, _capture_progress(shard))
+    await servicer.on_model_thread(shard.capture_graphs, _capture_progress(shard))
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
                                       ("grpc.max_send_message_length", 64 << 20)])
     pb_grpc.add_WorkerServicer_to_server(servicer, server)

@@ -59,6 +59,8 @@ class WorkerShard:
     _sends: asyncio.Queue | None = None
     _sender: asyncio.Task | None = None
     link_stats: LinkStats = field(default_factory=LinkStats)
+    # bytes this rank holds: "weights", "kv_cache", and "cuda_graphs" once they are captured
+    memory: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def load(cls, s: WorkerSettings) -> WorkerShard:
@@ -91,7 +93,19 @@ class WorkerShard:
         log.info("worker: %s attention, %s", backend,
                  f"CUDA graphs for batches {graph_sizes[0]}..{graph_sizes[-1]}" if graph_sizes
                  else "eager steps")
-        return cls(s, config, model_dir.name, ctx, device, runner, num_blocks, max_len)
+        shard = cls(s, config, model_dir.name, ctx, device, runner, num_blocks, max_len)
+        shard.memory = {
+            "weights": sum(t.numel() * t.element_size()
+                           for t in [*model.parameters(), *model.buffers()]),
+            "kv_cache": sum(c.numel() * c.element_size() for c in caches)}
+        return shard
+
+    def capture_graphs(self, progress=None) -> None:
+        """Captures the decode graphs (on the model thread) and records their memory."""
+        before = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+        self.runner.capture_graphs(progress)
+        if self.device.type == "cuda":
+            self.memory["cuda_graphs"] = torch.cuda.memory_allocated(self.device) - before
 
     @property
     def is_first_stage(self) -> bool:

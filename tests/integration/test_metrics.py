@@ -57,6 +57,20 @@ def test_every_service_counts_what_the_requests_did(mesh, stub):
     worker = "replica-0-worker-pp0-tp0"
     assert moved(worker, "meshserve:worker_steps_total", mode="eager") == steps
     assert moved(worker, "meshserve:worker_steps_total", mode="graph") == 0
+    # What it holds: the tiny model's parameters, and its KV pool (float32 on a CPU).
+    from services.model.config import ModelConfig
+    from services.model.default_model import default_model_dir
+
+    c = ModelConfig.from_dir(default_model_dir())
+    h, d = c.hidden_size, c.head_dim
+    layer = h * (c.num_attention_heads + 2 * c.num_key_value_heads) * d \
+        + c.num_attention_heads * d * h + 3 * h * c.intermediate_size + 2 * h
+    params = c.num_hidden_layers * layer + c.vocab_size * h * (1 if c.tie_word_embeddings else 2) + h
+    weights = value(after[worker], "meshserve:worker_memory_bytes", kind="weights")
+    assert params * 4 <= weights <= (params + c.vocab_size * h) * 4  # a tied head may be a copy
+    kv = value(after[worker], "meshserve:worker_memory_bytes", kind="kv_cache")
+    per_block = 2 * c.num_hidden_layers * 16 * c.num_key_value_heads * d * 4
+    assert kv > 0 and kv % per_block == 0
     # The OpenAI HTTP port serves the gateway's metrics too, without a key.
     http = scrape(mesh.http_url.removesuffix("/v1") + "/metrics")
     assert value(http, "meshserve:request_success_total") == value(
