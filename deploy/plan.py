@@ -16,9 +16,10 @@ The arithmetic (the seed's, made exact for the checkpoint's shapes), per GPU of 
 
 and per decode step of `batch` tokens, which crosses every stage in turn:
 
-    TP        2 all-reduces per layer of batch x hidden x dtype bytes, each
-              latency + 2 (TP - 1) / TP x bytes / bandwidth (a ring), over NVLink inside a node
-              and the network once TP spans nodes
+    TP        2 all-reduces per layer (and one of the embedding) of batch x hidden x dtype
+              bytes, each latency + 2 (TP - 1) / TP x bytes / bandwidth (a ring), and the
+              all-gather of the logits, latency + (TP - 1) / TP x batch x vocab x dtype /
+              bandwidth; over NVLink inside a node and the network once TP spans nodes
     PP        PP - 1 transfers of batch x hidden x dtype bytes (the residual stream), over the
               network where a stage boundary crosses nodes
     step      (weights + KV read of every stage, per GPU) / HBM bandwidth + the link time
@@ -56,6 +57,7 @@ class Shape:
     kv_heads: int
     head_dim: int
     vocab: int
+    tied: bool = False  # the LM head is the embedding (one copy where one stage holds both)
 
     @classmethod
     def from_config(cls, raw: dict) -> Shape:
@@ -64,16 +66,27 @@ class Shape:
                    layers=raw["num_hidden_layers"], heads=heads,
                    kv_heads=raw.get("num_key_value_heads", heads),
                    head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
-                   vocab=raw["vocab_size"])
+                   vocab=raw["vocab_size"], tied=bool(raw.get("tie_word_embeddings", False)))
 
     def layer_params(self) -> int:
+        return self.layer_matrix_params() + 2 * self.hidden  # two norms
+
+    def layer_matrix_params(self) -> int:
+        """q, k, v, o, gate, up, down: what TP splits (the norms are replicated)."""
         h, d = self.hidden, self.head_dim
         attention = h * (self.heads + 2 * self.kv_heads) * d + self.heads * d * h
-        return attention + 3 * h * self.intermediate + 2 * h
+        return attention + 3 * h * self.intermediate
+
+    def layer_bytes_per_rank(self, tp: int, dtype_bytes: int) -> float:
+        return (self.layer_matrix_params() / tp + 2 * self.hidden) * dtype_bytes
 
     def params(self) -> int:
         """Every parameter once (a tied LM head counted apart: the last stage holds it)."""
         return self.layers * self.layer_params() + 2 * self.vocab * self.hidden + self.hidden
+
+    def head_shared(self, pp: int) -> bool:
+        """Whether the LM head is the embedding's own tensor on the one stage holding both."""
+        return self.tied and pp == 1
 
 
 @dataclass(frozen=True)
@@ -123,7 +136,7 @@ def evaluate(shape: Shape, cluster: Cluster, tp: int, pp: int, batch: int, conte
     """One layout's memory per GPU (its largest stage), link time and step time."""
     h = shape.hidden
     vocab_per_rank = math.ceil(shape.vocab / tp)
-    layer_bytes = shape.layer_params() * dtype_bytes / tp
+    layer_bytes = shape.layer_bytes_per_rank(tp, dtype_bytes)
     kv_per_layer = batch * context * 2 * kv_heads_per_rank(shape.kv_heads, tp) * shape.head_dim \
         * dtype_bytes
     weights, kv = [], []
@@ -131,8 +144,8 @@ def evaluate(shape: Shape, cluster: Cluster, tp: int, pp: int, batch: int, conte
         w = n * layer_bytes
         if s == 0:
             w += vocab_per_rank * h * dtype_bytes  # the embedding
-        if s == pp - 1:
-            w += (vocab_per_rank + 1) * h * dtype_bytes  # the LM head and the final norm
+        if s == pp - 1:  # the LM head (unless it is the embedding) and the final norm
+            w += (vocab_per_rank * (not shape.head_shared(pp)) + 1) * h * dtype_bytes
         weights.append(w)
         kv.append(n * kv_per_layer)
     overhead = OVERHEAD_GB * GB + OVERHEAD_SHARE * cluster.gpu_memory_gb * GB
@@ -146,7 +159,9 @@ def evaluate(shape: Shape, cluster: Cluster, tp: int, pp: int, batch: int, conte
         gbps, latency = ((cluster.inter_gbps, cluster.inter_latency_us) if tp_inter
                          else (cluster.intra_gbps, cluster.intra_latency_us))
         one = latency * 1e-6 + 2 * (tp - 1) / tp * activation / (gbps * GB)
-        link_s += 2 * shape.layers * one
+        logits = batch * vocab_per_rank * tp * dtype_bytes
+        link_s += (2 * shape.layers + 1) * one \
+            + latency * 1e-6 + (tp - 1) / tp * logits / (gbps * GB)
     pp_inter = tp * pp > cluster.gpus_per_node
     if pp > 1:
         gbps, latency = ((cluster.inter_gbps, cluster.inter_latency_us) if pp_inter
@@ -160,6 +175,32 @@ def evaluate(shape: Shape, cluster: Cluster, tp: int, pp: int, batch: int, conte
                   round(dp * batch / step_s, 1) if dp else 0.0,
                   "inter-node" if tp_inter else "intra-node",
                   "" if pp == 1 else ("inter-node" if pp_inter else "intra-node"))
+
+
+def rank_bytes(shape: Shape, tp: int, pp: int, stage: int, dtype_bytes: int,
+               block_size: int = 16) -> dict[str, float]:
+    """What one TP rank of `stage` holds and sends, as its worker's metrics count them:
+    weights; KV bytes per block of block_size positions; and per token it processes the bytes
+    it all-reduces (2 per layer, plus the embedding's on the first stage) and sends to the next
+    stage (its slice of the residual stream), per token entering a later stage the slice it
+    all-gathers, and per token sampled on the last stage its slice of the logits."""
+    layers = stage_layers(shape.layers, pp)[stage]
+    h, vocab_per_rank = shape.hidden, math.ceil(shape.vocab / tp)
+    weights = layers * shape.layer_bytes_per_rank(tp, 1)
+    if stage == 0:
+        weights += vocab_per_rank * h
+    if stage == pp - 1:
+        weights += vocab_per_rank * h * (not shape.head_shared(pp)) + h
+    parallel = tp > 1
+    return {
+        "weights": weights * dtype_bytes,
+        "kv_per_block": block_size * layers * 2 * kv_heads_per_rank(shape.kv_heads, tp)
+        * shape.head_dim * dtype_bytes,
+        "all_reduce_per_token": (2 * layers + (stage == 0)) * h * dtype_bytes * parallel,
+        "all_gather_per_token": (h // tp) * dtype_bytes * (parallel and stage > 0),
+        "all_gather_per_sampled_token": vocab_per_rank * dtype_bytes * (parallel and stage == pp - 1),
+        "stage_link_per_token": (h // tp) * dtype_bytes * (stage < pp - 1),
+    }
 
 
 def layouts(shape: Shape, cluster: Cluster, batch: int, context: int, dtype_bytes: int
