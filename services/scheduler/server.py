@@ -420,11 +420,12 @@ async def serve(settings: SchedulerSettings, stop: asyncio.Event | None = None) 
                  metrics_port)
     announce(settings.ready_file, settings.host, port)
     resync = asyncio.Event()
+    publisher = asyncio.create_task(prefix_publish_loop(registry, engine.scheduler.blocks,
+                                                        replica_id, resync))
     tasks = [asyncio.create_task(engine.run()),
              asyncio.create_task(heartbeat_loop(registry, servicer, record,
                                                 settings.heartbeat_ttl_s / 3, resync)),
-             asyncio.create_task(prefix_publish_loop(registry, engine.scheduler.blocks,
-                                                     replica_id, resync))]
+             publisher]
     stop = stop or asyncio.Event()
     waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(servicer.draining.wait())]
     await asyncio.wait([*tasks, *waiters], return_when=asyncio.FIRST_COMPLETED)
@@ -432,6 +433,7 @@ async def serve(settings: SchedulerSettings, stop: asyncio.Event | None = None) 
         await set_health(health, ["", *service_names], False)  # not ready: it is leaving
         await drain(servicer, registry, replica_id, settings.drain_timeout_s)
     await health.enter_graceful_shutdown()
+    publisher.cancel()  # no write of the prefix set after it is deleted
     await registry.deregister(replica_id)
     await registry.close()
     await server.stop(grace=1.0)
