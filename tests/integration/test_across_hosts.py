@@ -1,0 +1,103 @@
+"""A replica whose pipeline stages live on different hosts: network namespaces on this machine
+(tests/netns.py), each with its own address and interface. Redis, the scheduler and the gateway
+on host 0, stage 0 on host 1, stage 1 on host 2; every service binds and announces its host's
+address, the stage link runs over UCX's TCP transport on the host's own interface (no shared
+memory between "hosts"), and the client reaches the gateway from this process's namespace.
+Root only (skipped elsewhere)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from meshserve.v1 import generation_pb2 as pb
+from meshserve.v1 import generation_pb2_grpc as pb_grpc
+from tests.integration.conftest import hf_greedy
+from tests.netns import NamespaceHosts, available
+
+pytestmark = pytest.mark.skipif(bool(available()), reason=available() or "")
+
+PROMPTS = [[1, 50, 60, 70, 80], [1] + list(range(100, 130)), [1, 7]]
+NUM_TOKENS = 24
+REDIS, WORKER, SCHEDULER, GATEWAY = 6379, 50061, 50052, 50051
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "deploy.cli", *args]
+
+
+def wait_serving(address: str, service: str, procs, logs_dir, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            dead = [p.args[-1] for p in procs if p.poll() is not None]
+            assert not dead, f"exited: {dead}\n{_logs(logs_dir)}"
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            assert time.monotonic() < deadline, f"{address} not serving\n{_logs(logs_dir)}"
+            time.sleep(0.2)
+
+
+def _logs(logs_dir) -> str:
+    return "\n".join(f"--- {p.name} ---\n{p.read_text(errors='replace')[-2000:]}"
+                     for p in sorted(logs_dir.glob("*.log")))
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+def test_pp2_with_its_stages_on_two_hosts_gives_transformers_tokens(default_model_dir, tmp_path):
+    with NamespaceHosts(3) as hosts:
+        at = hosts.address
+        redis_url = f"redis://{at(0)}:{REDIS}/0"
+
+        def start(host: int, name: str, args: list[str], env=None):
+            log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115 (the child writes it)
+            return hosts.spawn(host, args, log, {"OMP_NUM_THREADS": "1", **(env or {})})
+
+        procs = [start(0, "redis", ["redis-server", "--bind", at(0), "--port", str(REDIS),
+                                    "--save", "", "--appendonly", "no"])]
+        for stage, host in ((0, 1), (1, 2)):
+            # the stage link over TCP on this host's interface: "hosts" share no memory
+            ucx = {"UCX_TLS": "tcp,self", "UCX_NET_DEVICES": hosts.interface(host)}
+            procs.append(start(host, f"worker-pp{stage}", cli(
+                "worker", "--model", str(default_model_dir), "--pp-rank", str(stage),
+                "--pp-size", "2", "--host", at(host), "--port", str(WORKER),
+                "--num-kv-blocks", "64", "--device", "cpu"), ucx))
+        for stage, host in ((0, 1), (1, 2)):
+            wait_serving(f"{at(host)}:{WORKER}", "", procs, tmp_path)
+        procs.append(start(0, "scheduler", cli(
+            "scheduler", "--workers", f"{at(1)}:{WORKER},{at(2)}:{WORKER}",
+            "--redis-url", redis_url, "--host", at(0), "--port", str(SCHEDULER),
+            "--advertise-host", at(0), "--replica-id", "across")))
+        procs.append(start(0, "gateway", cli(
+            "gateway", "--model", str(default_model_dir), "--redis-url", redis_url,
+            "--host", at(0), "--port", str(GATEWAY), "--http-port", "-1")))
+        gateway = f"{at(0)}:{GATEWAY}"
+        wait_serving(gateway, "meshserve.v1.Generation", procs, tmp_path)
+
+        with grpc.insecure_channel(gateway) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+
+            def one(prompt):
+                sampling = pb.SamplingParams(max_tokens=NUM_TOKENS, ignore_eos=True)
+                return [t for m in stub.Generate(pb.GenerateRequest(
+                    prompt_token_ids=prompt, sampling=sampling), timeout=120) for t in m.token_ids]
+
+            with ThreadPoolExecutor(len(PROMPTS)) as pool:
+                served = list(pool.map(one, PROMPTS))
+        expected = [hf_greedy(default_model_dir, p, NUM_TOKENS, stop_at_eos=False)
+                    for p in PROMPTS]
+        assert served == expected, _logs(tmp_path)
+        scheduler_log = (tmp_path / "scheduler.log").read_text()
+        assert at(0) in scheduler_log and "127.0.0.1" not in scheduler_log
+    assert hosts.leftovers() == []
