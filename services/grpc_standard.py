@@ -1,5 +1,6 @@
 """The standard gRPC services every meshserve process answers: health (grpc.health.v1) and,
-on the gateway, server reflection in both spellings clients use (v1 and v1alpha).
+on the gateway, server reflection in both spellings clients use (v1 and v1alpha); and the
+keepalive settings of the scheduler's step streams to its workers.
 
 grpcio-reflection ships only v1alpha. v1 is the same protocol under a new package name (the
 messages are field for field the same), so its descriptor is v1alpha's renamed, and v1 calls
@@ -19,6 +20,25 @@ from grpc_reflection.v1alpha import reflection_pb2_grpc
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+# Keepalive pings on the scheduler's step streams to its workers. A peer whose host went away
+# (a cut link, a dead node) sends no FIN, so without them a step would wait on TCP's
+# retransmissions for many minutes. A ping unanswered for KEEPALIVE_TIMEOUT_MS, sent after
+# KEEPALIVE_TIME_MS without reads, fails the stream: the scheduler's engine fails and the replica
+# leaves the registry (its requests fail over); a worker's stream from a vanished scheduler ends,
+# and the next scheduler is served.
+KEEPALIVE_TIME_MS = 1000
+KEEPALIVE_TIMEOUT_MS = 2000
+CLIENT_KEEPALIVE_OPTIONS = [("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+                            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+                            ("grpc.keepalive_permit_without_calls", 1),
+                            ("grpc.http2.max_pings_without_data", 0)]
+SERVER_KEEPALIVE_OPTIONS = [("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+                            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+                            ("grpc.keepalive_permit_without_calls", 1),
+                            ("grpc.http2.min_recv_ping_interval_without_data_ms",
+                             KEEPALIVE_TIME_MS // 2),
+                            ("grpc.http2.max_ping_strikes", 0)]
 
 
 async def add_health(server: grpc.aio.Server, service_names: list[str],

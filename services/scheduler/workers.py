@@ -15,10 +15,12 @@ import grpc
 
 from meshserve.internal.v1 import worker_pb2 as pb
 from meshserve.internal.v1 import worker_pb2_grpc as pb_grpc
+from services.grpc_standard import CLIENT_KEEPALIVE_OPTIONS
 from services.step import StepPlan, StepResult
 
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20),
-                   ("grpc.max_receive_message_length", 64 << 20)]
+                   ("grpc.max_receive_message_length", 64 << 20),
+                   *CLIENT_KEEPALIVE_OPTIONS]
 
 
 class WorkerGroupError(RuntimeError):

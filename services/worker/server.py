@@ -21,7 +21,7 @@ from meshserve.internal.v1 import worker_pb2 as pb
 from meshserve.internal.v1 import worker_pb2_grpc as pb_grpc
 from services import metrics as m
 from services.model import comm
-from services.grpc_standard import add_health, set_health
+from services.grpc_standard import SERVER_KEEPALIVE_OPTIONS, add_health, set_health
 from services.metrics import serve_metrics
 from services.process import announce, run_service
 from services.progress import Progress
@@ -200,7 +200,8 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event | None = None) -> 
     await shard.start_stage_link()
     servicer = WorkerServicer(shard)
     await servicer.on_model_thread(shard.capture_graphs, _capture_progress(shard))
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
+    server = grpc.aio.server(options=[*SERVER_KEEPALIVE_OPTIONS,
+                                      ("grpc.max_receive_message_length", 64 << 20),
                                       ("grpc.max_send_message_length", 64 << 20)])
     pb_grpc.add_WorkerServicer_to_server(servicer, server)
     service_names = [pb.DESCRIPTOR.services_by_name["Worker"].full_name]
