@@ -1,5 +1,5 @@
 """A replica whose pipeline stages live on different hosts: network namespaces on this machine
-(tests/netns.py), each with its own address and interface. Redis, the scheduler and the gateway
+(deploy/netns.py), each with its own address and interface. Redis, the scheduler and the gateway
 on host 0, stage 0 on host 1, stage 1 on host 2; every service binds and announces its host's
 address, the stage link runs over UCX's TCP transport on the host's own interface (no shared
 memory between "hosts"), and the client reaches the gateway from this process's namespace.
@@ -8,7 +8,6 @@ Root only (skipped elsewhere)."""
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,17 +18,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from meshserve.v1 import generation_pb2 as pb
 from meshserve.v1 import generation_pb2_grpc as pb_grpc
 from tests.integration.conftest import hf_greedy, replica_records
-from tests.netns import NamespaceHosts, available
+from deploy.netns import (GATEWAY_PORT as GATEWAY, REDIS_PORT as REDIS,
+                          SCHEDULER_PORT as SCHEDULER, WORKER_PORT as WORKER, NamespaceHosts,
+                          available, cli, stage_env, start_pp_mesh)
 
 pytestmark = pytest.mark.skipif(bool(available()), reason=available() or "")
 
 PROMPTS = [[1, 50, 60, 70, 80], [1] + list(range(100, 130)), [1, 7]]
 NUM_TOKENS = 24
-REDIS, WORKER, SCHEDULER, GATEWAY = 6379, 50061, 50052, 50051
-
-
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "deploy.cli", *args]
 
 
 def wait_serving(address: str, service: str, procs, logs_dir, timeout_s: float = 90) -> None:
@@ -58,30 +54,7 @@ def _logs(logs_dir) -> str:
 def test_pp2_with_its_stages_on_two_hosts_gives_transformers_tokens(default_model_dir, tmp_path):
     with NamespaceHosts(3) as hosts:
         at = hosts.address
-        redis_url = f"redis://{at(0)}:{REDIS}/0"
-
-        def start(host: int, name: str, args: list[str], env=None):
-            log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115 (the child writes it)
-            return hosts.spawn(host, args, log, {"OMP_NUM_THREADS": "1", **(env or {})})
-
-        procs = [start(0, "redis", ["redis-server", "--bind", at(0), "--port", str(REDIS),
-                                    "--save", "", "--appendonly", "no"])]
-        for stage, host in ((0, 1), (1, 2)):
-            # the stage link over TCP on this host's interface: "hosts" share no memory
-            ucx = {"UCX_TLS": "tcp,self", "UCX_NET_DEVICES": hosts.interface(host)}
-            procs.append(start(host, f"worker-pp{stage}", cli(
-                "worker", "--model", str(default_model_dir), "--pp-rank", str(stage),
-                "--pp-size", "2", "--host", at(host), "--port", str(WORKER),
-                "--num-kv-blocks", "64", "--device", "cpu"), ucx))
-        for stage, host in ((0, 1), (1, 2)):
-            wait_serving(f"{at(host)}:{WORKER}", "", procs, tmp_path)
-        procs.append(start(0, "scheduler", cli(
-            "scheduler", "--workers", f"{at(1)}:{WORKER},{at(2)}:{WORKER}",
-            "--redis-url", redis_url, "--host", at(0), "--port", str(SCHEDULER),
-            "--advertise-host", at(0), "--replica-id", "across")))
-        procs.append(start(0, "gateway", cli(
-            "gateway", "--model", str(default_model_dir), "--redis-url", redis_url,
-            "--host", at(0), "--port", str(GATEWAY), "--http-port", "-1")))
+        procs = start_pp_mesh(hosts, str(default_model_dir), 2, tmp_path)
         gateway = f"{at(0)}:{GATEWAY}"
         wait_serving(gateway, "meshserve.v1.Generation", procs, tmp_path)
 
@@ -121,11 +94,10 @@ def test_a_cut_stage_link_fails_the_replica_over_and_it_rejoins(default_model_di
             return proc
 
         def worker(host: int, stage: int, stages: int, name: str):
-            ucx = {"UCX_TLS": "tcp,self", "UCX_NET_DEVICES": hosts.interface(host)}
             return start(host, name, cli(
                 "worker", "--model", str(default_model_dir), "--pp-rank", str(stage),
                 "--pp-size", str(stages), "--host", at(host), "--port", str(WORKER),
-                "--num-kv-blocks", "128", "--device", "cpu"), ucx)
+                "--num-kv-blocks", "128", "--device", "cpu"), stage_env(hosts, host))
 
         def scheduler(name: str, port: int, workers: list[int]):
             return start(0, name, cli(

@@ -1,4 +1,8 @@
-"""Separate hosts on one Linux machine: network namespaces joined by a bridge (root only).
+"""Separate hosts on one Linux machine, for a mesh whose pipeline stages live apart.
+
+Network namespaces joined by a bridge (root only), and a pipeline-parallel mesh across them:
+
+    sudo python -m deploy.netns [--model DIR] [--pp 2]   # a mesh across namespace hosts, until ^C
 
     with NamespaceHosts(3) as hosts:        # hosts 10.<net>.0.1 .. .3, and this process's .254
         proc = hosts.spawn(1, ["python", ...], log)    # runs inside host 1's namespace
@@ -13,11 +17,15 @@ after a failure too: processes it spawned are killed before their namespaces go.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import signal
 import subprocess
+import sys
+import time
 import uuid
+from pathlib import Path
 
 
 def available() -> str:
@@ -131,3 +139,75 @@ def run(*args: str) -> None:
     out = subprocess.run(list(args), capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"{' '.join(args)}: {out.stderr.strip()}")
+
+
+# -- a mesh across the hosts ---------------------------------------------------------------------
+
+REDIS_PORT, WORKER_PORT, SCHEDULER_PORT, GATEWAY_PORT = 6379, 50061, 50052, 50051
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "deploy.cli", *args]
+
+
+def stage_env(hosts: NamespaceHosts, host: int) -> dict[str, str]:
+    """A stage's UCX transports: TCP on its host's own interface (the "hosts" share memory, so
+    left alone UCX would pick shared memory between them)."""
+    return {"UCX_TLS": "tcp,self", "UCX_NET_DEVICES": hosts.interface(host)}
+
+
+def start_pp_mesh(hosts: NamespaceHosts, model: str, pp: int, logs: Path) -> list:
+    """Redis, the scheduler and the gateway on host 0, stage s on host s + 1, every service on
+    its host's address; returns the processes (the gateway last)."""
+    at = hosts.address
+    redis_url = f"redis://{at(0)}:{REDIS_PORT}/0"
+    procs = []
+
+    def start(host: int, name: str, args: list[str], env=None):
+        log = open(logs / f"{name}.log", "ab")  # noqa: SIM115 (the child writes it)
+        procs.append(hosts.spawn(host, args, log, {"OMP_NUM_THREADS": "1", **(env or {})}))
+
+    start(0, "redis", ["redis-server", "--bind", at(0), "--port", str(REDIS_PORT), "--save", "",
+                       "--appendonly", "no"])
+    model_args = ["--model", model] if model else []
+    for stage in range(pp):
+        start(stage + 1, f"worker-pp{stage}", cli(
+            "worker", *model_args, "--pp-rank", str(stage), "--pp-size", str(pp),
+            "--host", at(stage + 1), "--port", str(WORKER_PORT), "--num-kv-blocks", "128",
+            "--device", "cpu"), stage_env(hosts, stage + 1))
+    start(0, "scheduler", cli(
+        "scheduler", "--workers", ",".join(f"{at(s + 1)}:{WORKER_PORT}" for s in range(pp)),
+        "--redis-url", redis_url, "--host", at(0), "--port", str(SCHEDULER_PORT),
+        "--advertise-host", at(0), "--replica-id", "across-hosts"))
+    start(0, "gateway", cli("gateway", *model_args, "--redis-url", redis_url, "--host", at(0),
+                            "--port", str(GATEWAY_PORT), "--http-port", "-1"))
+    return procs
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m deploy.netns", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="", help="checkpoint folder (default: the default model)")
+    p.add_argument("--pp", type=int, default=2, help="pipeline stages, one namespace host each")
+    p.add_argument("--logs", default="/tmp/meshserve-netns")
+    a = p.parse_args(argv)
+    if why := available():
+        print(f"error: {why}", file=sys.stderr)
+        return 2
+    logs = Path(a.logs)
+    logs.mkdir(parents=True, exist_ok=True)
+    with NamespaceHosts(a.pp + 1) as hosts:
+        start_pp_mesh(hosts, a.model, a.pp, logs)
+        print(f"gateway at {hosts.address(0)}:{GATEWAY_PORT} (stage s on "
+              f"{hosts.address(1)}..{hosts.address(a.pp)}); logs in {logs}; ^C ends it all",
+              flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds: the hosts go too
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
