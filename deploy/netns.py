@@ -2,7 +2,7 @@
 
 Network namespaces joined by a bridge (root only), and a pipeline-parallel mesh across them:
 
-    sudo python -m deploy.netns [--model DIR] [--pp 2]   # a mesh across namespace hosts, until ^C
+    sudo python -m deploy.netns [--model DIR] [--pp 2] [--tp 1]   # a mesh across them, until ^C
 
     with NamespaceHosts(3) as hosts:        # hosts 10.<net>.0.1 .. .3, and this process's .254
         proc = hosts.spawn(1, ["python", ...], log)    # runs inside host 1's namespace
@@ -38,7 +38,14 @@ def available() -> str:
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     if made.returncode:
         return f"ip netns add failed: {made.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    try:  # what the hosts are made of: a bridge and veth pairs
+        for args in (["link", "add", "br0", "type", "bridge"],
+                     ["link", "add", "v0", "type", "veth", "peer", "name", "v1"]):
+            out = subprocess.run(["ip", "-n", probe, *args], capture_output=True, text=True)
+            if out.returncode:
+                return f"ip {' '.join(args)} failed: {out.stderr.strip()}"
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     return ""
 
 
@@ -144,6 +151,7 @@ def run(*args: str) -> None:
 # -- a mesh across the hosts ---------------------------------------------------------------------
 
 REDIS_PORT, WORKER_PORT, SCHEDULER_PORT, GATEWAY_PORT = 6379, 50061, 50052, 50051
+DIST_INIT_PORT = 29500  # a stage's TP rendezvous, on its host's loopback
 
 
 def cli(*args: str) -> list[str]:
@@ -156,9 +164,10 @@ def stage_env(hosts: NamespaceHosts, host: int) -> dict[str, str]:
     return {"UCX_TLS": "tcp,self", "UCX_NET_DEVICES": hosts.interface(host)}
 
 
-def start_pp_mesh(hosts: NamespaceHosts, model: str, pp: int, logs: Path) -> list:
-    """Redis, the scheduler and the gateway on host 0, stage s on host s + 1, every service on
-    its host's address; returns the processes (the gateway last)."""
+def start_pp_mesh(hosts: NamespaceHosts, model: str, pp: int, logs: Path, tp: int = 1) -> list:
+    """Redis, the scheduler and the gateway on host 0, stage s on host s + 1 (its tp ranks on
+    ports WORKER_PORT + r, their TP group over gloo inside that host), every service on its
+    host's address; returns the processes (the gateway last)."""
     at = hosts.address
     redis_url = f"redis://{at(0)}:{REDIS_PORT}/0"
     procs = []
@@ -171,12 +180,16 @@ def start_pp_mesh(hosts: NamespaceHosts, model: str, pp: int, logs: Path) -> lis
                        "--appendonly", "no"])
     model_args = ["--model", model] if model else []
     for stage in range(pp):
-        start(stage + 1, f"worker-pp{stage}", cli(
-            "worker", *model_args, "--pp-rank", str(stage), "--pp-size", str(pp),
-            "--host", at(stage + 1), "--port", str(WORKER_PORT), "--num-kv-blocks", "128",
-            "--device", "cpu"), stage_env(hosts, stage + 1))
+        for rank in range(tp):
+            start(stage + 1, f"worker-pp{stage}-tp{rank}", cli(
+                "worker", *model_args, "--pp-rank", str(stage), "--pp-size", str(pp),
+                "--tp-rank", str(rank), "--tp-size", str(tp),
+                "--dist-init", f"tcp://127.0.0.1:{DIST_INIT_PORT}",
+                "--host", at(stage + 1), "--port", str(WORKER_PORT + rank),
+                "--num-kv-blocks", "128", "--device", "cpu"), stage_env(hosts, stage + 1))
+    workers = [f"{at(s + 1)}:{WORKER_PORT + r}" for s in range(pp) for r in range(tp)]
     start(0, "scheduler", cli(
-        "scheduler", "--workers", ",".join(f"{at(s + 1)}:{WORKER_PORT}" for s in range(pp)),
+        "scheduler", "--workers", ",".join(workers),
         "--redis-url", redis_url, "--host", at(0), "--port", str(SCHEDULER_PORT),
         "--advertise-host", at(0), "--replica-id", "across-hosts"))
     start(0, "gateway", cli("gateway", *model_args, "--redis-url", redis_url, "--host", at(0),
@@ -188,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m deploy.netns", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="", help="checkpoint folder (default: the default model)")
     p.add_argument("--pp", type=int, default=2, help="pipeline stages, one namespace host each")
+    p.add_argument("--tp", type=int, default=1, help="TP ranks of each stage, on its host")
     p.add_argument("--logs", default="/tmp/meshserve-netns")
     a = p.parse_args(argv)
     if why := available():
@@ -196,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     logs = Path(a.logs)
     logs.mkdir(parents=True, exist_ok=True)
     with NamespaceHosts(a.pp + 1) as hosts:
-        start_pp_mesh(hosts, a.model, a.pp, logs)
+        start_pp_mesh(hosts, a.model, a.pp, logs, a.tp)
         print(f"gateway at {hosts.address(0)}:{GATEWAY_PORT} (stage s on "
               f"{hosts.address(1)}..{hosts.address(a.pp)}); logs in {logs}; ^C ends it all",
               flush=True)

@@ -51,10 +51,13 @@ def _logs(logs_dir) -> str:
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
-def test_pp2_with_its_stages_on_two_hosts_gives_transformers_tokens(default_model_dir, tmp_path):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_pp2_with_its_stages_on_two_hosts_gives_transformers_tokens(default_model_dir, tmp_path,
+                                                                    tp):
+    """PP=2 and TP2 x PP2: each stage (its TP group inside) on a host of its own."""
     with NamespaceHosts(3) as hosts:
         at = hosts.address
-        procs = start_pp_mesh(hosts, str(default_model_dir), 2, tmp_path)
+        procs = start_pp_mesh(hosts, str(default_model_dir), 2, tmp_path, tp=tp)
         gateway = f"{at(0)}:{GATEWAY}"
         wait_serving(gateway, "meshserve.v1.Generation", procs, tmp_path)
 
