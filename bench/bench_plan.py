@@ -33,10 +33,12 @@ MAX_TOKENS = 32
 BLOCK_SIZE = 16
 
 
-def measure(model: Path, tp: int, pp: int, num_kv_blocks: int) -> list[dict]:
+def measure(model: Path, tp: int, pp: int, num_kv_blocks: int, eager: bool = False
+            ) -> list[dict]:
     """Per rank: its stage, memory and per-token collective and link bytes."""
     spec = MeshSpec(model=str(model), tp=tp, pp=pp, port=0, http_port=-1,
-                    worker_args=("--num-kv-blocks", str(num_kv_blocks)))
+                    worker_args=("--num-kv-blocks", str(num_kv_blocks),
+                                 *(["--enforce-eager"] if eager else [])))
     with LocalMesh(spec) as mesh:
         names = [f"replica-0-worker-pp{s}-tp{r}" for s in range(pp) for r in range(tp)]
         before = {n: scrape(mesh.metrics_url(n)) for n in [*names, "replica-0-scheduler"]}
@@ -72,6 +74,8 @@ def main() -> None:
     p.add_argument("--model", default="", help="default: the tiny test model")
     p.add_argument("--layouts", default="1x1,2x1,4x1,1x2,1x4")
     p.add_argument("--num-kv-blocks", type=int, default=64)
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="workers without CUDA graphs (they start faster; the bytes are the same)")
     p.add_argument("--dtype-bytes", type=int, default=0,
                    help="bytes per weight (default: 2 with a GPU, bfloat16; 4 on CPUs, float32)")
     a = p.parse_args()
@@ -90,7 +94,7 @@ def main() -> None:
     print("|---|---:|---|---|---|---|---|---|")
     for layout in a.layouts.split(","):
         tp, pp = (int(x) for x in layout.split("x"))
-        for row in measure(model, tp, pp, a.num_kv_blocks):
+        for row in measure(model, tp, pp, a.num_kv_blocks, a.enforce_eager):
             if row["rank"]:
                 continue  # every rank of a stage holds and sends the same
             want = plan.rank_bytes(shape, tp, pp, row["stage"], dtype_bytes, BLOCK_SIZE)
