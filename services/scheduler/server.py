@@ -163,7 +163,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
             while True:
                 if outputs := await outbox.take():
                     yield pb.SubmitManyResponse(outputs=outputs)
-                if reader.done() and reader.exception() is not None:
+                if reader.done() and not reader.cancelled() and reader.exception() is not None:
                     raise reader.exception()
                 # The gateway half-closed, or this replica drained: end once its requests have.
                 if (reader.done() or self.draining.is_set()) and not live and outbox.empty():
