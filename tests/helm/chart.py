@@ -76,9 +76,13 @@ def env_of(c: dict) -> dict[str, dict]:
     return {e["name"]: e for e in c.get("env", [])}
 
 
-def expand(args: list[str], env: dict[str, str]) -> list[str]:
-    """What the kubelet does to a container's args: $(NAME) -> the value of env var NAME."""
-    return [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env[m.group(1)], a) for a in args]
+def expand(args: list[str], env: dict[str, str], strict: bool = True) -> list[str]:
+    """What the kubelet does to a container's args (and env values): $(NAME) -> the value of env
+    var NAME. strict: a NAME env does not hold is an error (the kubelet leaves it as it is)."""
+    def value(m: re.Match) -> str:
+        return env[m.group(1)] if strict else env.get(m.group(1), m.group(0))
+
+    return [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", value, a) for a in args]
 
 
 def flag(args: list[str], name: str) -> str:

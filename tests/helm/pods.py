@@ -6,7 +6,6 @@ the real `meshserve`."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.helm.chart import Rendered, container, env_of
+from tests.helm.chart import Rendered, container, env_of, expand
 
 FAKE_MESHSERVE = """#!/bin/bash
 printf '%s\\0' "$@" > "$POD_DIR/.argv.$$" && mv "$POD_DIR/.argv.$$" "$POD_DIR/argv.$$"
@@ -121,7 +120,7 @@ def _start(rendered: Rendered, pod_spec: dict, container_name: str, pod_name: st
         env.update(real_env)
     for name, entry in env_of(c).items():  # in order: a value may name the ones before
         if "value" in entry:
-            env[name] = _expand(entry["value"], env)
+            env[name] = expand([entry["value"]], env, strict=False)[0]
     bin_dir = pod_dir / "bin"
     bin_dir.mkdir()
     (bin_dir / "meshserve").write_text(FAKE_MESHSERVE if real_env is None else real_meshserve)
@@ -132,20 +131,13 @@ def _start(rendered: Rendered, pod_spec: dict, container_name: str, pod_name: st
     out = None
     if real_env is not None:
         out = open(pod_dir / "log", "wb")  # noqa: SIM115 (the child writes it)
-    args = [_expand(a, env) for a in c["args"]]
+    args = expand(c["args"], env, strict=False)
     proc = subprocess.Popen([c["command"][0], str(script), *args], env=env,
                             stdout=out, stderr=subprocess.STDOUT if out else None,
                             start_new_session=True)
     if out is not None:
         out.close()
     return Pod(proc, pod_dir)
-
-
-def _expand(text: str, env: dict[str, str]) -> str:
-    """$(NAME) -> env[NAME] as the kubelet expands container args and env values (a name it
-    does not know stays as it is)."""
-    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)),
-                  text)
 
 
 def _scripts(rendered: Rendered, pod_spec: dict, c: dict, tmp: Path,

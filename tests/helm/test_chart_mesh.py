@@ -10,11 +10,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deploy.launcher import free_port
 from meshserve.v1 import generation_pb2 as pb
@@ -22,6 +20,7 @@ from meshserve.v1 import generation_pb2_grpc as pb_grpc
 from services.model.default_model import default_model_dir, ensure_default_model
 from tests.helm.chart import FULLNAME, container, expand, render
 from tests.helm.pods import start_worker_pod
+from tests.serving import logs, wait_for_models, wait_serving
 
 LOCAL = {"POD_IP": "127.0.0.1"}
 
@@ -70,29 +69,6 @@ def stop(proc: subprocess.Popen, timeout_s: float = 15) -> int | None:
         return None
 
 
-def logs(tmp_path) -> str:
-    return "\n".join(f"--- {p.relative_to(tmp_path)} ---\n{p.read_text(errors='replace')[-3000:]}"
-                     for p in sorted(tmp_path.rglob("log*")) if p.is_file())
-
-
-def wait_serving(address: str, service: str, procs, tmp_path, timeout_s: float = 120) -> None:
-    """What the kubelet's gRPC probe asks: grpc.health.v1.Health/Check(service)."""
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            dead = [p.args for p in procs if p.poll() is not None]
-            assert not dead, f"exited: {dead}\n{logs(tmp_path)}"
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            assert time.monotonic() < deadline, f"{address} not serving\n{logs(tmp_path)}"
-            time.sleep(0.2)
-
-
 def test_the_rendered_commands_make_a_working_mesh(redis_url, tmp_path):
     ensure_default_model()
     worker_ports = free_ports(2, consecutive=True)
@@ -132,11 +108,7 @@ def test_the_rendered_commands_make_a_working_mesh(redis_url, tmp_path):
 
         with grpc.insecure_channel(address) as channel:
             stub = pb_grpc.GenerationStub(channel)
-            deadline = time.monotonic() + 60
-            while not stub.ListModels(pb.ListModelsRequest(), timeout=5).models:
-                assert time.monotonic() < deadline, logs(tmp_path)
-                time.sleep(0.2)
-            (model,) = stub.ListModels(pb.ListModelsRequest(), timeout=5).models
+            (model,) = wait_for_models(stub, tmp_path)
             assert model.num_replicas == 1
             msgs = list(stub.Generate(pb.GenerateRequest(
                 prompt="The mesh", sampling=pb.SamplingParams(max_tokens=6)), timeout=60))

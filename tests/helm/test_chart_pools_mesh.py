@@ -18,10 +18,11 @@ import pytest
 from meshserve.v1 import generation_pb2 as pb
 from meshserve.v1 import generation_pb2_grpc as pb_grpc
 from services.model.default_model import default_model_dir, ensure_default_model
-from tests.helm.chart import FULLNAME, render
-from tests.helm.pods import _expand, start_lws_pod
-from tests.helm.test_chart_mesh import free_ports, logs, spawn, stop, wait_serving
+from tests.helm.chart import FULLNAME, expand, render
+from tests.helm.pods import start_lws_pod
+from tests.helm.test_chart_mesh import free_ports, spawn, stop
 from tests.integration.conftest import replica_records
+from tests.serving import logs, wait_for_models, wait_serving
 
 # the real wait for workers, on 127.0.0.1 at the ports of the pod DNS names it is given
 LOCAL_WAIT = 'exec /bin/bash "$(dirname "$0")/wait-real.sh" ' \
@@ -58,10 +59,7 @@ def test_one_group_serves_and_its_prestop_drain_loses_nothing(redis_url, tmp_pat
         assert leader_name in replica_records(redis_url)  # the replica id is the leader pod's
         with grpc.insecure_channel(address) as channel:
             stub = pb_grpc.GenerationStub(channel)
-            deadline = time.monotonic() + 60
-            while not stub.ListModels(pb.ListModelsRequest(), timeout=5).models:
-                assert time.monotonic() < deadline, logs(tmp_path)
-                time.sleep(0.2)
+            wait_for_models(stub, tmp_path)
 
             def one(i: int) -> int:
                 msgs = stub.Generate(pb.GenerateRequest(
@@ -79,7 +77,7 @@ def test_one_group_serves_and_its_prestop_drain_loses_nothing(redis_url, tmp_pat
                        "POD_DIR": str(leader.pod_dir)}
                 for e in sc["env"]:
                     if "value" in e:
-                        env[e["name"]] = _expand(e["value"], env)
+                        env[e["name"]] = expand([e["value"]], env, strict=False)[0]
                 try:
                     hook = subprocess.run(sc["lifecycle"]["preStop"]["exec"]["command"], env=env,
                                           capture_output=True, text=True, timeout=90)

@@ -13,41 +13,19 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from meshserve.v1 import generation_pb2 as pb
-from meshserve.v1 import generation_pb2_grpc as pb_grpc
-from tests.integration.conftest import hf_greedy, replica_records
 from deploy.netns import (GATEWAY_PORT as GATEWAY, REDIS_PORT as REDIS,
                           SCHEDULER_PORT as SCHEDULER, WORKER_PORT as WORKER, NamespaceHosts,
                           available, cli, stage_env, start_pp_mesh)
+from meshserve.v1 import generation_pb2 as pb
+from meshserve.v1 import generation_pb2_grpc as pb_grpc
+from tests.integration.conftest import hf_greedy, replica_records
+from tests.serving import logs, wait_serving
 
 pytestmark = pytest.mark.skipif(bool(available()), reason=available() or "")
 
 PROMPTS = [[1, 50, 60, 70, 80], [1] + list(range(100, 130)), [1, 7]]
 NUM_TOKENS = 24
-
-
-def wait_serving(address: str, service: str, procs, logs_dir, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            dead = [p.args[-1] for p in procs if p.poll() is not None]
-            assert not dead, f"exited: {dead}\n{_logs(logs_dir)}"
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            assert time.monotonic() < deadline, f"{address} not serving\n{_logs(logs_dir)}"
-            time.sleep(0.2)
-
-
-def _logs(logs_dir) -> str:
-    return "\n".join(f"--- {p.name} ---\n{p.read_text(errors='replace')[-2000:]}"
-                     for p in sorted(logs_dir.glob("*.log")))
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
@@ -59,7 +37,7 @@ def test_pp2_with_its_stages_on_two_hosts_gives_transformers_tokens(default_mode
         at = hosts.address
         procs = start_pp_mesh(hosts, str(default_model_dir), 2, tmp_path, tp=tp)
         gateway = f"{at(0)}:{GATEWAY}"
-        wait_serving(gateway, "meshserve.v1.Generation", procs, tmp_path)
+        wait_serving(gateway, "meshserve.v1.Generation", procs, tmp_path, timeout_s=90)
 
         with grpc.insecure_channel(gateway) as channel:
             stub = pb_grpc.GenerationStub(channel)
@@ -73,7 +51,7 @@ def test_pp2_with_its_stages_on_two_hosts_gives_transformers_tokens(default_mode
                 served = list(pool.map(one, PROMPTS))
         expected = [hf_greedy(default_model_dir, p, NUM_TOKENS, stop_at_eos=False)
                     for p in PROMPTS]
-        assert served == expected, _logs(tmp_path)
+        assert served == expected, logs(tmp_path)
         scheduler_log = (tmp_path / "scheduler.log").read_text()
         assert at(0) in scheduler_log and "127.0.0.1" not in scheduler_log
     assert hosts.leftovers() == []
@@ -112,17 +90,17 @@ def test_a_cut_stage_link_fails_the_replica_over_and_it_rejoins(default_model_di
                            "--appendonly", "no"])
         worker(1, 0, 2, "a-pp0"), worker(2, 1, 2, "a-pp1"), worker(3, 0, 1, "b-pp0")
         for host in (1, 2, 3):
-            wait_serving(f"{at(host)}:{WORKER}", "", procs, tmp_path)
+            wait_serving(f"{at(host)}:{WORKER}", "", procs, tmp_path, timeout_s=90)
         a = scheduler("a", SCHEDULER, [1, 2])
         scheduler("b", SCHEDULER + 1, [3])
         start(0, "gateway", cli("gateway", "--model", str(default_model_dir), "--redis-url",
                                 redis_url, "--host", at(0), "--port", str(GATEWAY),
                                 "--http-port", "-1", "--routing-policy", "round-robin"))
         gateway = f"{at(0)}:{GATEWAY}"
-        wait_serving(gateway, "meshserve.v1.Generation", procs, tmp_path)
+        wait_serving(gateway, "meshserve.v1.Generation", procs, tmp_path, timeout_s=90)
         deadline = time.monotonic() + 30
         while set(replica_records(f"redis://{at(0)}:{REDIS}/0")) != {"a", "b"}:
-            assert time.monotonic() < deadline, _logs(tmp_path)
+            assert time.monotonic() < deadline, logs(tmp_path)
             time.sleep(0.1)
 
         prompts = [[1, 20 + i, 30 + i, 40] for i in range(16)]
@@ -148,12 +126,12 @@ def test_a_cut_stage_link_fails_the_replica_over_and_it_rejoins(default_model_di
                 hosts.cut(1)
                 cut_at = time.monotonic()
                 while "a" in replica_records(redis_url):
-                    assert time.monotonic() - cut_at < 20, f"A still registered\n{_logs(tmp_path)}"
+                    assert time.monotonic() - cut_at < 20, f"A still registered\n{logs(tmp_path)}"
                     time.sleep(0.05)
                 detected_s = time.monotonic() - cut_at
                 served = [s.result() for s in streams]
         expected = [hf_greedy(default_model_dir, p, tokens, stop_at_eos=False) for p in prompts]
-        assert served == expected, _logs(tmp_path)
+        assert served == expected, logs(tmp_path)
         assert detected_s < 10, detected_s  # keepalive 1 + 2 s, then the scheduler leaves
         assert a.wait(timeout=30) != 0  # it failed (its stage is gone) and said so
         print(f"replica A left the registry {detected_s:.2f} s after its link was cut")
@@ -164,6 +142,6 @@ def test_a_cut_stage_link_fails_the_replica_over_and_it_rejoins(default_model_di
         scheduler("a", SCHEDULER, [1, 2])
         deadline = time.monotonic() + 60
         while "a" not in replica_records(redis_url):
-            assert time.monotonic() < deadline, f"A did not rejoin\n{_logs(tmp_path)}"
+            assert time.monotonic() < deadline, f"A did not rejoin\n{logs(tmp_path)}"
             time.sleep(0.2)
     assert hosts.leftovers() == []
