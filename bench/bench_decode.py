@@ -23,6 +23,7 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -34,23 +35,31 @@ from services.model.config import ModelConfig  # noqa: E402
 CONTEXT = 128  # prompt tokens per sequence
 STEPS = 128  # decode steps timed (transformers: generate 128 vs 8 tokens)
 INFLIGHT = 3  # plans in flight in the in-process loop, as the scheduler keeps at PP = 1
-# Worker flags of each in-process mode, whether the fused Triton kernels run, and whether the
-# skinny Triton matmuls of the measured table (bench/tune_linear.py) replace cuBLAS where it says.
-EAGER, GRAPHS = dict(enforce_eager=True), dict(enforce_eager=False)
-# The last flag: whether the Triton kernels launch with programmatic dependent launch (triton_pdl).
+
+
+class Mode(NamedTuple):
+    """One in-process mode: the worker's flags, and which of the model's GPU kernels run."""
+    worker: dict
+    fused: bool  # the fused Triton kernels (norms, SiLU x mul, rotary)
+    skinny: bool  # the measured table's Triton products (skinny matmuls, batch-1 GEMVs)
+    pdl: bool = True  # Triton kernels launched with programmatic dependent launch (triton_pdl)
+    silu_epilogue: bool = True  # gate/up with SiLU x up in its epilogue at 2-64 rows
+
+
+EAGER = dict(enforce_eager=True)
+GRAPHS = dict(enforce_eager=False)
+TORCH, TRITON = dict(attention_backend="torch"), dict(attention_backend="triton")
 MODES = {
-    "eager, torch attention, unfused": (dict(attention_backend="torch", **EAGER), False, False,
-                                        True),
-    "eager, triton attention": (dict(attention_backend="triton", **EAGER), True, True, True),
-    "CUDA graphs, triton, unfused": (dict(attention_backend="triton", **GRAPHS), False, False,
-                                     True),
-    "CUDA graphs, triton + fused, cuBLAS": (dict(attention_backend="triton", **GRAPHS), True, False,
-                                            True),
-    "CUDA graphs, triton, no PDL": (dict(attention_backend="triton", **GRAPHS), True, True, False),
-    "CUDA graphs, triton": (dict(attention_backend="triton", **GRAPHS), True, True, True),
+    "eager, torch attention, unfused": Mode(TORCH | EAGER, False, False),
+    "eager, triton attention": Mode(TRITON | EAGER, True, True),
+    "CUDA graphs, triton, unfused": Mode(TRITON | GRAPHS, False, False),
+    "CUDA graphs, triton + fused, cuBLAS": Mode(TRITON | GRAPHS, True, False),
+    "CUDA graphs, triton, no PDL": Mode(TRITON | GRAPHS, True, True, pdl=False),
+    "CUDA graphs, triton, SiLU apart": Mode(TRITON | GRAPHS, True, True, silu_epilogue=False),
+    "CUDA graphs, triton": Mode(TRITON | GRAPHS, True, True),
 }
 MODE_KEYS = dict(zip(["torch", "triton", "graphs-unfused", "graphs-cublas", "graphs-nopdl",
-                      "graphs"], MODES))
+                      "graphs-nosilu", "graphs"], MODES))
 
 
 def checkpoint(shape: str, root: Path) -> Path:
@@ -168,10 +177,11 @@ def runner_rows(model_dir: Path, batches: list[int], profile: bool, modes: list[
 
     out = {}
     for mode in modes:
-        flags, fused, skinny, triton_pdl.ENABLED = MODES[mode]
+        m = MODES[mode]
+        triton_pdl.ENABLED, layers.FUSED_GATE_UP_SILU = m.pdl, m.silu_epilogue
         # the cuBLAS modes run every product on cuBLAS: no skinny tiles, no fused GEMVs
-        layers.FUSED_KERNELS, layers.SKINNY_MATMULS, layers.FUSED_GEMVS = fused, skinny, skinny
-        shard = load_shard(model_dir, max(batches), **flags)
+        layers.FUSED_KERNELS, layers.SKINNY_MATMULS, layers.FUSED_GEMVS = m.fused, m.skinny, m.skinny
+        shard = load_shard(model_dir, max(batches), **m.worker)
         for batch in batches:
             times, _ = drive(shard.runner, shard.num_kv_blocks, prompts_for(batch, vocab),
                              STEPS)
@@ -183,6 +193,7 @@ def runner_rows(model_dir: Path, batches: list[int], profile: bool, modes: list[
         del shard
         torch.cuda.empty_cache()
     layers.FUSED_KERNELS = layers.SKINNY_MATMULS = layers.FUSED_GEMVS = triton_pdl.ENABLED = True
+    layers.FUSED_GATE_UP_SILU = True
     return out
 
 

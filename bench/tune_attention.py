@@ -89,45 +89,51 @@ def main() -> None:
     p.add_argument("--shapes", default="1b,8b")
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--contexts", default="192,2048")
+    p.add_argument("--stages", default="default,1,2,3,4",
+                   help="software-pipelining depths of the tile loop ('default': Triton's)")
     a = p.parse_args()
+    a.stages = [None if s == "default" else int(s) for s in a.stages.split(",")]
     device = torch.cuda.get_device_name()
     print(f"\n### Decode attention launches on {device} (bf16, block size {BLOCK_SIZE}, L2 "
           "flushed, median us)\n")
     print("| shape | batch | context | default us | default splits | default TB/s | default, 2 warps us "
-          "| best us | best (tile, warps, splits) | best TB/s | best / default |")
+          "| best us | best (tile, warps, splits, stages) | best TB/s | best / default |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
     for shape, batch, context in itertools.product(
             a.shapes.split(","), map(int, a.batches.split(",")), map(int, a.contexts.split(","))):
         q, cache, tables, seq_lens, kv_bytes = case(SHAPES[shape], batch, context)
         scale = q.shape[-1] ** -0.5
+        num_sms = torch.cuda.get_device_properties(0).multi_processor_count
         default_splits = triton_attention._default_num_splits(
-            tables.shape[1] * BLOCK_SIZE, batch * cache.shape[3],
-            torch.cuda.get_device_properties(0).multi_processor_count)
+            tables.shape[1] * BLOCK_SIZE, batch * cache.shape[3], num_sms)
 
         def run(splits=None, block_n=triton_attention._DECODE_TILE,
-                warps=triton_attention._NUM_WARPS):
+                warps=triton_attention._NUM_WARPS, stages=None):
             return triton_attention.paged_decode_attention(q, cache, tables, seq_lens, scale,
-                                                           splits, block_n, warps)
+                                                           splits, block_n, warps, stages)
 
         expected = run().float()
         default_us = bench_us(run)
         two_warps_us = bench_us(lambda: run(warps=2))
         best = None
-        for block_n, warps, splits in itertools.product((16, 32, 64, 128), (2, 4),
-                                                        (1, 2, 4, 8, 16)):
+        for block_n, warps, splits, stages in itertools.product(
+                (16, 32, 64, 128), (2, 4), (1, 2, 4, 8, 16), a.stages):
+            if splits > 1 and batch * cache.shape[3] * splits > 16 * num_sms:
+                continue  # far past the SMs' programs: never the best, and slow to time
             try:
-                got = run(splits, block_n, warps).float()
+                got = run(splits, block_n, warps, stages).float()
             except Exception:  # noqa: BLE001 - a launch the GPU cannot hold is skipped
                 continue
             if not torch.allclose(got, expected, rtol=2e-2, atol=2e-2):
-                print(f"  ({block_n}, {warps}, {splits}) disagrees with the default: skipped")
+                print(f"  ({block_n}, {warps}, {splits}, {stages}) disagrees with the default: "
+                      "skipped")
                 continue
-            us = bench_us(lambda: run(splits, block_n, warps))
+            us = bench_us(lambda: run(splits, block_n, warps, stages))
             if best is None or us < best[1]:
-                best = ((block_n, warps, splits), us)
+                best = ((block_n, warps, splits, stages), us)
         tb = kv_bytes / 1e12
         print(f"| {shape} | {batch} | {context} | {default_us:.2f} | {default_splits} | "
-              f"{tb / (default_us / 1e6):.2f} | {two_warps_us:.2f} | {best[1]:.2f} | {', '.join(map(str, best[0]))} | "
+              f"{tb / (default_us / 1e6):.2f} | {two_warps_us:.2f} | {best[1]:.2f} | {', '.join('default' if v is None else str(v) for v in best[0])} | "
               f"{tb / (best[1] / 1e6):.2f} | {best[1] / default_us:.2f} |", flush=True)
 
 

@@ -145,6 +145,40 @@ def tune_gemv(name: str, n: int, k: int, dtype: torch.dtype, out_dtype, product)
     return bench_us(unfused), best
 
 
+def silu_candidates(k: int) -> list[Tile]:
+    """gate/up + SiLU x up tiles worth timing: columns of each half x K step x stages x warps."""
+    return [Tile(block_n, block_k, 1, stages, warps)
+            for block_n in (32, 64, 128) for block_k in (64, 128) if k % block_k == 0
+            for stages in (3, 4) for warps in (4, 8)]
+
+
+def tune_gate_up_silu(n: int, k: int, rows: int, dtype: torch.dtype, product):
+    """(unfused us, best (tile, us) or None) for the gate/up product [n = 2I, k] with SiLU x up
+    fused, against the pair as the model runs it: product(x, w) (cuBLAS or its skinny tile),
+    then the SiLU x up kernel."""
+    x = torch.randn(rows, k, device=DEVICE, dtype=dtype)
+    w = torch.randn(n, k, device=DEVICE, dtype=dtype) / k**0.5
+
+    def unfused():
+        return triton_ops.silu_and_mul(product(x, w))
+
+    expected = unfused().float()
+    best = None
+    for tile in silu_candidates(k):
+        try:
+            got = triton_linear.gate_up_silu(x, w, tile).float()
+        except Exception:  # noqa: BLE001 - a tile the GPU cannot hold (shared memory) is skipped
+            continue
+        if not torch.allclose(got, expected, rtol=2e-2, atol=2e-2):
+            print(f"  silu tile {tile} disagrees with the unfused pair on {n}x{k}: skipped",
+                  flush=True)
+            continue
+        us = bench_us(lambda t=tile: triton_linear.gate_up_silu(x, w, t))
+        if best is None or us < best[1]:
+            best = (tile, us)
+    return bench_us(unfused), best
+
+
 def _record(entries: dict, key: str, best, baseline_us: float) -> bool:
     """Puts best's tile in the table under key if it took at most MARGIN of the baseline's time,
     else takes the key out; returns whether it went in."""
@@ -188,6 +222,8 @@ def main() -> None:
     p.add_argument("--models", default="", help="checkpoint directories (config.json) as well")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--rows", default=",".join(map(str, triton_linear.ROW_CLASSES)))
+    p.add_argument("--silu-rows", default="16,32,64",
+                   help="row counts at which gate/up with SiLU x up fused is tuned ('' for none)")
     p.add_argument("--write", default=str(triton_linear.CONFIG_FILE))
     a = p.parse_args()
     shapes = {s: products(SHAPES[s], a.tp) for s in a.shapes.split(",") if s}
@@ -212,7 +248,7 @@ def main() -> None:
     for shape, prods in shapes.items():
         for name, (n, k) in prods.items():
             out_dtype = _out_dtype(name, a.tp)
-            for rows in (int(r) for r in a.rows.split(",")):
+            for rows in (int(r) for r in a.rows.split(",") if r):
                 cublas, best = tune_one(n, k, rows, torch.bfloat16, out_dtype, num_sms)
                 chosen = _record(entries, triton_linear.table_key(rows, n, k, torch.bfloat16),
                                  best, cublas)
@@ -249,6 +285,29 @@ def main() -> None:
         ratio = f"{best[1] / unfused:.2f}" if best else "-"
         print(f"| {shape} | {name} | {prologue} | {n} x {k} | {unfused:.1f} | {fused_us} | "
               f"{tile_text} | {bw} | {ratio} | {'fused' if chosen else 'unfused'} |", flush=True)
+    silu_rows = [int(r) for r in a.silu_rows.split(",") if r]
+    if silu_rows:
+        print(f"\n### gate/up with SiLU x up fused vs the pair apart on {device} (bf16, L2 "
+              "flushed, median us)\n")
+        print("| shape | N x K | rows | unfused us | fused us | tile (n, k, stages, warps) "
+              "| fused TB/s | ratio | chosen |")
+        print("|---|---|---:|---:|---:|---|---:|---:|---|")
+    for shape, prods in shapes.items():
+        n, k = prods["gate_up_proj"]
+        for rows in silu_rows:
+            tile = entries.get(triton_linear.table_key(rows, n, k, torch.bfloat16))
+            product = _product(Tile(*tile) if tile else None, None)
+            unfused, best = tune_gate_up_silu(n, k, rows, torch.bfloat16, product)
+            chosen = _record(entries, triton_linear.silu_table_key(rows, n, k, torch.bfloat16),
+                             best, unfused)
+            _write(path, table, device, entries)
+            tile_text = (f"{best[0].block_n}, {best[0].block_k}, {best[0].num_stages}, "
+                         f"{best[0].num_warps}") if best else "-"
+            fused_us = f"{best[1]:.1f}" if best else "-"
+            bw = f"{n * k * 2 / 1e12 / (best[1] / 1e6):.2f}" if best else "-"
+            ratio = f"{best[1] / unfused:.2f}" if best else "-"
+            print(f"| {shape} | {n} x {k} | {rows} | {unfused:.1f} | {fused_us} | {tile_text} | "
+                  f"{bw} | {ratio} | {'fused' if chosen else 'unfused'} |", flush=True)
     _write(path, table, device, entries)
     print(f"\nwrote {len(entries)} entries for {device} to {path}")
 

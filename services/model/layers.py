@@ -226,6 +226,7 @@ class RMSNorm(nn.Module):
 FUSED_KERNELS = True  # False: the plain-torch reference on GPUs too (benchmarks compare both)
 SKINNY_MATMULS = True  # False: every product on cuBLAS (benchmarks compare both)
 FUSED_GEMVS = True  # False: batch-1 products unfused, the norm and SiLU x mul kernels apart
+FUSED_GATE_UP_SILU = True  # False: at 2-64 rows gate/up and the SiLU x mul kernel apart
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -274,6 +275,32 @@ def silu_mul_linear(gate_up: torch.Tensor, proj: RowParallelLinear) -> torch.Ten
 
     partial, _ = triton_gemv.gemv(gate_up, proj.weight, tile, "silu_mul")
     return proj.reduce(partial)
+
+
+def gated_mlp(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+              gate_up: MergedColumnParallelLinear, down: RowParallelLinear
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down(silu(gate) ⊙ up) of norm(x + residual), x + residual). On a GPU, where the measured
+    table says so: at batch 1 the GEMVs (the norm into gate/up, SiLU x up into down); at 2-64 rows
+    gate/up with SiLU x up in its epilogue (triton_linear.gate_up_silu); else the kernels apart."""
+    tile = _gate_up_silu_tile(x, gate_up)
+    if tile is not None:
+        from services.model import triton_linear
+
+        h, residual = norm(x, residual)
+        return down(triton_linear.gate_up_silu(h, gate_up.weight, tile)), residual
+    gate_up_out, residual = norm_linear(x, residual, norm, gate_up)
+    return silu_mul_linear(gate_up_out, down), residual
+
+
+def _gate_up_silu_tile(x: torch.Tensor, proj: MergedColumnParallelLinear):
+    """The measured tile of gate/up with SiLU x up fused for a decode batch of 2-64 rows, or None."""
+    if not (SKINNY_MATMULS and FUSED_GATE_UP_SILU and x.dim() == 2 and x.shape[0] > 1
+            and proj.bias is None and uses_triton(x)):
+        return None
+    from services.model import triton_linear
+
+    return triton_linear.gate_up_silu_tile_for(x, proj.weight)
 
 
 def _gemv_tile(x: torch.Tensor, weight: torch.Tensor, prologue: str):

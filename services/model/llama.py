@@ -29,9 +29,9 @@ from services.model.layers import (
     RotaryEmbedding,
     RowParallelLinear,
     VocabParallelEmbedding,
+    gated_mlp,
     norm_linear,
     rotate_and_cache,
-    silu_mul_linear,
 )
 from services.model.parallel import ParallelContext
 
@@ -88,10 +88,11 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, sizes, ctx, bias=config.mlp_bias)
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, ctx, bias=config.mlp_bias)
 
-    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """gate_up = gate_up_proj(norm(h)) [n, 2 · intermediate / p] (computed with the norm by the
-        decoder layer) -> [n, hidden], all-reduced."""
-        return silu_mul_linear(gate_up, self.down_proj)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stream h = x + residual -> (mlp(norm(h)) [n, hidden] all-reduced, h); the norm runs
+        here because on a GPU it fuses into gate/up (layers.gated_mlp)."""
+        return gated_mlp(x, residual, norm, self.gate_up_proj, self.down_proj)
 
     def weight_sources(self, prefix: str) -> Iterator[WeightSource]:
         params = ["weight", "bias"] if self.down_proj.bias is not None else ["weight"]
@@ -118,8 +119,7 @@ class LlamaDecoderLayer(nn.Module):
         on a GPU the norms into the products after them (layers.norm_linear)."""
         qkv, residual = norm_linear(x, residual, self.input_layernorm, self.self_attn.qkv_proj)  # residual = h
         x = self.self_attn(qkv, cos_sin, kv_cache, meta)
-        gate_up, residual = norm_linear(x, residual, self.post_attention_layernorm, self.mlp.gate_up_proj)
-        return self.mlp(gate_up), residual  # residual = h + attn
+        return self.mlp(x, residual, self.post_attention_layernorm)  # residual = h + attn
 
     def weight_sources(self, prefix: str) -> Iterator[WeightSource]:
         yield f"{prefix}.input_layernorm.weight", self.input_layernorm, "weight", None

@@ -72,11 +72,13 @@ def paged_decode_attention(
     num_splits: int | None = None,
     block_n: int = _DECODE_TILE,
     num_warps: int = _NUM_WARPS,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """q [B, H, D], one query per sequence at its last position -> [B, H, D] in q.dtype.
 
     block_tables [B, W], seq_lens [B] int32 on the device (this step's token included).
-    num_splits, block_n (positions per K/V tile) and num_warps default to the module's choice
+    num_splits, block_n (positions per K/V tile), num_warps and num_stages (Triton's software
+    pipelining of the tile loop; None: Triton's default) default to the module's choice
     (bench/tune_attention.py measures others).
     """
     batch, num_heads, head_dim = q.shape
@@ -99,7 +101,8 @@ def paged_decode_attention(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q),
         SPLIT=num_splits > 1, SPLITS_PAD=triton.next_power_of_2(num_splits),
-        GROUP_P2=triton.next_power_of_2(group), num_warps=num_warps, **triton_pdl.kwargs(q.device),
+        GROUP_P2=triton.next_power_of_2(group), num_warps=num_warps,
+        **({} if num_stages is None else {"num_stages": num_stages}), **triton_pdl.kwargs(q.device),
     )  # fmt: skip
     return out
 

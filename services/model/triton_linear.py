@@ -14,6 +14,13 @@ replica that takes over a stream computes what the first one did.
     BLOCK_M (16, 32 or 64) covers every row of X (tl.dot needs 16 at least; padding rows are 0).
     SPLIT_K > 1 writes float32 partials [SPLIT_K, M, N] that a second kernel sums and rounds.
 
+The MLP's gate/up product has a second form with SiLU x up in its epilogue (`gate_up_silu`):
+a program holds the gate tile and the up tile of the same columns (rows n and n + I of the merged
+weight [gate | up]) and writes silu(gate) ⊙ up [M, I] directly, so the [M, 2I] product never
+round-trips memory and the SiLU kernel's launch is gone. It rounds where the unfused pair rounds
+(gate and up to the model's dtype, silu(gate), then the product). Its tiles sit in the same table
+under `silu-<rows class>,2I,K,dtype`.
+
 Accumulation is float32 on tensor cores (exact products for float32 inputs): the result differs
 from cuBLAS's in the order of the sum only, within the dtype's rounding.
 """
@@ -82,6 +89,39 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ys
 
 
 @triton.jit
+def _gate_up_silu_kernel(x_ptr, w_ptr, y_ptr, M, I, K, stride_xm, stride_wn, stride_ym,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+    """Y[:, n-tile] = silu(X W[n-tile]ᵀ) ⊙ (X W[I + n-tile]ᵀ) for W [2I, K] = [gate | up]."""
+    pdl_begin(PDL)
+    pid_n = tl.program_id(0)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]  # [BLOCK_M, BLOCK_K]
+    gate_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]  # [BLOCK_N, BLOCK_K]
+    up_ptrs = w_ptr + (rn.to(tl.int64) + I)[:, None] * stride_wn + rk[None, :]
+    row_ok, col_ok = rm[:, None] < M, rn[:, None] < I
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for _ in range(0, K, BLOCK_K):
+        x = tl.load(x_ptrs, mask=row_ok, other=0.0)
+        acc_gate = tl.dot(x, tl.trans(tl.load(gate_ptrs, mask=col_ok, other=0.0)), acc_gate,
+                          input_precision=DOT_PRECISION)
+        acc_up = tl.dot(x, tl.trans(tl.load(up_ptrs, mask=col_ok, other=0.0)), acc_up,
+                        input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K
+        gate_ptrs += BLOCK_K
+        up_ptrs += BLOCK_K
+    dtype = y_ptr.dtype.element_ty
+    gate = acc_gate.to(dtype).to(tl.float32)
+    silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    y = silu * acc_up.to(dtype).to(tl.float32)
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(dtype),
+             mask=row_ok & (rn[None, :] < I))
+
+
+@triton.jit
 def _sum_splits_kernel(partial_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
                        PDL: tl.constexpr):
     """y [M · N] = sum over splits of partial [SPLIT_K, M · N] (float32), in y's dtype."""
@@ -131,6 +171,29 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, tile: Tile,
     return y
 
 
+def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, tile: Tile) -> torch.Tensor:
+    """x [M, K], weight [2I, K] = [gate | up] (M <= 64) -> silu(x gateᵀ) ⊙ (x upᵀ) [M, I]."""
+    if not fits_gate_up_silu(x, weight, tile):
+        raise ValueError(f"gate_up_silu: x {tuple(x.shape)}, weight {tuple(weight.shape)} do not "
+                         f"fit tile {tile}")
+    m, k = x.shape
+    inter = weight.shape[0] // 2
+    y = torch.empty((m, inter), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    _gate_up_silu_kernel[(triton.cdiv(inter, tile.block_n),)](
+        x, weight, y, m, inter, k, x.stride(0), weight.stride(0), inter,
+        BLOCK_M=block_m(m), BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_stages=tile.num_stages, num_warps=tile.num_warps, **triton_pdl.kwargs(x.device))
+    return y
+
+
+def fits_gate_up_silu(x: torch.Tensor, weight: torch.Tensor, tile: Tile) -> bool:
+    """Whether gate_up_silu runs this shape as the tile asks (no split of K; an even merged weight)."""
+    return tile.split_k == 1 and weight.shape[0] % 2 == 0 and fits(x, weight, tile)
+
+
 # -- the measured table -----------------------------------------------------------------------
 
 def table_key(num_rows: int, n: int, k: int, dtype: torch.dtype) -> str:
@@ -150,10 +213,24 @@ def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
+def silu_table_key(num_rows: int, n: int, k: int, dtype: torch.dtype) -> str:
+    return "silu-" + table_key(num_rows, n, k, dtype)
+
+
 def tile_for(x: torch.Tensor, weight: torch.Tensor) -> Tile | None:
     """The measured tile for this product on x's GPU, or None: cuBLAS then."""
+    tile = _lookup(x, weight, table_key)
+    return tile if tile is not None and fits(x, weight, tile) else None
+
+
+def gate_up_silu_tile_for(x: torch.Tensor, weight: torch.Tensor) -> Tile | None:
+    """The measured tile of the gate/up product with SiLU x up fused, or None: the pair apart."""
+    tile = _lookup(x, weight, silu_table_key)
+    return tile if tile is not None and fits_gate_up_silu(x, weight, tile) else None
+
+
+def _lookup(x: torch.Tensor, weight: torch.Tensor, key) -> Tile | None:
     if not x.is_cuda or x.dim() != 2 or x.shape[0] > MAX_ROWS or x.shape[0] == 0:
         return None
     tiles = _tiles_of(_device_name(x.device.index or 0))
-    tile = tiles.get(table_key(x.shape[0], weight.shape[0], weight.shape[1], x.dtype))
-    return tile if tile is not None and fits(x, weight, tile) else None
+    return tiles.get(key(x.shape[0], weight.shape[0], weight.shape[1], x.dtype))

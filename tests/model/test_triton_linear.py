@@ -40,6 +40,41 @@ def test_skinny_matmul_bf16_and_float32_output():
     torch.testing.assert_close(rounded.float(), expected, rtol=2**-7, atol=2**-7)
 
 
+def silu_mul_of(x, w):
+    """The unfused pair as the model runs it: [gate | up] in x's dtype, then SiLU x up."""
+    gate, up = F.linear(x, w).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@pytest.mark.parametrize("rows", [2, 16, 33])
+@pytest.mark.parametrize("tile", [Tile(16, 32), Tile(32, 64, 1, 2, 8)])
+def test_gate_up_silu_equals_the_pair_apart(rows, tile):
+    x, w = randn(rows, 128, seed=5), randn(2 * 48, 128, seed=6) / 8  # 48 = a masked last tile
+    torch.testing.assert_close(triton_linear.gate_up_silu(x, w, tile), silu_mul_of(x, w),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_gate_up_silu_in_bf16_within_the_pairs_rounding():
+    x, w = randn(4, 64, seed=7).bfloat16(), (randn(64, 64, seed=8) / 8).bfloat16()
+    gate, up = F.linear(x.float(), w.float()).bfloat16().chunk(2, dim=-1)
+    expected = (F.silu(gate.float()).bfloat16().float() * up.float()).bfloat16()
+    got = triton_linear.gate_up_silu(x, w, Tile(16, 32))
+    assert got.dtype == torch.bfloat16 and got.shape == (4, 32)
+    # The sums run in another order than torch's, so gate or up may round one bf16 step apart,
+    # which the SiLU and the product carry to at most a few steps of the output.
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2**-5, atol=2**-8)
+
+
+def test_gate_up_silu_refuses_what_it_cannot_run():
+    x = randn(2, 64)
+    assert not triton_linear.fits_gate_up_silu(x, randn(64, 64), Tile(16, 32, 2))  # split K
+    assert not triton_linear.fits_gate_up_silu(x, randn(63, 64), Tile(16, 32))  # odd [gate | up]
+    with pytest.raises(ValueError, match="do not fit"):
+        triton_linear.gate_up_silu(x, randn(63, 64), Tile(16, 32))
+    assert triton_linear.silu_table_key(3, 96, 64, torch.bfloat16) == "silu-16,96,64,bfloat16"
+    assert triton_linear.gate_up_silu_tile_for(torch.randn(4, 64), torch.randn(96, 64)) is None
+
+
 def test_shapes_the_tile_does_not_fit_are_refused():
     x, w = randn(2, 96), randn(32, 96)
     assert not triton_linear.fits(x, w, Tile(16, 64))  # 96 is not a multiple of 64
@@ -74,6 +109,9 @@ def test_the_shipped_table_holds_valid_tiles():
                 assert rows.removeprefix("gemv-") in PROLOGUES, (device, key)
                 assert tile.split_k == 1 and int(k) % tile.block_k == 0, (device, key)
                 continue
+            if rows.startswith("silu-"):  # gate/up with SiLU x up in the epilogue
+                rows = rows.removeprefix("silu-")
+                assert tile.split_k == 1 and int(n) % 2 == 0 and int(rows) > 1, (device, key)
             assert int(rows) in triton_linear.ROW_CLASSES, (device, key)
             assert int(k) % (tile.block_k * tile.split_k) == 0, (device, key)
             assert tile.block_n >= 16 and tile.block_k >= 16
