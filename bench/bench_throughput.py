@@ -3,17 +3,19 @@ transformers' `generate` on the same prompts and model in the same run: one requ
 and all of them as one static batch (left-padded), the best a plain `generate` loop can do.
 
     python bench/bench_throughput.py [--model DIR] [--num-requests 32] [--max-tokens 64]
-                                     [--repeats 3]
+                                     [--repeats 3] [--stream-intervals 1,8]
 
 The static batch and the mesh run --repeats times, alternately, with the mesh up (and idle while
 transformers runs): on a small shared machine either moves by tens of percent from one run to
-the next, so the table gives the median of each and the median of the per-round ratios. Prints
-a markdown section for bench/RESULTS.md.
+the next, so the table gives the median of each and the median of the per-round ratios. With
+several --stream-intervals one mesh per value is up (its gateway's --stream-interval), each
+measured in every round. Prints a markdown section for bench/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import statistics
 import sys
@@ -101,6 +103,8 @@ def main() -> None:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--stream-intervals", default="1",
+                   help="the gateways' --stream-interval values to measure, e.g. 1,8")
     a = p.parse_args()
     torch.set_num_threads(1)
     model_dir = Path(a.model) if a.model else ensure_default_model()
@@ -110,12 +114,17 @@ def main() -> None:
     prompts = make_prompts(a.num_requests, vocab)
     baseline = hf_tokens_per_s(model_dir, prompts[:8], a.max_tokens)
     concurrency = [int(x) for x in a.concurrency.split(",")]
-    statics, rates = [], {c: [] for c in concurrency}  # per round
-    with LocalMesh(MeshSpec(model=a.model, tp=a.tp, port=0)) as mesh:
+    intervals = [int(x) for x in a.stream_intervals.split(",")]
+    statics, rates = [], {(i, c): [] for i in intervals for c in concurrency}  # per round
+    with contextlib.ExitStack() as stack:
+        meshes = {i: stack.enter_context(LocalMesh(MeshSpec(
+            model=a.model, tp=a.tp, port=0, gateway_args=("--stream-interval", str(i)))))
+            for i in intervals}
         for _ in range(a.repeats):
             statics.append(hf_static_batch_tokens_per_s(model_dir, prompts, a.max_tokens))
-            for c in concurrency:
-                rates[c].append(mesh_tokens_per_s(mesh.gateway_address, prompts, a.max_tokens, c))
+            for (i, c), runs in rates.items():
+                runs.append(mesh_tokens_per_s(meshes[i].gateway_address, prompts, a.max_tokens,
+                                              c))
     static = statistics.median(statics)
     print(f"\n### Mesh throughput vs transformers generate ({model_dir.name}, tp={a.tp}, "
           f"{a.num_requests} requests x {a.max_tokens} tokens)\n")
@@ -123,13 +132,14 @@ def main() -> None:
     print(f"transformers `generate`: {baseline:.0f} tokens/s one request at a time; all "
           f"{len(prompts)} prompts as one static batch: {_runs(statics)} tokens/s in "
           f"{a.repeats} rounds (median {static:.0f}).\n")
-    print("| concurrency | mesh tokens/s, per round | median | vs 1 at a time | vs one static "
-          "batch (median of the rounds' ratios) |")
-    print("|---:|---|---:|---:|---:|")
-    for c in concurrency:
-        rate = statistics.median(rates[c])
-        ratio = statistics.median(r / s for r, s in zip(rates[c], statics))
-        print(f"| {c} | {_runs(rates[c])} | {rate:.0f} | {rate / baseline:.2f}x | {ratio:.2f}x |")
+    print("| stream interval | concurrency | mesh tokens/s, per round | median | vs 1 at a time "
+          "| vs one static batch (median of the rounds' ratios) |")
+    print("|---:|---:|---|---:|---:|---:|")
+    for (i, c), runs in rates.items():
+        rate = statistics.median(runs)
+        ratio = statistics.median(r / s for r, s in zip(runs, statics))
+        print(f"| {i} | {c} | {_runs(runs)} | {rate:.0f} | {rate / baseline:.2f}x | "
+              f"{ratio:.2f}x |")
 
 
 def _runs(values) -> str:

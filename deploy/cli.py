@@ -52,6 +52,8 @@ PASS_THROUGH = [
                              help="most of the recent requests one replica takes under the "
                                   "prefix policy, x an even share (default 2; 0 = no limit)"),
      ("gateway",)),
+    ("--stream-interval", dict(type=POSITIVE, help="tokens per streamed response (default 1: "
+                                                   "each as it comes)"), ("gateway",)),
 ]
 
 

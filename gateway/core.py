@@ -101,6 +101,7 @@ class GatewayCore:
             state = self._admit(request)
             detok = IncrementalDetokenizer(self.tokenizer, state.prompt_ids)
             stops = StopMatcher(list(request.sampling.stop))
+            interval, held_ids, held_text, sent = self.settings.stream_interval, [], "", False
             async for ids, finish in self._token_stream(request, state):
                 text, hit = stops.push(detok.push(ids))
                 if finish and not hit:  # the end: release what was held back
@@ -109,12 +110,17 @@ class GatewayCore:
                 if hit:
                     finish = pb.FINISH_REASON_STOP
                 final = finish != pb.FINISH_REASON_UNSPECIFIED
+                held_ids += ids
+                held_text += text
+                if sent and not final and len(held_ids) < interval:
+                    continue  # --stream-interval: gather more tokens into the next response
                 yield pb.GenerateResponse(
-                    token_ids=ids, text=text, finish_reason=finish,
+                    token_ids=held_ids, text=held_text, finish_reason=finish,
                     request_id=state.request_id,
                     usage=self._usage(state) if final else None)
                 if final:
                     return
+                held_ids, held_text, sent = [], "", True
 
     @contextlib.asynccontextmanager
     async def _claim(self, request_id: str):
