@@ -68,17 +68,24 @@ def bench_us(fn) -> float:
     return _graph_us(fn) - _FLUSH_US
 
 
-def case(dims: dict, batch: int, context: int):
+def case(dims: dict, batch: int, context: int, layout: str = "nhd"):
     """(q, kv_cache, block_tables, seq_lens, kv bytes) for `batch` sequences of `context`
-    positions on randomly placed blocks."""
+    positions on randomly placed blocks. layout "nhd": the cache as the worker keeps it, a
+    block's slots each holding every KV head ([2, blocks, block_size, kv_heads, d]); "hnd": each
+    KV head's slots of a block contiguous (stored [2, blocks, kv_heads, block_size, d], handed to
+    the kernel as the same logical view with other strides)."""
     heads, kv_heads, d = dims["num_attention_heads"], dims["num_key_value_heads"], dims["head_dim"]
     width = MAX_MODEL_LEN // BLOCK_SIZE
     per_seq = -(-context // BLOCK_SIZE)
     blocks = torch.randperm(batch * per_seq + 1)[: batch * per_seq].view(batch, per_seq)
     tables = torch.zeros(batch, width, dtype=torch.int32)
     tables[:, :per_seq] = blocks.int()
-    cache = torch.randn(2, batch * per_seq + 1, BLOCK_SIZE, kv_heads, d, dtype=torch.bfloat16,
-                        device="cuda")
+    if layout == "hnd":
+        cache = torch.randn(2, batch * per_seq + 1, kv_heads, BLOCK_SIZE, d, dtype=torch.bfloat16,
+                            device="cuda").transpose(2, 3)
+    else:
+        cache = torch.randn(2, batch * per_seq + 1, BLOCK_SIZE, kv_heads, d,
+                            dtype=torch.bfloat16, device="cuda")
     q = torch.randn(batch, heads, d, dtype=torch.bfloat16, device="cuda")
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
     return q, cache, tables.cuda(), seq_lens, 2 * batch * context * kv_heads * d * 2
@@ -91,17 +98,20 @@ def main() -> None:
     p.add_argument("--contexts", default="192,2048")
     p.add_argument("--stages", default="default,1,2,3,4",
                    help="software-pipelining depths of the tile loop ('default': Triton's)")
+    p.add_argument("--layouts", default="nhd", help="cache layouts to measure: nhd, hnd")
+    p.add_argument("--tiles", default="16,32,64,128", help="positions per K/V tile to try")
     a = p.parse_args()
     a.stages = [None if s == "default" else int(s) for s in a.stages.split(",")]
     device = torch.cuda.get_device_name()
     print(f"\n### Decode attention launches on {device} (bf16, block size {BLOCK_SIZE}, L2 "
           "flushed, median us)\n")
-    print("| shape | batch | context | default us | default splits | default TB/s | default, 2 warps us "
+    print("| shape | layout | batch | context | default us | default splits | default TB/s | default, 2 warps us "
           "| best us | best (tile, warps, splits, stages) | best TB/s | best / default |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
-    for shape, batch, context in itertools.product(
-            a.shapes.split(","), map(int, a.batches.split(",")), map(int, a.contexts.split(","))):
-        q, cache, tables, seq_lens, kv_bytes = case(SHAPES[shape], batch, context)
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
+    for shape, layout, batch, context in itertools.product(
+            a.shapes.split(","), a.layouts.split(","), map(int, a.batches.split(",")),
+            map(int, a.contexts.split(","))):
+        q, cache, tables, seq_lens, kv_bytes = case(SHAPES[shape], batch, context, layout)
         scale = q.shape[-1] ** -0.5
         num_sms = torch.cuda.get_device_properties(0).multi_processor_count
         default_splits = triton_attention._default_num_splits(
@@ -117,7 +127,7 @@ def main() -> None:
         two_warps_us = bench_us(lambda: run(warps=2))
         best = None
         for block_n, warps, splits, stages in itertools.product(
-                (16, 32, 64, 128), (2, 4), (1, 2, 4, 8, 16), a.stages):
+                map(int, a.tiles.split(",")), (2, 4), (1, 2, 4, 8, 16), a.stages):
             if splits > 1 and batch * cache.shape[3] * splits > 16 * num_sms:
                 continue  # far past the SMs' programs: never the best, and slow to time
             try:
@@ -132,7 +142,7 @@ def main() -> None:
             if best is None or us < best[1]:
                 best = ((block_n, warps, splits, stages), us)
         tb = kv_bytes / 1e12
-        print(f"| {shape} | {batch} | {context} | {default_us:.2f} | {default_splits} | "
+        print(f"| {shape} | {layout} | {batch} | {context} | {default_us:.2f} | {default_splits} | "
               f"{tb / (default_us / 1e6):.2f} | {two_warps_us:.2f} | {best[1]:.2f} | {', '.join('default' if v is None else str(v) for v in best[0])} | "
               f"{tb / (best[1] / 1e6):.2f} | {best[1] / default_us:.2f} |", flush=True)
 

@@ -224,6 +224,9 @@ def main() -> None:
     p.add_argument("--rows", default=",".join(map(str, triton_linear.ROW_CLASSES)))
     p.add_argument("--silu-rows", default="16,32,64",
                    help="row counts at which gate/up with SiLU x up fused is tuned ('' for none)")
+    p.add_argument("--swapped-rows", default="",
+                   help="also time cuBLAS on the swapped product (W Xᵀ)ᵀ at these row counts, "
+                        "alone and with the copy back to rows (nothing is written for it)")
     p.add_argument("--write", default=str(triton_linear.CONFIG_FILE))
     a = p.parse_args()
     shapes = {s: products(SHAPES[s], a.tp) for s in a.shapes.split(",") if s}
@@ -308,6 +311,22 @@ def main() -> None:
             ratio = f"{best[1] / unfused:.2f}" if best else "-"
             print(f"| {shape} | {n} x {k} | {rows} | {unfused:.1f} | {fused_us} | {tile_text} | "
                   f"{bw} | {ratio} | {'fused' if chosen else 'unfused'} |", flush=True)
+    swapped_rows = [int(r) for r in a.swapped_rows.split(",") if r]
+    if swapped_rows:
+        print(f"\n### cuBLAS on X Wᵀ against the swapped (W Xᵀ)ᵀ on {device} (bf16, L2 flushed, "
+              "median us)\n")
+        print("| shape | product | N x K | rows | X Wᵀ us | W Xᵀ us | W Xᵀ + copy to rows us |")
+        print("|---|---|---|---:|---:|---:|---:|")
+    for shape, prods in shapes.items():
+        for name, (n, k) in prods.items():
+            for rows in swapped_rows:
+                x = torch.randn(rows, k, device=DEVICE, dtype=torch.bfloat16)
+                w = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) / k**0.5
+                plain = bench_us(lambda: F.linear(x, w))
+                swapped = bench_us(lambda: torch.mm(w, x.t()))
+                copied = bench_us(lambda: torch.mm(w, x.t()).t().contiguous())
+                print(f"| {shape} | {name} | {n} x {k} | {rows} | {plain:.1f} | {swapped:.1f} | "
+                      f"{copied:.1f} |", flush=True)
     _write(path, table, device, entries)
     print(f"\nwrote {len(entries)} entries for {device} to {path}")
 
