@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 from bench.common import machine  # noqa: E402
 from services.model.config import ModelConfig  # noqa: E402
+from services.model.triton_pdl import PREFETCH_TILES  # noqa: E402
 
 CONTEXT = 128  # prompt tokens per sequence
 STEPS = 128  # decode steps timed (transformers: generate 128 vs 8 tokens)
@@ -44,6 +45,7 @@ class Mode(NamedTuple):
     skinny: bool  # the measured table's Triton products (skinny matmuls, batch-1 GEMVs)
     pdl: bool = True  # Triton kernels launched with programmatic dependent launch (triton_pdl)
     silu_epilogue: bool = True  # gate/up with SiLU x up in its epilogue at 2-64 rows
+    prefetch: bool = True  # products ask L2 for their first weight tiles before the PDL wait
 
 
 EAGER = dict(enforce_eager=True)
@@ -56,10 +58,11 @@ MODES = {
     "CUDA graphs, triton + fused, cuBLAS": Mode(TRITON | GRAPHS, True, False),
     "CUDA graphs, triton, no PDL": Mode(TRITON | GRAPHS, True, True, pdl=False),
     "CUDA graphs, triton, SiLU apart": Mode(TRITON | GRAPHS, True, True, silu_epilogue=False),
+    "CUDA graphs, triton, no prefetch": Mode(TRITON | GRAPHS, True, True, prefetch=False),
     "CUDA graphs, triton": Mode(TRITON | GRAPHS, True, True),
 }
 MODE_KEYS = dict(zip(["torch", "triton", "graphs-unfused", "graphs-cublas", "graphs-nopdl",
-                      "graphs-nosilu", "graphs"], MODES))
+                      "graphs-nosilu", "graphs-noprefetch", "graphs"], MODES))
 
 
 def checkpoint(shape: str, root: Path) -> Path:
@@ -179,6 +182,7 @@ def runner_rows(model_dir: Path, batches: list[int], profile: bool, modes: list[
     for mode in modes:
         m = MODES[mode]
         triton_pdl.ENABLED, layers.FUSED_GATE_UP_SILU = m.pdl, m.silu_epilogue
+        triton_pdl.PREFETCH_TILES = PREFETCH_TILES if m.prefetch else 0
         # the cuBLAS modes run every product on cuBLAS: no skinny tiles, no fused GEMVs
         layers.FUSED_KERNELS, layers.SKINNY_MATMULS, layers.FUSED_GEMVS = m.fused, m.skinny, m.skinny
         shard = load_shard(model_dir, max(batches), **m.worker)
@@ -193,7 +197,7 @@ def runner_rows(model_dir: Path, batches: list[int], profile: bool, modes: list[
         del shard
         torch.cuda.empty_cache()
     layers.FUSED_KERNELS = layers.SKINNY_MATMULS = layers.FUSED_GEMVS = triton_pdl.ENABLED = True
-    layers.FUSED_GATE_UP_SILU = True
+    layers.FUSED_GATE_UP_SILU, triton_pdl.PREFETCH_TILES = True, PREFETCH_TILES
     return out
 
 

@@ -1,5 +1,5 @@
 """Programmatic dependent launch: off where it cannot run, and the rule that makes it safe, that
-every Triton kernel the model launches begins by waiting for the kernel before it."""
+every Triton kernel the model launches waits for the kernel before it before touching memory."""
 
 from __future__ import annotations
 
@@ -31,10 +31,27 @@ def _kernels(module):
                 yield node
 
 
+_MEMORY = ("tl.load", "tl.store", "tl.atomic")
+
+
+def _touches_memory_or_calls_a_helper(statement) -> str | None:
+    """The first call in statement that may read or write memory: tl.load / store / atomics, or
+    any function that is not part of tl (a helper could do either); None when there is none."""
+    for node in ast.walk(statement):
+        if isinstance(node, ast.Call):
+            name = ast.unparse(node.func)
+            if isinstance(node.func, ast.Attribute) and not name.startswith("tl."):
+                continue  # a method of a value: x.to(...)
+            if not name.startswith("tl.") or name.startswith(_MEMORY):
+                return name
+    return None
+
+
 @pytest.mark.parametrize("name", KERNEL_MODULES)
 def test_every_kernel_waits_for_the_one_before_first(name):
-    """A kernel launched with PDL may start before the kernel before it ends: its first statement
-    (after the docstring) must be pdl_begin(PDL), or it could read that kernel's output early."""
+    """A kernel launched with PDL may start before the kernel before it ends: it must call
+    pdl_begin(PDL) (or pdl_begin_prefetching(PDL, ...), whose prefetches read no data) before
+    any statement that may touch memory, or it could read that kernel's output early."""
     module = importlib.import_module(f"services.model.{name}")
     kernels = list(_kernels(module))
     assert kernels, name
@@ -42,7 +59,20 @@ def test_every_kernel_waits_for_the_one_before_first(name):
         assert "PDL" in [a.arg for a in kernel.args.args], kernel.name
         body = kernel.body[1:] if isinstance(kernel.body[0], ast.Expr) and isinstance(
             kernel.body[0].value, ast.Constant) else kernel.body
-        assert ast.unparse(body[0]) == "pdl_begin(PDL)", kernel.name
+        begins = [i for i, st in enumerate(body) if ast.unparse(st) == "pdl_begin(PDL)"
+                  or ast.unparse(st).startswith("pdl_begin_prefetching(PDL,")]
+        assert begins, f"{kernel.name} never calls pdl_begin"
+        for statement in body[:begins[0]]:
+            assert _touches_memory_or_calls_a_helper(statement) is None, (
+                kernel.name, ast.unparse(statement))
+
+
+def test_the_rule_sees_a_load_before_the_wait():
+    early = ast.parse("x = tl.load(p + tl.arange(0, 4))").body[0]
+    assert _touches_memory_or_calls_a_helper(early) == "tl.load"
+    assert _touches_memory_or_calls_a_helper(ast.parse("y = _helper(p)").body[0]) == "_helper"
+    fine = ast.parse("rn = tl.program_id(0) * 4 + tl.arange(0, 4).to(tl.int64)").body[0]
+    assert _touches_memory_or_calls_a_helper(fine) is None
 
 
 @pytest.mark.parametrize("name", KERNEL_MODULES)
