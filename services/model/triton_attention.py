@@ -101,7 +101,8 @@ def paged_decode_attention(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q),
         SPLIT=num_splits > 1, SPLITS_PAD=triton.next_power_of_2(num_splits),
-        GROUP_P2=triton.next_power_of_2(group), num_warps=num_warps,
+        GROUP_P2=triton.next_power_of_2(group),
+        PREFETCH_POSITIONS=block_n if triton_pdl.PREFETCH_TILES else 0, num_warps=num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}), **triton_pdl.kwargs(q.device),
     )  # fmt: skip
     return out
@@ -204,6 +205,33 @@ def _load_kv_tile(
 
 
 @triton.jit
+def pdl_begin_prefetching_kv(
+    PDL: tl.constexpr, kv_ptr, table_row_ptr, start, end, kv_head,
+    stride_kv, stride_block, stride_slot, stride_head,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, POSITIONS: tl.constexpr,
+):  # fmt: skip
+    """triton_pdl.pdl_begin, first asking L2 for the K and V rows of positions [start, start +
+    POSITIONS) ∩ [start, end) of one KV head (their blocks read from the table row, a step
+    input). A prefetch reads no data into the program, so rows this step's kernels still write
+    are no hazard: L2 holds the newest bytes of a line whatever asked for it."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        if POSITIONS > 0:
+            pos = start + tl.arange(0, POSITIONS)
+            in_range = pos < end
+            block = tl.load(table_row_ptr + pos // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
+            row = block * stride_block + (pos % BLOCK_SIZE) * stride_slot + kv_head * stride_head
+            LINE: tl.constexpr = 1024 // kv_ptr.dtype.element_ty.primitive_bitwidth  # elements
+            NUM_LINES: tl.constexpr = (HEAD_DIM + LINE - 1) // LINE
+            lines = kv_ptr + tl.where(in_range, row, 0)[:, None] + (tl.arange(0, NUM_LINES) * LINE)[None, :]
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [lines],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l",
+                                      [lines + stride_kv], dtype=tl.int32, is_pure=False, pack=1)
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
 def _online_softmax_step(q, k_t, v, visible, m, l, acc, qk_scale, DOT_PRECISION: tl.constexpr):
     """Folds one tile into (m [M], l [M], acc [M, D]); visible [M, BLOCK_N].
 
@@ -228,14 +256,23 @@ def _decode_split_kernel(
     stride_kv, stride_block, stride_slot, stride_head, stride_table,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, SPLITS_PAD: tl.constexpr,
-    GROUP_P2: tl.constexpr,
+    GROUP_P2: tl.constexpr, PREFETCH_POSITIONS: tl.constexpr,
     PDL: tl.constexpr,
 ):  # fmt: skip
     """One (sequence, KV head, split): partial [B, H, splits, D] and lse [B, H, splits]; the last
     split of (sequence, KV head) to finish combines them into out [B, H, D]."""
-    pdl_begin(PDL)
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     num_kv_heads, num_splits = tl.num_programs(1), tl.num_programs(2)
+    # seq_lens and block_tables are step inputs, copied in by the host before the step's first
+    # kernel: they may be read before the PDL wait, and the first tile's K/V asked into L2
+    seq_len = tl.load(seq_lens_ptr + seq)
+    positions_per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * positions_per_split
+    end = tl.minimum(start + positions_per_split, seq_len)
+    pdl_begin_prefetching_kv(
+        PDL, kv_ptr, block_tables_ptr + seq * stride_table, start, end, kv_head,
+        stride_kv, stride_block, stride_slot, stride_head, BLOCK_SIZE, HEAD_DIM, PREFETCH_POSITIONS,
+    )  # fmt: skip
     num_heads = GROUP * num_kv_heads
     rows = tl.arange(0, GROUP_PAD)
     heads = kv_head * GROUP + rows  # [GROUP_PAD]
@@ -245,10 +282,6 @@ def _decode_split_kernel(
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    seq_len = tl.load(seq_lens_ptr + seq)
-    positions_per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * positions_per_split
-    end = tl.minimum(start + positions_per_split, seq_len)
     for tile_start in range(start, end, BLOCK_N):
         pos = tile_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
         in_range = pos < end
