@@ -263,8 +263,10 @@ def _decode_split_kernel(
     split of (sequence, KV head) to finish combines them into out [B, H, D]."""
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     num_kv_heads, num_splits = tl.num_programs(1), tl.num_programs(2)
-    # seq_lens and block_tables are step inputs, copied in by the host before the step's first
-    # kernel: they may be read before the PDL wait, and the first tile's K/V asked into L2
+    # seq_lens and block_tables are step inputs: uploaded, or gathered by torch kernels, before
+    # the step's first layer, with ordinary stream-ordered kernels between (the rotary angles,
+    # the embedding), and a kernel launched without PDL starts only once all before it finished.
+    # So they may be read before the PDL wait, and the first tile's K/V asked into L2.
     seq_len = tl.load(seq_lens_ptr + seq)
     positions_per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * positions_per_split
