@@ -102,7 +102,7 @@ def paged_decode_attention(
         BLOCK_SIZE=block_size, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q),
         SPLIT=num_splits > 1, SPLITS_PAD=triton.next_power_of_2(num_splits),
         GROUP_P2=triton.next_power_of_2(group),
-        PREFETCH_POSITIONS=block_n if triton_pdl.PREFETCH_TILES else 0, num_warps=num_warps,
+        PREFETCH_POSITIONS=block_n if triton_pdl.PREFETCH_KV else 0, num_warps=num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}), **triton_pdl.kwargs(q.device),
     )  # fmt: skip
     return out

@@ -49,6 +49,8 @@ def kwargs(device: torch.device) -> dict:
 # K tiles of its weight slice a product's program asks L2 for before its wait; 0: no prefetch
 # (`MESHSERVE_PDL_PREFETCH=0`; bench_decode compares both)
 PREFETCH_TILES = 4 if os.environ.get("MESHSERVE_PDL_PREFETCH", "1") != "0" else 0
+# Whether decode attention asks L2 for its first K/V tile before its wait
+PREFETCH_KV = os.environ.get("MESHSERVE_PDL_PREFETCH_KV", "1") != "0"
 
 
 def prefetch_cols(block_k: int, dtype: torch.dtype, split_k: int = 1) -> int:
