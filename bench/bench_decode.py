@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from bench.common import machine  # noqa: E402
 from services.model.config import ModelConfig  # noqa: E402
-from services.model.triton_pdl import PREFETCH_TILES  # noqa: E402
+from services.model.triton_pdl import PREFETCH_KV  # noqa: E402
 
 CONTEXT = 128  # prompt tokens per sequence
 STEPS = 128  # decode steps timed (transformers: generate 128 vs 8 tokens)
@@ -45,8 +45,7 @@ class Mode(NamedTuple):
     skinny: bool  # the measured table's Triton products (skinny matmuls, batch-1 GEMVs)
     pdl: bool = True  # Triton kernels launched with programmatic dependent launch (triton_pdl)
     silu_epilogue: bool = True  # gate/up with SiLU x up in its epilogue at 2-64 rows
-    prefetch: bool = True  # products ask L2 for their first weight tiles before the PDL wait
-    prefetch_kv: bool = True  # decode attention asks L2 for its first K/V tile before the wait
+    prefetch_kv: bool = False  # decode attention asks L2 for its first K/V tile before its wait
 
 
 EAGER = dict(enforce_eager=True)
@@ -59,14 +58,11 @@ MODES = {
     "CUDA graphs, triton + fused, cuBLAS": Mode(TRITON | GRAPHS, True, False),
     "CUDA graphs, triton, no PDL": Mode(TRITON | GRAPHS, True, True, pdl=False),
     "CUDA graphs, triton, SiLU apart": Mode(TRITON | GRAPHS, True, True, silu_epilogue=False),
-    "CUDA graphs, triton, no prefetch": Mode(TRITON | GRAPHS, True, True, prefetch=False,
-                                             prefetch_kv=False),
-    "CUDA graphs, triton, K/V prefetch only": Mode(TRITON | GRAPHS, True, True, prefetch=False),
+    "CUDA graphs, triton, K/V prefetch": Mode(TRITON | GRAPHS, True, True, prefetch_kv=True),
     "CUDA graphs, triton": Mode(TRITON | GRAPHS, True, True),
 }
 MODE_KEYS = dict(zip(["torch", "triton", "graphs-unfused", "graphs-cublas", "graphs-nopdl",
-                      "graphs-nosilu", "graphs-noprefetch", "graphs-kvprefetch", "graphs"],
-                     MODES))
+                      "graphs-nosilu", "graphs-kvprefetch", "graphs"], MODES))
 
 
 def checkpoint(shape: str, root: Path) -> Path:
@@ -186,7 +182,6 @@ def runner_rows(model_dir: Path, batches: list[int], profile: bool, modes: list[
     for mode in modes:
         m = MODES[mode]
         triton_pdl.ENABLED, layers.FUSED_GATE_UP_SILU = m.pdl, m.silu_epilogue
-        triton_pdl.PREFETCH_TILES = PREFETCH_TILES if m.prefetch else 0
         triton_pdl.PREFETCH_KV = m.prefetch_kv
         # the cuBLAS modes run every product on cuBLAS: no skinny tiles, no fused GEMVs
         layers.FUSED_KERNELS, layers.SKINNY_MATMULS, layers.FUSED_GEMVS = m.fused, m.skinny, m.skinny
@@ -202,8 +197,7 @@ def runner_rows(model_dir: Path, batches: list[int], profile: bool, modes: list[
         del shard
         torch.cuda.empty_cache()
     layers.FUSED_KERNELS = layers.SKINNY_MATMULS = layers.FUSED_GEMVS = triton_pdl.ENABLED = True
-    layers.FUSED_GATE_UP_SILU, triton_pdl.PREFETCH_TILES = True, PREFETCH_TILES
-    triton_pdl.PREFETCH_KV = True
+    layers.FUSED_GATE_UP_SILU, triton_pdl.PREFETCH_KV = True, PREFETCH_KV
     return out
 
 

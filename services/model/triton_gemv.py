@@ -33,7 +33,7 @@ import triton.language as tl
 
 from services.model import triton_pdl
 from services.model.triton_linear import Tile, _device_name, _tiles_of
-from services.model.triton_pdl import pdl_begin_prefetching
+from services.model.triton_pdl import pdl_begin
 
 PROLOGUES = {"none": 0, "rms_norm": 1, "add_rms_norm": 2, "silu_mul": 3}
 
@@ -41,11 +41,11 @@ PROLOGUES = {"none": 0, "rms_norm": 1, "add_rms_norm": 2, "silu_mul": 3}
 @triton.jit
 def _gemv_kernel(x_ptr, res_ptr, norm_w_ptr, w_ptr, y_ptr, res_out_ptr, N, K, stride_wn, eps,
                  PROLOGUE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PREFETCH_COLS: tl.constexpr, PDL: tl.constexpr):
+                 PDL: tl.constexpr):
     """y [N] = W [N, K] · x' [K] (x' per PROLOGUE, see the module docstring); K % BLOCK_K == 0."""
+    pdl_begin(PDL)
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    pdl_begin_prefetching(PDL, w_ptr, tl.minimum(rn, N - 1), stride_wn, K, PREFETCH_COLS)
     n_ok = rn < N
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
@@ -109,7 +109,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, tile: Tile, prologue: str = "non
         norm_weight if norm_weight is not None else x, weight, y,
         res_out if res_out is not None else y, n, k, weight.stride(0), eps,
         PROLOGUE=PROLOGUES[prologue], BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
-        PREFETCH_COLS=triton_pdl.prefetch_cols(tile.block_k, weight.dtype),
         num_stages=tile.num_stages, num_warps=tile.num_warps, **triton_pdl.kwargs(x.device))
     return y, res_out
 

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from services.model import triton_pdl
-from services.model.triton_pdl import pdl_begin, pdl_begin_prefetching
+from services.model.triton_pdl import pdl_begin
 
 MAX_ROWS = 64  # past this a step is a real GEMM and cuBLAS's tiles are the right ones
 ROW_CLASSES = (1, 16, 32, 64)  # a table entry serves every row count up to its class
@@ -67,14 +67,12 @@ def block_m(num_rows: int) -> int:
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ys, stride_ym,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   PREFETCH_COLS: tl.constexpr, PDL: tl.constexpr):
+                   SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Y[split, :, n-tile] = X[:, k-range] W[n-tile, k-range]ᵀ; K is a multiple of BLOCK_K · SPLIT_K."""
+    pdl_begin(PDL)
     pid_n, split = tl.program_id(0), tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    pdl_begin_prefetching(PDL, w_ptr + split * BLOCK_K, tl.minimum(rn, N - 1), stride_wn,
-                          K - split * BLOCK_K, PREFETCH_COLS)
     rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = split * BLOCK_K + tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]  # [BLOCK_M, BLOCK_K]
     w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]  # [BLOCK_N, BLOCK_K]
@@ -93,15 +91,12 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ys
 @triton.jit
 def _gate_up_silu_kernel(x_ptr, w_ptr, y_ptr, M, I, K, stride_xm, stride_wn, stride_ym,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr, PREFETCH_COLS: tl.constexpr,
-                         PDL: tl.constexpr):
+                         DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Y[:, n-tile] = silu(X W[n-tile]ᵀ) ⊙ (X W[I + n-tile]ᵀ) for W [2I, K] = [gate | up]."""
+    pdl_begin(PDL)
     pid_n = tl.program_id(0)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    both = tl.arange(0, 2 * BLOCK_N)  # the tile's gate rows, then its up rows
-    both = tl.minimum(pid_n * BLOCK_N + both % BLOCK_N, I - 1) + (both >= BLOCK_N).to(tl.int32) * I
-    pdl_begin_prefetching(PDL, w_ptr, both, stride_wn, K, PREFETCH_COLS)
     rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]  # [BLOCK_M, BLOCK_K]
     gate_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]  # [BLOCK_N, BLOCK_K]
@@ -167,7 +162,6 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, tile: Tile,
         partial.stride(0) if tile.split_k > 1 else 0, n,
         BLOCK_M=block_m(m), BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, SPLIT_K=tile.split_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        PREFETCH_COLS=triton_pdl.prefetch_cols(tile.block_k, weight.dtype, tile.split_k),
         num_stages=tile.num_stages, num_warps=tile.num_warps, **triton_pdl.kwargs(x.device))
     if tile.split_k > 1:
         block = 1024
@@ -191,7 +185,6 @@ def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, tile: Tile) -> torch.Ten
         x, weight, y, m, inter, k, x.stride(0), weight.stride(0), inter,
         BLOCK_M=block_m(m), BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        PREFETCH_COLS=triton_pdl.prefetch_cols(tile.block_k, weight.dtype),
         num_stages=tile.num_stages, num_warps=tile.num_warps, **triton_pdl.kwargs(x.device))
     return y
 

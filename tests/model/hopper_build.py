@@ -60,11 +60,16 @@ def bf16(*shape):
     return torch.randn(*shape).bfloat16()
 
 
-def _decode_attention(splits):
+def _decode_attention(splits, prefetch_kv=False):
     cache = bf16(2, 9, 16, 8, 64)
     tables = torch.zeros(4, 4, dtype=torch.int32)
-    return lambda: triton_attention.paged_decode_attention(
-        bf16(4, 32, 64), cache, tables, torch.full((4,), 40, dtype=torch.int32), 0.125, splits)
+
+    def call():
+        with mock.patch.object(triton_pdl, "PREFETCH_KV", prefetch_kv):
+            triton_attention.paged_decode_attention(
+                bf16(4, 32, 64), cache, tables, torch.full((4,), 40, dtype=torch.int32), 0.125,
+                splits)
+    return call
 
 
 CASES = {
@@ -89,6 +94,7 @@ CASES = {
     "argmax": lambda: triton_ops.argmax_rows(torch.randn(4, 1000)),
     "decode-attention": _decode_attention(1),
     "decode-attention-split": _decode_attention(4),
+    "decode-attention-prefetch": _decode_attention(1, prefetch_kv=True),
     "prefill-attention": lambda: triton_attention.paged_prefill_attention(
         bf16(8, 32, 64), bf16(2, 9, 16, 8, 64), torch.zeros(2, 4, dtype=torch.int32),
         torch.tensor([5, 3], dtype=torch.int32), torch.tensor([0, 5, 8], dtype=torch.int32), 5,

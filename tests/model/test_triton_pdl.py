@@ -57,9 +57,9 @@ def _touches_memory_or_calls_a_helper(statement) -> str | None:
 @pytest.mark.parametrize("name", KERNEL_MODULES)
 def test_every_kernel_waits_for_the_one_before_first(name):
     """A kernel launched with PDL may start before the kernel before it ends: it must call
-    pdl_begin(PDL) (or a pdl_begin_prefetching*(PDL, ...), whose prefetches read no data)
-    before any statement that may touch memory but step inputs, or it could read that kernel's
-    output early."""
+    pdl_begin(PDL) (or triton_attention's pdl_begin_prefetching_kv(PDL, ...), whose prefetches
+    read no data) before any statement that may touch memory but step inputs, or it could read
+    that kernel's output early."""
     module = importlib.import_module(f"services.model.{name}")
     kernels = list(_kernels(module))
     assert kernels, name
