@@ -45,6 +45,11 @@ class PendingStep:
             self.done.synchronize()
         return [] if self.ids_host is None else self.ids_host.tolist()
 
+    @property
+    def on_host(self) -> bool:
+        """Whether token_ids() returns at once: nothing left to wait for (a CPU step)."""
+        return self.done is None
+
     def elapsed_us(self) -> int:
         return int((time.perf_counter() - self.started) * 1e6)
 

@@ -118,8 +118,11 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         """The step's result once its ids are on the host (waited for off the model thread)."""
         if not self.shard.is_sampler:
             return None
-        loop = asyncio.get_running_loop()
-        ids = await loop.run_in_executor(self._waiter, launched.token_ids)
+        if launched.on_host:  # a CPU step: its ids are there, no thread to wait on
+            ids = launched.token_ids()
+        else:
+            ids = await asyncio.get_running_loop().run_in_executor(self._waiter,
+                                                                   launched.token_ids)
         elapsed_us = launched.elapsed_us()
         self.metrics.step_time.observe(elapsed_us / 1e6)
         return StepResult(plan.step_id, tuple(launched.seq_ids), tuple(ids), plan.micro_batch,
