@@ -84,10 +84,17 @@ def bench_us(fn) -> float:
     return do_bench(fn, warmup=5, rep=20, return_mode="median") * 1e3
 
 
+def baseline_us(fn) -> float:
+    """The baseline a tile must beat: the best of three medians, so that one slow measurement
+    of the baseline (seen: a pair timed at 2.5x its time at the next row count) cannot let a
+    tile into the table."""
+    return min(bench_us(fn) for _ in range(3))
+
+
 def tune_one(n: int, k: int, rows: int, dtype: torch.dtype, out_dtype, num_sms: int):
     x = torch.randn(rows, k, device=DEVICE, dtype=dtype)
     w = torch.randn(n, k, device=DEVICE, dtype=dtype) / k**0.5
-    cublas = bench_us(lambda: F.linear(x, w).to(out_dtype or dtype))
+    cublas = baseline_us(lambda: F.linear(x, w).to(out_dtype or dtype))
     expected = F.linear(x, w).float()
     best = None
     for tile in candidates(n, k, num_sms):
@@ -142,7 +149,7 @@ def tune_gemv(name: str, n: int, k: int, dtype: torch.dtype, out_dtype, product)
         us = bench_us(lambda t=tile: fused(t))
         if best is None or us < best[1]:
             best = (tile, us)
-    return bench_us(unfused), best
+    return baseline_us(unfused), best
 
 
 def silu_candidates(k: int) -> list[Tile]:
@@ -176,7 +183,7 @@ def tune_gate_up_silu(n: int, k: int, rows: int, dtype: torch.dtype, product):
         us = bench_us(lambda t=tile: triton_linear.gate_up_silu(x, w, t))
         if best is None or us < best[1]:
             best = (tile, us)
-    return bench_us(unfused), best
+    return baseline_us(unfused), best
 
 
 def _record(entries: dict, key: str, best, baseline_us: float) -> bool:
