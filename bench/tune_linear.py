@@ -186,10 +186,10 @@ def tune_gate_up_silu(n: int, k: int, rows: int, dtype: torch.dtype, product):
     return baseline_us(unfused), best
 
 
-def _record(entries: dict, key: str, best, baseline_us: float) -> bool:
-    """Puts best's tile in the table under key if it took at most MARGIN of the baseline's time,
-    else takes the key out; returns whether it went in."""
-    chosen = best is not None and best[1] <= MARGIN * baseline_us
+def _record(entries: dict, key: str, best, baseline: float) -> bool:
+    """Puts best's tile in the table under key if it took at most MARGIN of the baseline's time
+    (us), else takes the key out; returns whether it went in."""
+    chosen = best is not None and best[1] <= MARGIN * baseline
     if chosen:
         entries[key] = best[0].as_list()
     else:
