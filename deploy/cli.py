@@ -54,6 +54,9 @@ PASS_THROUGH = [
      ("gateway",)),
     ("--stream-interval", dict(type=POSITIVE, help="tokens per streamed response (default 1: "
                                                    "each as it comes)"), ("gateway",)),
+    ("--speculative-config", dict(help='speculative decoding, e.g. \'{"method": "ngram", '
+                                       '"num_speculative_tokens": 4}\' (greedy requests)'),
+     ("scheduler",)),
 ]
 
 

@@ -83,5 +83,12 @@ class SchedulerMetrics:
         yield m.counter("generation_tokens", "Number of generation tokens processed.", labels,
                         sched.num_generation_tokens)
         yield m.counter("steps", "Steps the replica ran.", labels, self.engine.num_steps)
+        if sched.config.speculative is not None:
+            yield m.counter("spec_decode_num_drafts", "Number of spec decoding drafts.", labels,
+                            sched.num_drafts)
+            yield m.counter("spec_decode_num_draft_tokens", "Number of draft tokens.", labels,
+                            sched.num_draft_tokens)
+            yield m.counter("spec_decode_num_accepted_tokens", "Number of accepted tokens.",
+                            labels, sched.num_accepted_tokens)
         for family in self._histograms:
             yield from family.collect()

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 from services.scheduler.block_manager import BlockManager
 from services.scheduler.sequence import FinishReason, Sequence
+from services.scheduler.speculative import NgramIndex, SpeculativeConfig
 from services.step import ScheduledSeq, SeqStart, StepPlan
 
 
@@ -38,6 +39,8 @@ class SchedulerConfig:
     num_micro_batches: int = 1
     # Sequences the workers hold at once (rows of their persistent batch); 0 = no limit.
     max_live_seqs: int = 0
+    # Speculative decoding (speculative.py); None = off. Greedy requests only, for now.
+    speculative: SpeculativeConfig | None = None
 
 
 class SeqUpdate(NamedTuple):
@@ -65,6 +68,9 @@ class Scheduler:
         self.num_prefix_query_tokens = 0  # prompt tokens looked up in the prefix cache
         self.num_prompt_tokens = 0  # prompts of sequences that got their first token
         self.num_generation_tokens = 0
+        self.num_drafts = 0  # steps of a sequence that carried proposals
+        self.num_draft_tokens = 0  # proposals sent
+        self.num_accepted_tokens = 0  # proposals the target's tokens matched
 
     # -- requests in and out ---------------------------------------------------------------
 
@@ -89,14 +95,15 @@ class Scheduler:
         """The next step, or None when nothing can run now."""
         budget = self.config.max_num_batched_tokens
         max_seqs = self._max_seqs_per_plan()
-        planned: list[tuple[Sequence, int]] = []
+        planned: list[tuple[Sequence, int, tuple[int, ...]]] = []  # (seq, new tokens, drafts)
         index = 0  # preemption removes sequences behind this point only
         while index < len(self.running) and budget and len(planned) < max_seqs:
             seq = self.running[index]
             num_new = min(self._num_runnable_tokens(seq), budget)
-            if num_new and self._reserve(seq, num_new):
-                planned.append((seq, num_new))
-                budget -= num_new
+            drafts = self._propose(seq, budget - 1) if num_new == 1 else ()
+            if num_new and self._reserve(seq, num_new + len(drafts)):
+                planned.append((seq, num_new + len(drafts), drafts))
+                budget -= num_new + len(drafts)
             index += 1
         self._admit(planned, budget, max_seqs)
         if not planned:
@@ -104,8 +111,24 @@ class Scheduler:
         self.max_batch_size_seen = max(self.max_batch_size_seen, len(planned))
         finished, self._finished_to_announce = tuple(self._finished_to_announce), []
         preempted, self._preempted_to_announce = tuple(self._preempted_to_announce), []
-        return StepPlan(next(self._step_ids), tuple(self._plan_seq(s, n) for s, n in planned),
+        return StepPlan(next(self._step_ids),
+                        tuple(self._plan_seq(s, n, d) for s, n, d in planned),
                         finished_seq_ids=finished, preempted_seq_ids=preempted)
+
+    def _speculates(self, seq: Sequence) -> bool:
+        return self.config.speculative is not None and seq.params.sampling.is_greedy
+
+    def _propose(self, seq: Sequence, room: int) -> tuple[int, ...]:
+        """Proposals to verify with seq's decode of its known last token: at most K, the
+        step's room, and what max_tokens leaves after the token this step samples anyway."""
+        if not self._speculates(seq) or seq.num_known_tokens - seq.num_computed_tokens != 1:
+            return ()
+        spec = self.config.speculative
+        if seq.ngram is None:
+            seq.ngram = NgramIndex(spec.prompt_lookup_min, spec.prompt_lookup_max)
+        k = min(spec.num_speculative_tokens, room,
+                seq.params.max_tokens - len(seq.output_ids) - 1)
+        return seq.ngram.propose(seq.token_view(seq.num_known_tokens), k)
 
     def _max_seqs_per_plan(self) -> int:
         num_seqs = len(self.running) + len(self.waiting)
@@ -119,8 +142,9 @@ class Scheduler:
         """Tokens of seq the workers could compute now (0 if it must wait)."""
         if seq.finish_reason is not None or seq.preempt_pending:
             return 0
-        if seq.num_inflight_steps and not self.config.workers_keep_last_token:
-            return 0
+        if seq.num_inflight_steps and (not self.config.workers_keep_last_token
+                                       or self._speculates(seq)):
+            return 0  # its next input is the result's last token (a speculating one: how many)
         known_left = len(seq.prompt_ids) + len(seq.output_ids) - seq.num_computed_tokens
         if known_left > 0:
             return known_left
@@ -143,7 +167,8 @@ class Scheduler:
             self._preempt(victim)
         return True
 
-    def _admit(self, planned: list[tuple[Sequence, int]], budget: int, max_seqs: int) -> None:
+    def _admit(self, planned: list[tuple[Sequence, int, tuple[int, ...]]], budget: int,
+               max_seqs: int) -> None:
         """Admits waiting sequences (oldest first) into planned while budget and blocks last."""
         while (self.waiting and budget > 0
                and len(planned) < max_seqs
@@ -170,16 +195,18 @@ class Scheduler:
             seq.scheduled_time = seq.scheduled_time or time.monotonic()
             self.waiting.popleft()
             self.running.append(seq)
-            planned.append((seq, num_new))
+            planned.append((seq, num_new, ()))
             budget = max(0, budget - num_new)
 
     def _workers_have_room(self) -> bool:
         limit = self.config.max_live_seqs
         return not limit or len(self.running) < limit
 
-    def _plan_seq(self, seq: Sequence, num_new: int) -> ScheduledSeq:
-        """seq's share of the step, as a delta against what the workers hold of it.
-        Runs for every sequence of every step: a decode costs a few attribute reads."""
+    def _plan_seq(self, seq: Sequence, num_new: int, drafts: tuple[int, ...] = ()
+                  ) -> ScheduledSeq:
+        """seq's share of the step, as a delta against what the workers hold of it; drafts are
+        its last len(drafts) inputs (proposals, not known tokens). Runs for every sequence of
+        every step: a decode costs a few attribute reads."""
         start_pos = seq.num_computed_tokens
         end = start_pos + num_new
         num_known = seq.num_known_tokens
@@ -190,7 +217,7 @@ class Scheduler:
             seq.num_tokens_held_by_workers = num_known
         held_end = min(known_end, seq.num_tokens_held_by_workers)
         if known_end > start_pos:  # some inputs are known here
-            token_ids = tuple(seq.tokens_between(max(start_pos, held_end), known_end))
+            token_ids = tuple(seq.tokens_between(max(start_pos, held_end), known_end)) + drafts
             num_supplied = max(0, held_end - start_pos) + len(token_ids)
         else:  # a decode of the token in flight
             token_ids, num_supplied = (), 0
@@ -204,8 +231,11 @@ class Scheduler:
         seq.num_computed_tokens = end
         seq.num_inflight_steps += 1
         seq.num_inflight_samples += sample
+        if drafts:
+            self.num_drafts += 1
+            self.num_draft_tokens += len(drafts)
         return ScheduledSeq(seq.seq_id, start_pos, num_new, new_blocks, token_ids,
-                            num_supplied < num_new, sample, start)
+                            num_supplied < num_new, sample, start, drafts)
 
     def _preempt(self, seq: Sequence) -> None:
         """Frees seq's blocks; it is recomputed from its known tokens when admitted again."""
@@ -223,27 +253,42 @@ class Scheduler:
     def on_result(self, plan: StepPlan, sampled: dict[int, list[int]]) -> list[SeqUpdate]:
         """Applies one step's sampled tokens (ids per sequence); returns what changed."""
         updates = []
-        block_size = self.blocks.block_size
         for item in plan.seqs:
             seq = self.seqs.get(item.seq_id)
             if seq is None:
                 continue
             seq.num_inflight_steps -= 1
-            start = item.num_computed_tokens
-            # Only a step that completed a block has news for the prefix cache (most decodes
-            # do not): blocks whose every token's KV is computed or ahead in the step order.
-            if (seq.finish_reason is None
-                    and start // block_size != (start + item.num_new_tokens) // block_size):
-                self.blocks.commit(seq.seq_id, seq.token_view(seq.num_computed_tokens),
-                                   seq.extra_key)
-            if item.sample:
+            start, num_new = item.num_computed_tokens, item.num_new_tokens
+            tokens = sampled.get(item.seq_id) if item.sample else None
+            if item.draft_token_ids and seq.finish_reason is None:
+                # The target's tokens up to the first that differs from a proposal: the KV of
+                # the proposals after it is not the sequence's (its slots are written again),
+                # and the accepted ones are known tokens only once appended.
+                rejected = len(item.draft_token_ids) + 1 - len(tokens or ())
+                self.num_accepted_tokens += len(item.draft_token_ids) - rejected
+                seq.num_computed_tokens -= rejected
+                num_new -= rejected
                 seq.num_inflight_samples -= 1
-                tokens = sampled.get(item.seq_id)
-                if tokens and seq.finish_reason is None:
+                if tokens:
                     updates.append(self._append_tokens(seq, tokens))
+                self._commit_completed_blocks(seq, start, num_new)
+            else:
+                self._commit_completed_blocks(seq, start, num_new)
+                if item.sample:
+                    seq.num_inflight_samples -= 1
+                    if tokens and seq.finish_reason is None:
+                        updates.append(self._append_tokens(seq, tokens))
             if not seq.num_inflight_steps:
                 self._settle(seq)
         return updates
+
+    def _commit_completed_blocks(self, seq: Sequence, start: int, num_new: int) -> None:
+        """Only a step that completed a block has news for the prefix cache (most decodes do
+        not): blocks whose every token's KV is computed or ahead in the step order."""
+        block_size = self.blocks.block_size
+        if seq.finish_reason is None and start // block_size != (start + num_new) // block_size:
+            self.blocks.commit(seq.seq_id, seq.token_view(seq.num_computed_tokens),
+                               seq.extra_key)
 
     def _append_tokens(self, seq: Sequence, tokens: list[int]) -> SeqUpdate:
         """Appends tokens up to the first that ends the sequence (EOS or max_tokens)."""

@@ -56,6 +56,7 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     scheduled_time: float = 0.0
     first_token_time: float = 0.0
+    ngram: object = None  # its speculative.NgramIndex, made at its first proposal
 
     @property
     def is_on_workers(self) -> bool:

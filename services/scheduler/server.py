@@ -34,6 +34,7 @@ from services.scheduler.engine import Engine, Output
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.scheduler import Scheduler, SchedulerConfig
 from services.scheduler.sequence import FinishReason, RequestParams, Sequence
+from services.scheduler.speculative import SpeculativeConfig
 from services.scheduler.workers import ReplicaShape, WorkerGroup, WorkerGroupError
 from services.step import SamplingOptions
 
@@ -68,6 +69,7 @@ class SchedulerSettings:
     metrics_port: int = -1  # Prometheus /metrics on this port; 0 = any free port; -1 = none
     ready_file: str = ""  # host:port written here once registered (+ ".metrics": that port)
     disable_log_stats: bool = False  # no step and request histograms
+    speculative: SpeculativeConfig | None = None  # --speculative-config; None = off
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> SchedulerSettings:
@@ -103,12 +105,20 @@ class SchedulerSettings:
         p.add_argument("--ready-file", default="", help="write host:port here once serving")
         p.add_argument("--disable-log-stats", action="store_true",
                        help="no metrics (vLLM's flag)")
+        p.add_argument("--speculative-config", default="",
+                       help='speculative decoding, JSON as vLLM spells it: {"method": "ngram", '
+                            '"num_speculative_tokens": K, "prompt_lookup_max": N, '
+                            '"prompt_lookup_min": M} (greedy requests; default: off)')
         a = p.parse_args(argv)
+        try:
+            speculative = SpeculativeConfig.parse(a.speculative_config)
+        except ValueError as exc:
+            p.error(str(exc))
         return cls(tuple(w for w in a.workers.split(",") if w), a.redis_url, a.host, a.port,
                    a.advertise_host, a.replica_id, a.model_name, a.max_num_seqs,
                    a.max_num_batched_tokens, not a.no_chunked_prefill, a.enable_prefix_caching,
                    a.heartbeat_ttl, a.max_inflight_steps, a.seed, a.drain_timeout,
-                   a.metrics_port, a.ready_file, a.disable_log_stats)
+                   a.metrics_port, a.ready_file, a.disable_log_stats, speculative)
 
 
 class SchedulerServicer(pb_grpc.SchedulerServicer):
@@ -306,7 +316,8 @@ def build_engine(settings: SchedulerSettings, shape: ReplicaShape, workers: Work
         workers_keep_last_token=shape.pp_size == 1,
         eos_token_ids=shape.eos_token_ids,
         num_micro_batches=min(shape.pp_size, inflight),
-        max_live_seqs=shape.max_live_seqs)
+        max_live_seqs=shape.max_live_seqs,
+        speculative=settings.speculative)
     blocks = BlockManager(shape.num_kv_blocks, shape.block_size, settings.enable_prefix_caching)
     return Engine(Scheduler(config, blocks), workers, max_inflight_steps=inflight)
 

@@ -46,6 +46,7 @@ class HostStep:
     seq_lens: np.ndarray  # [S]
     rows: np.ndarray  # [S] the persistent row of each scheduled sequence
     logits_indices: np.ndarray  # [N] token index of each sampled sequence's last token
+    # (of its last K + 1 with K proposals to verify)
     sampled_rows: np.ndarray  # [N]
     table_updates: tuple[np.ndarray, np.ndarray]  # (flat index, block id) into the block table
 
@@ -143,9 +144,10 @@ class InputBatch:
             rows.append(held.row)
             starts.append(seq.num_computed_tokens)
             lens.append(seq.num_new_tokens)
-            if seq.sample:
-                logits_indices.append(len(ids) - 1)
-                sampled_rows.append(held.row)
+            if seq.sample:  # a sequence with K proposals samples at its last K + 1 tokens
+                num_sampled = 1 + len(seq.draft_token_ids)
+                logits_indices += range(len(ids) - num_sampled, len(ids))
+                sampled_rows += [held.row] * num_sampled
         rows_a, starts_a, lens_a = (np.array(x, dtype=np.int64) for x in (rows, starts, lens))
         query_start_loc = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(lens_a, out=query_start_loc[1:])

@@ -40,10 +40,33 @@ class PendingStep:
     hidden: torch.Tensor | None = None
     graph_replay: bool = False  # it replayed a CUDA graph (else it ran eagerly)
 
+    # the proposals of each sampled sequence, in seq_ids' order; () = none anywhere
+    drafts: tuple[tuple[int, ...], ...] = ()
+
     def token_ids(self) -> list[int]:
+        """The ids sampled, one per logits row (K + 1 for a sequence with K proposals)."""
         if self.done is not None:
             self.done.synchronize()
         return [] if self.ids_host is None else self.ids_host.tolist()
+
+    def results(self) -> tuple[list[int], tuple[int, ...]]:
+        """(the ids each sampled sequence gets, flattened; how many each, or () for one each).
+        A sequence with proposals d_1..d_K sampled g_0..g_K at their positions: it gets g_0..g_a,
+        a the number of leading proposals equal to the target's tokens (d_i = g_(i-1)) -- with
+        greedy sampling exactly the target's own next a + 1 tokens."""
+        ids = self.token_ids()
+        if not any(self.drafts):
+            return ids, ()
+        out, counts, pos = [], [], 0
+        for drafts in self.drafts:
+            sampled = ids[pos:pos + len(drafts) + 1]
+            accepted = 0
+            while accepted < len(drafts) and drafts[accepted] == sampled[accepted]:
+                accepted += 1
+            out += sampled[:accepted + 1]
+            counts.append(accepted + 1)
+            pos += len(drafts) + 1
+        return out, tuple(counts)
 
     @property
     def on_host(self) -> bool:
@@ -83,7 +106,8 @@ class ModelRunner:
     def launch(self, plan: StepPlan, hidden_in: torch.Tensor | None = None) -> PendingStep:
         started = time.perf_counter()
         host = self.batch.prepare(plan)
-        pending = PendingStep(plan.sampled_seq_ids, started)
+        pending = PendingStep(plan.sampled_seq_ids, started,
+                              drafts=tuple(s.draft_token_ids for s in plan.seqs if s.sample))
         if not plan.seqs:
             pending.hidden = hidden_in
             return pending

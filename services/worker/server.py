@@ -119,14 +119,14 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         if not self.shard.is_sampler:
             return None
         if launched.on_host:  # a CPU step: its ids are there, no thread to wait on
-            ids = launched.token_ids()
+            ids, counts = launched.results()
         else:
-            ids = await asyncio.get_running_loop().run_in_executor(self._waiter,
-                                                                   launched.token_ids)
+            ids, counts = await asyncio.get_running_loop().run_in_executor(self._waiter,
+                                                                           launched.results)
         elapsed_us = launched.elapsed_us()
         self.metrics.step_time.observe(elapsed_us / 1e6)
         return StepResult(plan.step_id, tuple(launched.seq_ids), tuple(ids), plan.micro_batch,
-                          step_time_us=elapsed_us)
+                          num_token_ids=counts, step_time_us=elapsed_us)
 
 
 _END = object()

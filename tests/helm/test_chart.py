@@ -17,6 +17,7 @@ import yaml
 
 from gateway.settings import GatewaySettings
 from services.scheduler.server import SchedulerSettings
+from services.scheduler.speculative import SpeculativeConfig
 from services.worker.settings import WorkerSettings
 from tests.helm.chart import (CHART, FULLNAME, KUBE_VERSION, NAMESPACE, RELEASE, container, env_of,
                               expand, flag, lint, render)
@@ -197,10 +198,12 @@ def test_layer_split_and_model_reach_every_worker(rendered, tmp_path):
 
 NON_DEFAULT = {
     "gateway": {"port": 7000, "httpPort": 7080, "maxInflightRequests": 17, "refreshPeriod": 1.25,
-                "maxAttempts": 5, "requestClaimTtl": 90.5},
+                "maxAttempts": 5, "requestClaimTtl": 90.5, "streamInterval": 6},
     "scheduler": {"port": 7001, "modelName": "llama", "maxNumSeqs": 9, "maxNumBatchedTokens": 1024,
                   "chunkedPrefill": False, "prefixCaching": False, "heartbeatTtl": 7.5,
-                  "maxInflightSteps": 4, "metricsPort": 7002},
+                  "maxInflightSteps": 4, "metricsPort": 7002,
+                  "speculativeConfig": {"method": "ngram", "num_speculative_tokens": 3,
+                                        "prompt_lookup_max": 2}},
     "worker": {"port": 7100, "distInitPort": 7099, "metricsPort": 7200, "device": "cpu", "dtype": "bfloat16",
                "blockSize": 32, "numKvBlocks": 1000000, "kvCacheMemoryGb": 1.5,
                "maxModelLen": 4096, "numThreads": 2},
@@ -217,7 +220,7 @@ def test_values_map_onto_the_cli_settings(tmp_path):
     assert gateway == GatewaySettings(
         redis_url="redis://r:1/2", model="/models/m", host="0.0.0.0", port=7000,
         max_inflight_requests=17, refresh_period_s=1.25, max_attempts=5,
-        request_claim_ttl_s=90.5, http_port=7080)
+        request_claim_ttl_s=90.5, http_port=7080, stream_interval=6)
 
     sts, _, scheduler = workers_of(r, 0)
     args = scheduler_args(scheduler)
@@ -228,7 +231,8 @@ def test_values_map_onto_the_cli_settings(tmp_path):
         workers=(f"{host}:7100",), redis_url="redis://r:1/2", host="0.0.0.0", port=7001,
         advertise_host="10.1.2.3", replica_id=f"{FULLNAME}-r0-scheduler", model_name="llama",
         max_num_seqs=9, max_num_batched_tokens=1024, enable_chunked_prefill=False,
-        enable_prefix_caching=False, heartbeat_ttl_s=7.5, max_inflight_steps=4, metrics_port=7002)
+        enable_prefix_caching=False, heartbeat_ttl_s=7.5, max_inflight_steps=4, metrics_port=7002,
+        speculative=SpeculativeConfig("ngram", num_speculative_tokens=3, prompt_lookup_max=2))
 
     pod = start_worker_pod(r, sts["metadata"]["name"], 0, tmp_path)
     try:

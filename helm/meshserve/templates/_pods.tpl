@@ -220,6 +220,10 @@ containers:
       {{- if not $v.scheduler.prefixCaching }}
       - --no-prefix-caching
       {{- end }}
+      {{- with $v.scheduler.speculativeConfig }}
+      - --speculative-config
+      - {{ . | toJson | quote }}
+      {{- end }}
       - --heartbeat-ttl
       - {{ toString $v.scheduler.heartbeatTtl | quote }}
       - --max-inflight-steps

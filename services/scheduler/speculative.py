@@ -1,0 +1,94 @@
+"""Speculative decoding, the scheduler's half: which tokens to propose, and the settings.
+
+n-gram prompt lookup (vLLM's "ngram" method): a sequence whose last n tokens occurred earlier
+in its own tokens (prompt and output) proposes the tokens that followed that occurrence, for
+the largest n in [prompt_lookup_min, prompt_lookup_max] that matches. The workers compute the
+step's last sampled token and the K proposals in one step, K + 1 positions; the target's greedy
+token at each position is kept up to and including the first that differs from its proposal,
+so the output is the target's greedy output whatever was proposed (services/worker/runner.py).
+
+A proposal is looked up in an index per sequence, n-gram -> where it last ended, extended by
+the tokens the sequence gained since its last step: the per-step work is (max - min + 1)
+dictionary operations per new token, whatever the context length.
+
+Pure logic: no I/O, no torch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+METHODS = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_max: int = 5
+    prompt_lookup_min: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> SpeculativeConfig | None:
+        """--speculative-config JSON as vLLM spells it; "" = off. ValueError says what to fix."""
+        if not text:
+            return None
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--speculative-config is not JSON ({exc}): give e.g. "
+                             '\'{"method": "ngram", "num_speculative_tokens": 4}\'') from None
+        if not isinstance(raw, dict):
+            raise ValueError("--speculative-config must be a JSON object")
+        method = raw.get("method")
+        if method == "draft_model":
+            raise ValueError('--speculative-config: method "draft_model" is not supported yet; '
+                             'use "ngram"')
+        if method not in METHODS:
+            raise ValueError(f"--speculative-config: method {method!r} is not one of {METHODS}")
+        known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+        if unknown := sorted(set(raw) - known):
+            raise ValueError(f"--speculative-config: unknown keys {unknown}; known: {sorted(known)}")
+        values = {k: raw[k] for k in known - {"method"} if k in raw}
+        if "num_speculative_tokens" not in values:
+            raise ValueError("--speculative-config: num_speculative_tokens is required")
+        for key, value in values.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"--speculative-config: {key} must be a positive integer, "
+                                 f"got {value!r}")
+        config = cls(method, **values)
+        if config.prompt_lookup_min > config.prompt_lookup_max:
+            raise ValueError(f"--speculative-config: prompt_lookup_min "
+                             f"({config.prompt_lookup_min}) is above prompt_lookup_max "
+                             f"({config.prompt_lookup_max})")
+        return config
+
+
+class NgramIndex:
+    """The n-grams (n in [n_min, n_max]) of one sequence's tokens, each with where it last
+    ended; proposals for the tokens after the last n."""
+
+    def __init__(self, n_min: int, n_max: int):
+        self.n_min, self.n_max = n_min, n_max
+        self._last_end: dict[tuple[int, ...], int] = {}
+        self._indexed = 0  # n-grams ending at positions <= this are in the index
+
+    def propose(self, tokens: Sequence[int], k: int) -> tuple[int, ...]:
+        """Up to k tokens that followed the latest earlier occurrence of the longest suffix of
+        tokens (n_min <= n <= n_max) seen before; () when none occurred."""
+        length = len(tokens)
+        # Index every n-gram that ends before the last position: the suffix itself is not an
+        # earlier occurrence of itself.
+        for end in range(max(self._indexed, self.n_min), length):
+            for n in range(self.n_min, min(self.n_max, end) + 1):
+                self._last_end[tuple(tokens[end - n:end])] = end
+        self._indexed = max(self._indexed, length)
+        if k <= 0:
+            return ()
+        for n in range(min(self.n_max, length - 1), self.n_min - 1, -1):
+            end = self._last_end.get(tuple(tokens[length - n:length]))
+            if end is not None:
+                return tuple(tokens[end:end + k])
+        return ()
