@@ -124,6 +124,8 @@ class Scheduler:
         if not self._speculates(seq) or seq.num_known_tokens - seq.num_computed_tokens != 1:
             return ()
         spec = self.config.speculative
+        if spec.disable_by_batch_size and len(self.running) > spec.disable_by_batch_size:
+            return ()
         if seq.ngram is None:
             seq.ngram = NgramIndex(spec.prompt_lookup_min, spec.prompt_lookup_max)
         k = min(spec.num_speculative_tokens, room,

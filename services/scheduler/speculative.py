@@ -29,6 +29,9 @@ class SpeculativeConfig:
     num_speculative_tokens: int
     prompt_lookup_max: int = 5
     prompt_lookup_min: int = 1
+    # No proposals while more than this many sequences run (vLLM's name): where a step is
+    # compute-bound, verifying rejected proposals costs more than accepted ones save. 0 = never.
+    disable_by_batch_size: int = 0
 
     @classmethod
     def parse(cls, text: str) -> SpeculativeConfig | None:
@@ -48,15 +51,17 @@ class SpeculativeConfig:
                              'use "ngram"')
         if method not in METHODS:
             raise ValueError(f"--speculative-config: method {method!r} is not one of {METHODS}")
-        known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+        known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+                 "disable_by_batch_size"}
         if unknown := sorted(set(raw) - known):
             raise ValueError(f"--speculative-config: unknown keys {unknown}; known: {sorted(known)}")
         values = {k: raw[k] for k in known - {"method"} if k in raw}
         if "num_speculative_tokens" not in values:
             raise ValueError("--speculative-config: num_speculative_tokens is required")
         for key, value in values.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"--speculative-config: {key} must be a positive integer, "
+            low = 0 if key == "disable_by_batch_size" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"--speculative-config: {key} must be an integer >= {low}, "
                                  f"got {value!r}")
         config = cls(method, **values)
         if config.prompt_lookup_min > config.prompt_lookup_max:

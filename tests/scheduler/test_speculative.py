@@ -24,7 +24,9 @@ def test_the_config_is_vllms_json_and_refuses_what_it_cannot_do():
         ('{"method": "ngram"}', "num_speculative_tokens is required"),
         ('{"method": "eagle", "num_speculative_tokens": 2}', "not one of"),
         ('{"method": "draft_model", "model": "x", "num_speculative_tokens": 2}', "not supported yet"),
-        ('{"method": "ngram", "num_speculative_tokens": 0}', "positive integer"),
+        ('{"method": "ngram", "num_speculative_tokens": 0}', "integer >= 1"),
+        ('{"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": -1}',
+         "integer >= 0"),
         ('{"method": "ngram", "num_speculative_tokens": 2, "typo": 1}', "unknown keys"),
         ('{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, '
          '"prompt_lookup_max": 2}', "above prompt_lookup_max"),
@@ -108,3 +110,16 @@ def test_sampled_requests_and_max_tokens_limit_proposals():
     assert by_id[1].draft_token_ids == ()  # not greedy: no speculation (for now)
     # Two tokens left to sample: this step samples one anyway, so one proposal at most.
     assert by_id[2].draft_token_ids == (10,)
+
+
+def test_no_proposals_above_the_batch_size_that_disables_them():
+    spec = SpeculativeConfig("ngram", 3, 3, 1, disable_by_batch_size=1)
+    sched = Scheduler(SchedulerConfig(speculative=spec), BlockManager(32, 4))
+    sched.add(seq(1, [10, 11, 10]))
+    sched.on_result(sched.schedule(), {1: [11]})
+    assert sched.schedule().seqs[0].draft_token_ids == (10, 11)  # alone: it speculates
+    sched = Scheduler(SchedulerConfig(speculative=spec), BlockManager(32, 4))
+    sched.add(seq(1, [10, 11, 10]))
+    sched.add(seq(2, [10, 11, 10]))
+    sched.on_result(sched.schedule(), {1: [11], 2: [11]})
+    assert all(s.draft_token_ids == () for s in sched.schedule().seqs)  # two running: off
