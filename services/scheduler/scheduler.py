@@ -116,7 +116,12 @@ class Scheduler:
                         finished_seq_ids=finished, preempted_seq_ids=preempted)
 
     def _speculates(self, seq: Sequence) -> bool:
-        return self.config.speculative is not None and seq.params.sampling.is_greedy
+        """Whether seq proposes tokens now: a greedy request, and no more sequences running
+        than the speculative config's disable_by_batch_size (then it plans ahead as others)."""
+        spec = self.config.speculative
+        return (spec is not None and seq.params.sampling.is_greedy
+                and not (spec.disable_by_batch_size
+                         and len(self.running) > spec.disable_by_batch_size))
 
     def _propose(self, seq: Sequence, room: int) -> tuple[int, ...]:
         """Proposals to verify with seq's decode of its known last token: at most K, the
@@ -124,8 +129,6 @@ class Scheduler:
         if not self._speculates(seq) or seq.num_known_tokens - seq.num_computed_tokens != 1:
             return ()
         spec = self.config.speculative
-        if spec.disable_by_batch_size and len(self.running) > spec.disable_by_batch_size:
-            return ()
         if seq.ngram is None:
             seq.ngram = NgramIndex(spec.prompt_lookup_min, spec.prompt_lookup_max)
         k = min(spec.num_speculative_tokens, room,
@@ -145,7 +148,7 @@ class Scheduler:
         if seq.finish_reason is not None or seq.preempt_pending:
             return 0
         if seq.num_inflight_steps and (not self.config.workers_keep_last_token
-                                       or self._speculates(seq)):
+                                       or seq.verifying or self._speculates(seq)):
             return 0  # its next input is the result's last token (a speculating one: how many)
         known_left = len(seq.prompt_ids) + len(seq.output_ids) - seq.num_computed_tokens
         if known_left > 0:
@@ -236,6 +239,7 @@ class Scheduler:
         if drafts:
             self.num_drafts += 1
             self.num_draft_tokens += len(drafts)
+            seq.verifying = True
         return ScheduledSeq(seq.seq_id, start_pos, num_new, new_blocks, token_ids,
                             num_supplied < num_new, sample, start, drafts)
 
@@ -262,6 +266,7 @@ class Scheduler:
             seq.num_inflight_steps -= 1
             start, num_new = item.num_computed_tokens, item.num_new_tokens
             tokens = sampled.get(item.seq_id) if item.sample else None
+            seq.verifying = seq.verifying and not item.draft_token_ids
             if item.draft_token_ids and seq.finish_reason is None:
                 # The target's tokens up to the first that differs from a proposal: the KV of
                 # the proposals after it is not the sequence's (its slots are written again),

@@ -57,6 +57,7 @@ class Sequence:
     scheduled_time: float = 0.0
     first_token_time: float = 0.0
     ngram: object = None  # its speculative.NgramIndex, made at its first proposal
+    verifying: bool = False  # a step with its proposals is in flight: how many it keeps is open
 
     @property
     def is_on_workers(self) -> bool:

@@ -122,4 +122,20 @@ def test_no_proposals_above_the_batch_size_that_disables_them():
     sched.add(seq(1, [10, 11, 10]))
     sched.add(seq(2, [10, 11, 10]))
     sched.on_result(sched.schedule(), {1: [11], 2: [11]})
-    assert all(s.draft_token_ids == () for s in sched.schedule().seqs)  # two running: off
+    plain = sched.schedule()
+    assert all(s.draft_token_ids == () for s in plain.seqs)  # two running: off
+    assert sched.schedule() is not None  # and they plan ahead again, as without speculation
+
+
+def test_a_sequence_verifying_proposals_waits_even_once_speculation_turns_off():
+    spec = SpeculativeConfig("ngram", 3, 3, 1, disable_by_batch_size=1)
+    sched = Scheduler(SchedulerConfig(speculative=spec), BlockManager(32, 4))
+    sched.add(seq(1, [10, 11, 10]))
+    sched.on_result(sched.schedule(), {1: [11]})
+    verify = sched.schedule()
+    assert verify.seqs[0].draft_token_ids == (10, 11)
+    sched.add(seq(2, [5, 6]))  # a second sequence: speculation is off from now on
+    step = sched.schedule()  # seq 2's prefill, but nothing for seq 1 until its result is back
+    assert [s.seq_id for s in step.seqs] == [2]
+    sched.on_result(verify, {1: [10, 99]})
+    assert sched.seqs[1].output_ids == [11, 10, 99] and sched.seqs[1].num_computed_tokens == 5
