@@ -1,6 +1,6 @@
 """n-gram speculative decoding through real processes: greedy tokens identical to transformers'
-(float32 on CPU) at TP 1 and 2 and PP 2, with proposals made and verified; and on SmolLM2 (real
-weights), whose answers repeat their prompt, proposals accepted."""
+(float32 on CPU) at TP 1 and 2, PP 2 and TP2 x PP2, with proposals made and verified; and on
+SmolLM2 (real weights), whose answers repeat their prompt, proposals accepted."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def served_with_speculation(model_dir, prompts, tp=1, pp=1):
         return served, scrape(mesh.metrics_url("replica-0-scheduler"))
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)])
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
 def test_every_shape_gives_transformers_greedy_tokens(default_model_dir, tp, pp):
     # The tiny random model hardly repeats itself: nearly every proposal is rejected, which is
     # what this checks at every shape (the KV of rejected positions written, then written over).
