@@ -101,6 +101,9 @@ class Scheduler:
             seq = self.running[index]
             num_new = min(self._num_runnable_tokens(seq), budget)
             drafts = self._propose(seq, budget - 1) if num_new == 1 else ()
+            if drafts and not self.blocks.allocate(seq.seq_id,
+                                                   seq.num_computed_tokens + 1 + len(drafts)):
+                drafts = ()  # proposals take free blocks only, never another's by preemption
             if num_new and self._reserve(seq, num_new + len(drafts)):
                 planned.append((seq, num_new + len(drafts), drafts))
                 budget -= num_new + len(drafts)

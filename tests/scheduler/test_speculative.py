@@ -139,3 +139,11 @@ def test_a_sequence_verifying_proposals_waits_even_once_speculation_turns_off():
     assert [s.seq_id for s in step.seqs] == [2]
     sched.on_result(verify, {1: [10, 99]})
     assert sched.seqs[1].output_ids == [11, 10, 99] and sched.seqs[1].num_computed_tokens == 5
+
+
+def test_proposals_take_only_free_blocks():
+    sched = Scheduler(SchedulerConfig(speculative=NGRAM), BlockManager(2, 4))  # 8 slots
+    sched.add(seq(1, [10, 11, 12, 13, 10, 11]))
+    sched.on_result(sched.schedule(), {1: [12]})  # 7 tokens: positions 0-6 in two blocks
+    step = sched.schedule()  # 3 proposals would need positions 7-9: a third block
+    assert step.seqs[0].draft_token_ids == () and step.seqs[0].num_new_tokens == 1
