@@ -79,7 +79,9 @@ class ScheduledSeq(NamedTuple):
     append_last_sampled: bool = False
     sample: bool = False
     start: SeqStart | None = None  # set on its first step only
-    draft_token_ids: tuple[int, ...] = ()  # speculative decoding: proposals to verify
+    # speculative decoding: proposals to verify, its last len() inputs (greedy sequences: the
+    # workers return the target's tokens up to and including the first that differs)
+    draft_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
