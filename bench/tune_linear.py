@@ -197,6 +197,17 @@ def _record(entries: dict, key: str, best, baseline: float) -> bool:
     return chosen
 
 
+def _fused_cells(best, unfused_us: float, n: int, k: int) -> str:
+    """A fused kernel's row cells: its us, its tile (n, k, stages, warps), its TB/s on the
+    [n, k] bf16 weight, its time / the unfused pair's; "-" in each without one."""
+    if best is None:
+        return " | ".join(["-"] * 4)
+    tile, us = best
+    tile_text = f"{tile.block_n}, {tile.block_k}, {tile.num_stages}, {tile.num_warps}"
+    return " | ".join([f"{us:.1f}", tile_text, f"{n * k * 2 / 1e12 / (us / 1e6):.2f}",
+                       f"{us / unfused_us:.2f}"])
+
+
 def _out_dtype(name: str, tp: int):
     """The LM head's logits in float32 when one rank holds them all, as the model asks."""
     return torch.float32 if name == "lm_head" and tp == 1 else None
@@ -287,14 +298,9 @@ def main() -> None:
         chosen = _record(entries, triton_gemv.table_key(prologue, n, k, torch.bfloat16), best,
                          unfused)
         _write(path, table, device, entries)  # a run cut short keeps what it measured
-        tile = best[0] if best else None
-        tile_text = f"{tile.block_n}, {tile.block_k}, {tile.num_stages}, {tile.num_warps}" \
-            if tile else "-"
-        fused_us = f"{best[1]:.1f}" if best else "-"
-        bw = f"{n * k * 2 / 1e12 / (best[1] / 1e6):.2f}" if best else "-"
-        ratio = f"{best[1] / unfused:.2f}" if best else "-"
-        print(f"| {shape} | {name} | {prologue} | {n} x {k} | {unfused:.1f} | {fused_us} | "
-              f"{tile_text} | {bw} | {ratio} | {'fused' if chosen else 'unfused'} |", flush=True)
+        print(f"| {shape} | {name} | {prologue} | {n} x {k} | {unfused:.1f} | "
+              f"{_fused_cells(best, unfused, n, k)} | {'fused' if chosen else 'unfused'} |",
+              flush=True)
     silu_rows = [int(r) for r in a.silu_rows.split(",") if r]
     if silu_rows:
         print(f"\n### gate/up with SiLU x up fused vs the pair apart on {device} (bf16, L2 "
@@ -311,13 +317,9 @@ def main() -> None:
             chosen = _record(entries, triton_linear.silu_table_key(rows, n, k, torch.bfloat16),
                              best, unfused)
             _write(path, table, device, entries)
-            tile_text = (f"{best[0].block_n}, {best[0].block_k}, {best[0].num_stages}, "
-                         f"{best[0].num_warps}") if best else "-"
-            fused_us = f"{best[1]:.1f}" if best else "-"
-            bw = f"{n * k * 2 / 1e12 / (best[1] / 1e6):.2f}" if best else "-"
-            ratio = f"{best[1] / unfused:.2f}" if best else "-"
-            print(f"| {shape} | {n} x {k} | {rows} | {unfused:.1f} | {fused_us} | {tile_text} | "
-                  f"{bw} | {ratio} | {'fused' if chosen else 'unfused'} |", flush=True)
+            print(f"| {shape} | {n} x {k} | {rows} | {unfused:.1f} | "
+                  f"{_fused_cells(best, unfused, n, k)} | "
+                  f"{'fused' if chosen else 'unfused'} |", flush=True)
     swapped_rows = [int(r) for r in a.swapped_rows.split(",") if r]
     if swapped_rows:
         print(f"\n### cuBLAS on X Wᵀ against the swapped (W Xᵀ)ᵀ on {device} (bf16, L2 flushed, "

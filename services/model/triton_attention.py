@@ -224,10 +224,10 @@ def pdl_begin_prefetching_kv(
             LINE: tl.constexpr = 1024 // kv_ptr.dtype.element_ty.primitive_bitwidth  # elements
             NUM_LINES: tl.constexpr = (HEAD_DIM + LINE - 1) // LINE
             lines = kv_ptr + tl.where(in_range, row, 0)[:, None] + (tl.arange(0, NUM_LINES) * LINE)[None, :]
-            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [lines],
-                                      dtype=tl.int32, is_pure=False, pack=1)
-            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l",
-                                      [lines + stride_kv], dtype=tl.int32, is_pure=False, pack=1)
+            for kv in tl.static_range(2):  # K, then V
+                tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l",
+                                          [lines + kv * stride_kv], dtype=tl.int32,
+                                          is_pure=False, pack=1)
         tl.extra.cuda.gdc_wait()
 
 

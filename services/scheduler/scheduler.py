@@ -269,7 +269,8 @@ class Scheduler:
             seq.num_inflight_steps -= 1
             start, num_new = item.num_computed_tokens, item.num_new_tokens
             tokens = sampled.get(item.seq_id) if item.sample else None
-            seq.verifying = seq.verifying and not item.draft_token_ids
+            if item.draft_token_ids:
+                seq.verifying = False
             if item.draft_token_ids and seq.finish_reason is None:
                 # The target's tokens up to the first that differs from a proposal: the KV of
                 # the proposals after it is not the sequence's (its slots are written again),
