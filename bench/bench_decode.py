@@ -3,7 +3,8 @@ fast path (static cache + compiled decode step), meshserve's worker in process (
 attention, eager Triton attention, CUDA graphs) and meshserve served through the gateway.
 
     python bench/bench_decode.py [--shapes 1b,8b] [--batches 1,16,64] [--parts hf,exact,runner,served]
-                                 [--modes ...] [--profile] [--api-servers 1,4] [--inflight 2,3]
+                                 [--modes ...] [--profile [--profile-mode M]] [--api-servers 1,4]
+                                 [--inflight 2,3] [--linear-table FILE]
 
 Random-weight checkpoints of Llama 3.2 1B and Llama 3.1 8B shapes are written on first use
 (bench/make_random_llama.py). Decode-only time per step: transformers' is the difference between
@@ -46,6 +47,7 @@ class Mode(NamedTuple):
     pdl: bool = True  # Triton kernels launched with programmatic dependent launch (triton_pdl)
     silu_epilogue: bool = True  # gate/up with SiLU x up in its epilogue at 2-64 rows
     prefetch_kv: bool = False  # decode attention asks L2 for its first K/V tile before its wait
+    other_table: bool = False  # the products' tiles from --linear-table instead of the shipped one
 
 
 EAGER = dict(enforce_eager=True)
@@ -59,10 +61,12 @@ MODES = {
     "CUDA graphs, triton, no PDL": Mode(TRITON | GRAPHS, True, True, pdl=False),
     "CUDA graphs, triton, SiLU apart": Mode(TRITON | GRAPHS, True, True, silu_epilogue=False),
     "CUDA graphs, triton, K/V prefetch": Mode(TRITON | GRAPHS, True, True, prefetch_kv=True),
+    "CUDA graphs, triton, --linear-table": Mode(TRITON | GRAPHS, True, True, other_table=True),
     "CUDA graphs, triton": Mode(TRITON | GRAPHS, True, True),
 }
 MODE_KEYS = dict(zip(["torch", "triton", "graphs-unfused", "graphs-cublas", "graphs-nopdl",
-                      "graphs-nosilu", "graphs-kvprefetch", "graphs"], MODES))
+                      "graphs-nosilu", "graphs-kvprefetch", "graphs-table", "graphs"], MODES))
+LINEAR_TABLE = None  # --linear-table: a measured table of product tiles for graphs-table
 
 
 def checkpoint(shape: str, root: Path) -> Path:
@@ -174,15 +178,19 @@ def prompts_for(batch: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return torch.randint(3, min(vocab, 32000), (batch, CONTEXT), generator=g).tolist()
 
 
-def runner_rows(model_dir: Path, batches: list[int], profile: bool, modes: list[str]) -> dict:
+def runner_rows(model_dir: Path, batches: list[int], profile: str, modes: list[str]) -> dict:
+    """ms per decode step of each mode at each batch; the profile of mode `profile` (a MODES
+    name, or "" for none) at batch 1 and the largest."""
     vocab = ModelConfig.from_dir(model_dir).vocab_size
-    from services.model import layers, triton_pdl
+    from services.model import layers, triton_linear, triton_pdl
 
+    shipped_table = triton_linear.CONFIG_FILE
     out = {}
     for mode in modes:
         m = MODES[mode]
         triton_pdl.ENABLED, layers.FUSED_GATE_UP_SILU = m.pdl, m.silu_epilogue
         triton_pdl.PREFETCH_KV = m.prefetch_kv
+        triton_linear.CONFIG_FILE = LINEAR_TABLE if m.other_table else shipped_table
         # the cuBLAS modes run every product on cuBLAS: no skinny tiles, no fused GEMVs
         layers.FUSED_KERNELS, layers.SKINNY_MATMULS, layers.FUSED_GEMVS = m.fused, m.skinny, m.skinny
         shard = load_shard(model_dir, max(batches), **m.worker)
@@ -191,13 +199,14 @@ def runner_rows(model_dir: Path, batches: list[int], profile: bool, modes: list[
                              STEPS)
             out[(mode, batch)] = step_ms(times)
             print(f"  {mode}, batch {batch}: {out[(mode, batch)]:.3f} ms/step", flush=True)
-        if profile and mode == "CUDA graphs, triton":
+        if mode == profile:
             for batch in (1, max(batches)):
                 print(profile_table(shard, batch, vocab), flush=True)
         del shard
         torch.cuda.empty_cache()
     layers.FUSED_KERNELS = layers.SKINNY_MATMULS = layers.FUSED_GEMVS = triton_pdl.ENABLED = True
     layers.FUSED_GATE_UP_SILU, triton_pdl.PREFETCH_KV = True, PREFETCH_KV
+    triton_linear.CONFIG_FILE = shipped_table
     return out
 
 
@@ -470,7 +479,11 @@ def main() -> None:
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--parts", default="hf,exact,runner,served")
     p.add_argument("--modes", default=",".join(MODE_KEYS), help=f"of {', '.join(MODE_KEYS)}")
-    p.add_argument("--profile", action="store_true")
+    p.add_argument("--profile", action="store_true", help="profile one mode's steps")
+    p.add_argument("--profile-mode", default="graphs", help="the mode --profile profiles "
+                   "(graphs-nopdl for kernel times without PDL's waits in them)")
+    p.add_argument("--linear-table", default="", help="a table of product tiles "
+                   "(bench/tune_linear.py --write) for the graphs-table mode")
     p.add_argument("--api-servers", default="1", help="gateway counts to serve with, e.g. 1,4 "
                    "(the table shows the last)")
     p.add_argument("--inflight", default="0", help="scheduler --max-inflight-steps values to "
@@ -480,6 +493,8 @@ def main() -> None:
     p.add_argument("--root", default="/tmp/meshserve-bench")
     p.add_argument("--json", default="", help="also write every figure here")
     a = p.parse_args()
+    global LINEAR_TABLE
+    LINEAR_TABLE = Path(a.linear_table) if a.linear_table else None
     parts = set(a.parts.split(","))
     batches = [int(b) for b in a.batches.split(",")]
     bw = copy_bandwidth()
@@ -491,7 +506,8 @@ def main() -> None:
         if "exact" in parts:
             for line in attempt(exactness, [], model_dir):
                 print(f"{shape}: {line}", flush=True)
-        runner = attempt(runner_rows, {}, model_dir, batches, a.profile, modes) \
+        profile = MODE_KEYS[a.profile_mode] if a.profile else ""
+        runner = attempt(runner_rows, {}, model_dir, batches, profile, modes) \
             if "runner" in parts else {}
         served = {}
         for count, inflight in itertools.product(

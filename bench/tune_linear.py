@@ -4,9 +4,14 @@ into the measured table (`services/model/linear_configs.json`) under this GPU's 
 
     python bench/tune_linear.py [--shapes 1b,8b] [--models DIR,...] [--tp 1] [--write FILE]
 
-Times are medians of CUDA-event timings with the L2 cache flushed between calls
-(triton.testing.do_bench): a weight read from L2 would flatter a kernel that reads HBM in
-serving. A tile enters the table only if it is at least MARGIN faster than cuBLAS and its
+Times are medians of CUDA-event timings, taken one of two ways (`--timing`):
+- flush (the default): each call alone, the L2 cache flushed between calls
+  (triton.testing.do_bench): a weight read from L2 would flatter a kernel that reads HBM in
+  serving. A call of a few microseconds is then mostly its own launch and ramp.
+- chain: the product back to back over distinct copies of its weight (more bytes than twice the
+  L2 cache) inside one CUDA graph, the time per product; as a decode step runs its products:
+  from HBM, each after the one before, with the PDL edges of the Triton launches.
+A tile enters the table only if it is at least MARGIN faster than cuBLAS and its
 product agrees with cuBLAS's within the dtype's rounding. Prints one markdown table.
 
 At one row it then tunes the fused GEMVs (services/model/triton_gemv.py): each product with the
@@ -78,23 +83,67 @@ def gemv_candidates(k: int) -> list[Tile]:
             for warps in (4, 8) for stages in (1, 2)]
 
 
-def bench_us(fn) -> float:
+TIMING = "flush"  # or "chain" (--timing)
+CHAIN_REPLAYS = 20
+
+
+def bench_us(fn, w: torch.Tensor) -> float:
+    """Median microseconds of fn(w) (fn: the product on weight w), as TIMING says."""
+    if TIMING == "chain":
+        return chain_us(fn, w)
     from triton.testing import do_bench
 
-    return do_bench(fn, warmup=5, rep=20, return_mode="median") * 1e3
+    return do_bench(lambda: fn(w), warmup=5, rep=20, return_mode="median") * 1e3
 
 
-def baseline_us(fn) -> float:
+def chain_us(fn, w: torch.Tensor) -> float:
+    """Microseconds per product of fn over distinct copies of w, back to back in one CUDA graph."""
+    weights = _copies(w)
+    fn(w)  # compiles a Triton tile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for copy in weights:
+            fn(copy)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(CHAIN_REPLAYS):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(weights))
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+_COPIES: dict = {}
+
+
+def _copies(w: torch.Tensor) -> list[torch.Tensor]:
+    """w and copies of it, together over twice the L2 cache (at least 4): each product of a
+    chain reads its weight from HBM. Kept for the weight last asked about."""
+    key = (w.data_ptr(), tuple(w.shape))
+    if key not in _COPIES:
+        _COPIES.clear()
+        l2 = torch.cuda.get_device_properties(w.device).L2_cache_size
+        count = max(4, -(-2 * l2 // (w.numel() * w.element_size())))
+        _COPIES[key] = [w] + [w.clone() for _ in range(count - 1)]
+    return _COPIES[key]
+
+
+def baseline_us(fn, w: torch.Tensor) -> float:
     """The baseline a tile must beat: the best of three medians, so that one slow measurement
     of the baseline (seen: a pair timed at 2.5x its time at the next row count) cannot let a
     tile into the table."""
-    return min(bench_us(fn) for _ in range(3))
+    return min(bench_us(fn, w) for _ in range(3))
 
 
 def tune_one(n: int, k: int, rows: int, dtype: torch.dtype, out_dtype, num_sms: int):
     x = torch.randn(rows, k, device=DEVICE, dtype=dtype)
     w = torch.randn(n, k, device=DEVICE, dtype=dtype) / k**0.5
-    cublas = baseline_us(lambda: F.linear(x, w).to(out_dtype or dtype))
+    cublas = baseline_us(lambda w: F.linear(x, w).to(out_dtype or dtype), w)
     expected = F.linear(x, w).float()
     best = None
     for tile in candidates(n, k, num_sms):
@@ -105,7 +154,7 @@ def tune_one(n: int, k: int, rows: int, dtype: torch.dtype, out_dtype, num_sms: 
         if not torch.allclose(got, expected, rtol=2e-2, atol=2e-2):
             print(f"  tile {tile} disagrees with cuBLAS on {n}x{k}: skipped", flush=True)
             continue
-        us = bench_us(lambda t=tile: triton_linear.skinny_matmul(x, w, t, out_dtype))
+        us = bench_us(lambda w, t=tile: triton_linear.skinny_matmul(x, w, t, out_dtype), w)
         if best is None or us < best[1]:
             best = (tile, us)
     return cublas, best
@@ -122,7 +171,7 @@ def tune_gemv(name: str, n: int, k: int, dtype: torch.dtype, out_dtype, product)
     w = torch.randn(n, k, device=DEVICE, dtype=dtype) / k**0.5
     eps = 1e-5
 
-    def unfused():
+    def unfused(w):
         if prologue == "add_rms_norm":
             xin, _ = triton_ops.fused_add_rms_norm(x, residual, norm_w, eps)
         elif prologue == "silu_mul":
@@ -131,14 +180,14 @@ def tune_gemv(name: str, n: int, k: int, dtype: torch.dtype, out_dtype, product)
             xin = x
         return product(xin, w)
 
-    def fused(tile):
+    def fused(w, tile):
         return triton_gemv.gemv(x, w, tile, prologue, residual, norm_w, eps, out_dtype)
 
-    expected, h = unfused().float(), (x + residual) if residual is not None else None
+    expected, h = unfused(w).float(), (x + residual) if residual is not None else None
     best = None
     for tile in gemv_candidates(k):
         try:
-            got, h_got = fused(tile)
+            got, h_got = fused(w, tile)
         except Exception:  # noqa: BLE001 - a tile the GPU cannot hold is skipped
             continue
         if not torch.allclose(got.float(), expected, rtol=2e-2, atol=2e-2) or (
@@ -146,10 +195,10 @@ def tune_gemv(name: str, n: int, k: int, dtype: torch.dtype, out_dtype, product)
             print(f"  gemv tile {tile} disagrees with the unfused pair on {name} {n}x{k}: skipped",
                   flush=True)
             continue
-        us = bench_us(lambda t=tile: fused(t))
+        us = bench_us(lambda w, t=tile: fused(w, t), w)
         if best is None or us < best[1]:
             best = (tile, us)
-    return baseline_us(unfused), best
+    return baseline_us(unfused, w), best
 
 
 def silu_candidates(k: int) -> list[Tile]:
@@ -166,10 +215,10 @@ def tune_gate_up_silu(n: int, k: int, rows: int, dtype: torch.dtype, product):
     x = torch.randn(rows, k, device=DEVICE, dtype=dtype)
     w = torch.randn(n, k, device=DEVICE, dtype=dtype) / k**0.5
 
-    def unfused():
+    def unfused(w):
         return triton_ops.silu_and_mul(product(x, w))
 
-    expected = unfused().float()
+    expected = unfused(w).float()
     best = None
     for tile in silu_candidates(k):
         try:
@@ -180,10 +229,10 @@ def tune_gate_up_silu(n: int, k: int, rows: int, dtype: torch.dtype, product):
             print(f"  silu tile {tile} disagrees with the unfused pair on {n}x{k}: skipped",
                   flush=True)
             continue
-        us = bench_us(lambda t=tile: triton_linear.gate_up_silu(x, w, t))
+        us = bench_us(lambda w, t=tile: triton_linear.gate_up_silu(x, w, t), w)
         if best is None or us < best[1]:
             best = (tile, us)
-    return baseline_us(unfused), best
+    return baseline_us(unfused, w), best
 
 
 def _record(entries: dict, key: str, best, baseline: float) -> bool:
@@ -245,8 +294,14 @@ def main() -> None:
     p.add_argument("--swapped-rows", default="",
                    help="also time cuBLAS on the swapped product (W Xᵀ)ᵀ at these row counts, "
                         "alone and with the copy back to rows (nothing is written for it)")
+    p.add_argument("--timing", choices=("flush", "chain"), default="flush",
+                   help="each call alone with L2 flushed, or back to back over copies of the "
+                        "weight in one CUDA graph (see above)")
     p.add_argument("--write", default=str(triton_linear.CONFIG_FILE))
     a = p.parse_args()
+    global TIMING
+    TIMING = a.timing
+    timing = "L2 flushed" if TIMING == "flush" else "chained in a CUDA graph"
     shapes = {s: products(SHAPES[s], a.tp) for s in a.shapes.split(",") if s}
     for model in filter(None, a.models.split(",")):
         from services.model.config import ModelConfig
@@ -261,7 +316,7 @@ def main() -> None:
     path = Path(a.write)
     table = json.loads(path.read_text()) if path.exists() else {}
     entries = table.setdefault(device, {})
-    print(f"\n### Skinny matmuls vs cuBLAS on {device} (bf16, L2 flushed, median us)\n")
+    print(f"\n### Skinny matmuls vs cuBLAS on {device} (bf16, {timing}, median us)\n")
     print("| shape | product | N x K | rows | cuBLAS us | Triton us | tile (n, k, split, stages) "
           "| cuBLAS TB/s | Triton TB/s | chosen |")
     print("|---|---|---|---:|---:|---:|---|---:|---:|---|")
@@ -286,7 +341,7 @@ def main() -> None:
                       f"{tile_text} | {gb / (cublas / 1e6):.2f} | {triton_bw} | "
                       f"{'Triton' if chosen else 'cuBLAS'} |", flush=True)
     if winners:
-        print(f"\n### Fused batch-1 GEMVs vs the unfused pair on {device} (bf16, L2 flushed, "
+        print(f"\n### Fused batch-1 GEMVs vs the unfused pair on {device} (bf16, {timing}, "
               "median us)\n")
         print("| shape | product | prologue | N x K | unfused us | fused us | tile (n, k, stages, "
               "warps) | fused TB/s | ratio | chosen |")
@@ -303,8 +358,8 @@ def main() -> None:
               flush=True)
     silu_rows = [int(r) for r in a.silu_rows.split(",") if r]
     if silu_rows:
-        print(f"\n### gate/up with SiLU x up fused vs the pair apart on {device} (bf16, L2 "
-              "flushed, median us)\n")
+        print(f"\n### gate/up with SiLU x up fused vs the pair apart on {device} (bf16, {timing}, "
+              "median us)\n")
         print("| shape | N x K | rows | unfused us | fused us | tile (n, k, stages, warps) "
               "| fused TB/s | ratio | chosen |")
         print("|---|---|---:|---:|---:|---|---:|---:|---|")
@@ -322,7 +377,7 @@ def main() -> None:
                   f"{'fused' if chosen else 'unfused'} |", flush=True)
     swapped_rows = [int(r) for r in a.swapped_rows.split(",") if r]
     if swapped_rows:
-        print(f"\n### cuBLAS on X Wᵀ against the swapped (W Xᵀ)ᵀ on {device} (bf16, L2 flushed, "
+        print(f"\n### cuBLAS on X Wᵀ against the swapped (W Xᵀ)ᵀ on {device} (bf16, {timing}, "
               "median us)\n")
         print("| shape | product | N x K | rows | X Wᵀ us | W Xᵀ us | W Xᵀ + copy to rows us |")
         print("|---|---|---|---:|---:|---:|---:|")
@@ -331,9 +386,9 @@ def main() -> None:
             for rows in swapped_rows:
                 x = torch.randn(rows, k, device=DEVICE, dtype=torch.bfloat16)
                 w = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) / k**0.5
-                plain = bench_us(lambda: F.linear(x, w))
-                swapped = bench_us(lambda: torch.mm(w, x.t()))
-                copied = bench_us(lambda: torch.mm(w, x.t()).t().contiguous())
+                plain = bench_us(lambda w: F.linear(x, w), w)
+                swapped = bench_us(lambda w: torch.mm(w, x.t()), w)
+                copied = bench_us(lambda w: torch.mm(w, x.t()).t().contiguous(), w)
                 print(f"| {shape} | {name} | {n} x {k} | {rows} | {plain:.1f} | {swapped:.1f} | "
                       f"{copied:.1f} |", flush=True)
     _write(path, table, device, entries)

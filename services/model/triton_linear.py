@@ -200,8 +200,14 @@ def table_key(num_rows: int, n: int, k: int, dtype: torch.dtype) -> str:
     return f"{row_class(num_rows)},{n},{k},{str(dtype).removeprefix('torch.')}"
 
 
+def _tiles_of(device_name: str, config_file: Path | None = None) -> dict[str, Tile]:
+    """The table's tiles for a GPU, from config_file (default: CONFIG_FILE as it is now, which a
+    benchmark may point at another measured table)."""
+    return _read_tiles(device_name, config_file or CONFIG_FILE)
+
+
 @functools.cache
-def _tiles_of(device_name: str, config_file: Path = CONFIG_FILE) -> dict[str, Tile]:
+def _read_tiles(device_name: str, config_file: Path) -> dict[str, Tile]:
     if not config_file.exists():
         return {}
     entries = json.loads(config_file.read_text()).get(device_name, {})
