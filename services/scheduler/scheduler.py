@@ -119,10 +119,10 @@ class Scheduler:
                         finished_seq_ids=finished, preempted_seq_ids=preempted)
 
     def _speculates(self, seq: Sequence) -> bool:
-        """Whether seq proposes tokens now: a greedy request, and no more sequences running
-        than the speculative config's disable_by_batch_size (then it plans ahead as others)."""
+        """Whether seq proposes tokens now: speculation is on and no more sequences run than
+        the speculative config's disable_by_batch_size (then it plans ahead as others)."""
         spec = self.config.speculative
-        return (spec is not None and seq.params.sampling.is_greedy
+        return (spec is not None
                 and not (spec.disable_by_batch_size
                          and len(self.running) > spec.disable_by_batch_size))
 

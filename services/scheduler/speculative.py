@@ -3,9 +3,15 @@
 n-gram prompt lookup (vLLM's "ngram" method): a sequence whose last n tokens occurred earlier
 in its own tokens (prompt and output) proposes the tokens that followed that occurrence, for
 the largest n in [prompt_lookup_min, prompt_lookup_max] that matches. The workers compute the
-step's last sampled token and the K proposals in one step, K + 1 positions; the target's greedy
-token at each position is kept up to and including the first that differs from its proposal,
-so the output is the target's greedy output whatever was proposed (services/worker/runner.py).
+step's last sampled token and the K proposals in one step, K + 1 positions, and draw the
+target's token at each position as a plain decode would there (greedy: the argmax; sampled: the
+seeded draw of (seed, position, logits)); the tokens are kept up to and including the first that
+differs from its proposal, so the output is the target's own whatever was proposed
+(services/worker/runner.py). For a sampled request this is rejection sampling with a draft
+that is a point mass, as an n-gram proposal is: the proposal x is kept with probability p(x)
+(exactly when the target's draw is x) and otherwise the token drawn is distributed as p without
+x, the residual distribution; drawing it from the seeded noise keeps every token a pure
+function of (seed, position), with speculation on or off, on whichever replica.
 
 A proposal is looked up in an index per sequence, n-gram -> where it last ended, extended by
 the tokens the sequence gained since its last step: the per-step work is (max - min + 1)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from services.model import ParallelContext, tp_all_gather
@@ -170,9 +169,9 @@ class ModelRunner:
 
     def _sampling_tensors(self, held, host: HostStep):
         """(temperature, top_p, top_k, seeds, positions) [num_sampled] each, on the device.
-        The position mixed into a seeded draw is the sequence length before the new token."""
-        positions = host.seq_lens[np.searchsorted(host.query_start_loc[1:],
-                                                  host.logits_indices, side="right")]
+        The position mixed into a draw is the index of the token it draws: one past the input
+        token of its logits row (a sequence verifying K proposals draws at K + 1 positions)."""
+        positions = host.positions[host.logits_indices] + 1
         floats = to_device(torch.tensor([[h.sampling.temperature for h in held],
                                          [h.sampling.top_p for h in held]]), self.device)
         ints = to_device(torch.tensor([[h.sampling.top_k for h in held],

@@ -107,7 +107,7 @@ def test_sampled_requests_and_max_tokens_limit_proposals():
     sched.on_result(prefill, {1: [11], 2: [11]})
     step = sched.schedule()
     by_id = {s.seq_id: s for s in step.seqs}
-    assert by_id[1].draft_token_ids == ()  # not greedy: no speculation (for now)
+    assert by_id[1].draft_token_ids == (10, 11)  # sampled requests propose as greedy ones do
     # Two tokens left to sample: this step samples one anyway, so one proposal at most.
     assert by_id[2].draft_token_ids == (10,)
 
