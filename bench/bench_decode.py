@@ -48,6 +48,7 @@ class Mode(NamedTuple):
     silu_epilogue: bool = True  # gate/up with SiLU x up in its epilogue at 2-64 rows
     prefetch_kv: bool = False  # decode attention asks L2 for its first K/V tile before its wait
     other_table: bool = False  # the products' tiles from --linear-table instead of the shipped one
+    qkv_rope: bool = True  # qkv with the rotary and the cache write in its epilogue at 2-64 rows
 
 
 EAGER = dict(enforce_eager=True)
@@ -62,10 +63,13 @@ MODES = {
     "CUDA graphs, triton, SiLU apart": Mode(TRITON | GRAPHS, True, True, silu_epilogue=False),
     "CUDA graphs, triton, K/V prefetch": Mode(TRITON | GRAPHS, True, True, prefetch_kv=True),
     "CUDA graphs, triton, --linear-table": Mode(TRITON | GRAPHS, True, True, other_table=True),
+    "CUDA graphs, triton, --linear-table, rotary apart": Mode(TRITON | GRAPHS, True, True,
+                                                              other_table=True, qkv_rope=False),
     "CUDA graphs, triton": Mode(TRITON | GRAPHS, True, True),
 }
 MODE_KEYS = dict(zip(["torch", "triton", "graphs-unfused", "graphs-cublas", "graphs-nopdl",
-                      "graphs-nosilu", "graphs-kvprefetch", "graphs-table", "graphs"], MODES))
+                      "graphs-nosilu", "graphs-kvprefetch", "graphs-table",
+                      "graphs-table-norope", "graphs"], MODES))
 LINEAR_TABLE = None  # --linear-table: a measured table of product tiles for graphs-table
 
 
@@ -189,7 +193,7 @@ def runner_rows(model_dir: Path, batches: list[int], profile: str, modes: list[s
     for mode in modes:
         m = MODES[mode]
         triton_pdl.ENABLED, layers.FUSED_GATE_UP_SILU = m.pdl, m.silu_epilogue
-        triton_pdl.PREFETCH_KV = m.prefetch_kv
+        triton_pdl.PREFETCH_KV, layers.FUSED_QKV_ROPE = m.prefetch_kv, m.qkv_rope
         triton_linear.CONFIG_FILE = LINEAR_TABLE if m.other_table else shipped_table
         # the cuBLAS modes run every product on cuBLAS: no skinny tiles, no fused GEMVs
         layers.FUSED_KERNELS, layers.SKINNY_MATMULS, layers.FUSED_GEMVS = m.fused, m.skinny, m.skinny
@@ -205,7 +209,8 @@ def runner_rows(model_dir: Path, batches: list[int], profile: str, modes: list[s
         del shard
         torch.cuda.empty_cache()
     layers.FUSED_KERNELS = layers.SKINNY_MATMULS = layers.FUSED_GEMVS = triton_pdl.ENABLED = True
-    layers.FUSED_GATE_UP_SILU, triton_pdl.PREFETCH_KV = True, PREFETCH_KV
+    layers.FUSED_GATE_UP_SILU = layers.FUSED_QKV_ROPE = True
+    triton_pdl.PREFETCH_KV = PREFETCH_KV
     triton_linear.CONFIG_FILE = shipped_table
     return out
 
@@ -221,6 +226,19 @@ def profile_table(shard, batch: int, vocab: int) -> str:
     except (AttributeError, KeyError, ValueError):
         table = averages.table(sort_by="cuda_time_total", row_limit=18)
     return f"\n#### profile, CUDA graphs, batch {batch} ({step_ms(times):.3f} ms/step)\n\n{table}"
+
+
+def exactness_with_table(model_dir: Path) -> list[str]:
+    """exactness() with the products' tiles of --linear-table where one is given (the table under
+    test), else of the shipped table."""
+    from services.model import triton_linear
+
+    shipped = triton_linear.CONFIG_FILE
+    triton_linear.CONFIG_FILE = LINEAR_TABLE or shipped
+    try:
+        return [f"products' tiles from {triton_linear.CONFIG_FILE.name}"] + exactness(model_dir)
+    finally:
+        triton_linear.CONFIG_FILE = shipped
 
 
 def exactness(model_dir: Path) -> list[str]:
@@ -504,7 +522,7 @@ def main() -> None:
     for shape in a.shapes.split(","):
         model_dir = checkpoint(shape, Path(a.root))
         if "exact" in parts:
-            for line in attempt(exactness, [], model_dir):
+            for line in attempt(exactness_with_table, [], model_dir):
                 print(f"{shape}: {line}", flush=True)
         profile = MODE_KEYS[a.profile_mode] if a.profile else ""
         runner = attempt(runner_rows, {}, model_dir, batches, profile, modes) \

@@ -14,8 +14,10 @@ Times are medians of CUDA-event timings, taken one of two ways (`--timing`):
 A tile enters the table only if it is at least MARGIN faster than cuBLAS and its
 product agrees with cuBLAS's within the dtype's rounding. Prints one markdown table.
 
-At one row it then tunes the fused GEMVs (services/model/triton_gemv.py): each product with the
-op that feeds it in the model (the residual add + RMSNorm before qkv and gate_up, SiLU x mul
+At 2-64 rows it also tunes the products with an epilogue: gate/up with SiLU x up
+(`--silu-rows`) and qkv with the rotary and the KV-cache write (`--rope-rows`), each against the
+pair apart as the model runs it. At one row it then tunes the fused GEMVs
+(services/model/triton_gemv.py): each product with the op that feeds it in the model (the residual add + RMSNorm before qkv and gate_up, SiLU x mul
 before down) timed as one kernel against the unfused pair as the model runs it (the op's Triton
 kernel, then the product on whichever of cuBLAS and the skinny tile won above). A gemv tile
 enters the table under `gemv-<prologue>,N,K,dtype` by the same margin and agreement rule.
@@ -235,6 +237,51 @@ def tune_gate_up_silu(n: int, k: int, rows: int, dtype: torch.dtype, product):
     return baseline_us(unfused, w), best
 
 
+def rope_candidates(k: int, head_dim: int) -> list[Tile]:
+    """qkv + rotary tiles worth timing: heads per program x K step x stages x warps."""
+    return [Tile(heads, block_k, 1, stages, warps)
+            for heads in (1, 2, 4, 8) if heads * head_dim // 2 >= 16
+            for block_k in (64, 128) if k % block_k == 0
+            for stages in (3, 4) for warps in (4, 8)]
+
+
+def tune_qkv_rope(dims: dict, n: int, k: int, rows: int, dtype: torch.dtype, product):
+    """(unfused us, best (tile, us) or None) for the qkv product [n, k] with the rotary and the
+    KV-cache write fused, against the pair as the model runs it: product(x, w) (cuBLAS or its
+    skinny tile), then the rotary + cache kernel."""
+    heads, kv_heads, d = dims["num_attention_heads"], dims["num_key_value_heads"], dims["head_dim"]
+    x = torch.randn(rows, k, device=DEVICE, dtype=dtype)
+    w = torch.randn(n, k, device=DEVICE, dtype=dtype) / k**0.5
+    angles = torch.randn(rows, d // 2, device=DEVICE)
+    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(dtype) for f in (torch.cos, torch.sin))
+    cache = torch.zeros(2, rows, 16, kv_heads, d, device=DEVICE, dtype=dtype)
+    slots = torch.arange(rows, device=DEVICE) * 16  # one block per row, as sequences hold them
+
+    def unfused(w):
+        qkv = product(x, w)
+        triton_ops.rotary_and_cache(qkv, cos, sin, cache, slots, heads, kv_heads, d)
+        return qkv[:, :heads * d].reshape(rows, heads, d)
+
+    def fused(w, tile):
+        return triton_linear.qkv_rope(x, w, cos, sin, cache, slots, heads, kv_heads, d, tile)
+
+    expected = unfused(w).float()
+    best = None
+    for tile in rope_candidates(k, d):
+        try:
+            got = fused(w, tile).float()
+        except Exception:  # noqa: BLE001 - a tile the GPU cannot hold (shared memory) is skipped
+            continue
+        if not torch.allclose(got, expected, rtol=2e-2, atol=2e-2):
+            print(f"  rope tile {tile} disagrees with the unfused pair on {n}x{k}: skipped",
+                  flush=True)
+            continue
+        us = bench_us(lambda w, t=tile: fused(w, t), w)
+        if best is None or us < best[1]:
+            best = (tile, us)
+    return baseline_us(unfused, w), best
+
+
 def _record(entries: dict, key: str, best, baseline: float) -> bool:
     """Puts best's tile in the table under key if it took at most MARGIN of the baseline's time
     (us), else takes the key out; returns whether it went in."""
@@ -255,6 +302,12 @@ def _fused_cells(best, unfused_us: float, n: int, k: int) -> str:
     tile_text = f"{tile.block_n}, {tile.block_k}, {tile.num_stages}, {tile.num_warps}"
     return " | ".join([f"{us:.1f}", tile_text, f"{n * k * 2 / 1e12 / (us / 1e6):.2f}",
                        f"{us / unfused_us:.2f}"])
+
+
+def _per_rank(dims: dict, tp: int) -> dict:
+    """The attention's heads on one TP rank (what the qkv product holds there)."""
+    return dict(dims, num_attention_heads=dims["num_attention_heads"] // tp,
+                num_key_value_heads=max(1, dims["num_key_value_heads"] // tp))
 
 
 def _out_dtype(name: str, tp: int):
@@ -291,6 +344,9 @@ def main() -> None:
     p.add_argument("--rows", default=",".join(map(str, triton_linear.ROW_CLASSES)))
     p.add_argument("--silu-rows", default="16,32,64",
                    help="row counts at which gate/up with SiLU x up fused is tuned ('' for none)")
+    p.add_argument("--rope-rows", default="16,32,64",
+                   help="row counts at which qkv with the rotary and cache write fused is tuned "
+                        "('' for none)")
     p.add_argument("--swapped-rows", default="",
                    help="also time cuBLAS on the swapped product (W Xᵀ)ᵀ at these row counts, "
                         "alone and with the copy back to rows (nothing is written for it)")
@@ -302,6 +358,7 @@ def main() -> None:
     global TIMING
     TIMING = a.timing
     timing = "L2 flushed" if TIMING == "flush" else "chained in a CUDA graph"
+    dims_of = {s: _per_rank(SHAPES[s], a.tp) for s in a.shapes.split(",") if s}
     shapes = {s: products(SHAPES[s], a.tp) for s in a.shapes.split(",") if s}
     for model in filter(None, a.models.split(",")):
         from services.model.config import ModelConfig
@@ -311,6 +368,7 @@ def main() -> None:
                     head_dim=c.head_dim, num_attention_heads=c.num_attention_heads,
                     num_key_value_heads=c.num_key_value_heads)
         shapes[Path(model).name] = products(dims, a.tp, c.vocab_size)
+        dims_of[Path(model).name] = _per_rank(dims, a.tp)
     device = torch.cuda.get_device_name()
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     path = Path(a.write)
@@ -370,6 +428,25 @@ def main() -> None:
             product = _product(Tile(*tile) if tile else None, None)
             unfused, best = tune_gate_up_silu(n, k, rows, torch.bfloat16, product)
             chosen = _record(entries, triton_linear.silu_table_key(rows, n, k, torch.bfloat16),
+                             best, unfused)
+            _write(path, table, device, entries)
+            print(f"| {shape} | {n} x {k} | {rows} | {unfused:.1f} | "
+                  f"{_fused_cells(best, unfused, n, k)} | "
+                  f"{'fused' if chosen else 'unfused'} |", flush=True)
+    rope_rows = [int(r) for r in a.rope_rows.split(",") if r]
+    if rope_rows:
+        print(f"\n### qkv with the rotary and cache write fused vs the pair apart on {device} "
+              f"(bf16, {timing}, median us)\n")
+        print("| shape | N x K | rows | unfused us | fused us | tile (heads, k, stages, warps) "
+              "| fused TB/s | ratio | chosen |")
+        print("|---|---|---:|---:|---:|---|---:|---:|---|")
+    for shape, prods in shapes.items():
+        n, k = prods["qkv_proj"]
+        for rows in rope_rows:
+            tile = entries.get(triton_linear.table_key(rows, n, k, torch.bfloat16))
+            product = _product(Tile(*tile) if tile else None, None)
+            unfused, best = tune_qkv_rope(dims_of[shape], n, k, rows, torch.bfloat16, product)
+            chosen = _record(entries, triton_linear.rope_table_key(rows, n, k, torch.bfloat16),
                              best, unfused)
             _write(path, table, device, entries)
             print(f"| {shape} | {n} x {k} | {rows} | {unfused:.1f} | "

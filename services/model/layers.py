@@ -227,6 +227,7 @@ FUSED_KERNELS = True  # False: the plain-torch reference on GPUs too (benchmarks
 SKINNY_MATMULS = True  # False: every product on cuBLAS (benchmarks compare both)
 FUSED_GEMVS = True  # False: batch-1 products unfused, the norm and SiLU x mul kernels apart
 FUSED_GATE_UP_SILU = True  # False: at 2-64 rows gate/up and the SiLU x mul kernel apart
+FUSED_QKV_ROPE = True  # False: at 2-64 rows the qkv product and the rotary + cache kernel apart
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -277,6 +278,27 @@ def silu_mul_linear(gate_up: torch.Tensor, proj: RowParallelLinear) -> torch.Ten
     return proj.reduce(partial)
 
 
+def norm_qkv_rotated(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                     qkv_proj: QKVParallelLinear, cos: torch.Tensor, sin: torch.Tensor,
+                     kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [n, heads, d] of qkv_proj(norm(x + residual)) rotated, x + residual); this step's k
+    (rotated) and v written to kv_cache at slot_mapping. On a GPU at 2-64 rows, where the
+    measured table says so, the product with the rotary and the cache write in its epilogue
+    (triton_linear.qkv_rope); else norm_linear, then rotate_and_cache."""
+    heads, kv_heads, d = qkv_proj.num_heads_per_rank, qkv_proj.num_kv_heads_per_rank, qkv_proj.head_dim
+    tile = _qkv_rope_tile(x, qkv_proj, kv_cache)
+    if tile is not None:
+        from services.model import triton_linear
+
+        h, residual = norm(x, residual)
+        return triton_linear.qkv_rope(h, qkv_proj.weight, cos, sin, kv_cache, slot_mapping,
+                                      heads, kv_heads, d, tile), residual
+    qkv, residual = norm_linear(x, residual, norm, qkv_proj)
+    q, _, _ = rotate_and_cache(qkv, cos, sin, kv_cache, slot_mapping, heads, kv_heads, d)
+    return q, residual
+
+
 def gated_mlp(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
               gate_up: MergedColumnParallelLinear, down: RowParallelLinear
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,6 +323,17 @@ def _gate_up_silu_tile(x: torch.Tensor, proj: MergedColumnParallelLinear):
     from services.model import triton_linear
 
     return triton_linear.gate_up_silu_tile_for(x, proj.weight)
+
+
+def _qkv_rope_tile(x: torch.Tensor, proj: QKVParallelLinear, kv_cache: torch.Tensor):
+    """The measured tile of qkv with the rotary and cache write fused at 2-64 rows, or None."""
+    if not (SKINNY_MATMULS and FUSED_QKV_ROPE and x.dim() == 2 and x.shape[0] > 1
+            and proj.bias is None and uses_triton(x)):
+        return None
+    from services.model import triton_linear
+
+    return triton_linear.qkv_rope_tile_for(x, proj.weight, kv_cache, proj.num_heads_per_rank,
+                                           proj.num_kv_heads_per_rank, proj.head_dim)
 
 
 def _gemv_tile(x: torch.Tensor, weight: torch.Tensor, prologue: str):

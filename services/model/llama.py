@@ -30,8 +30,7 @@ from services.model.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     gated_mlp,
-    norm_linear,
-    rotate_and_cache,
+    norm_qkv_rotated,
 )
 from services.model.parallel import ParallelContext
 
@@ -59,15 +58,17 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = self.qkv_proj.num_kv_heads_per_rank
 
     def forward(
-        self, qkv: torch.Tensor, cos_sin: CosSin, kv_cache: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        """qkv = qkv_proj(norm(h)) [n, (heads + 2 kv_heads) · d] on this rank (the decoder layer
-        computes it with the norm, fused at batch 1) -> o_proj(attention) [n, hidden]."""
+        self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, cos_sin: CosSin,
+        kv_cache: torch.Tensor, meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stream h = x + residual -> (o_proj(attention(norm(h))) [n, hidden] all-reduced,
+        h); the norm runs here because on a GPU it fuses into qkv at batch 1, and the rotary
+        with the cache write into qkv's epilogue at 2-64 rows (layers.norm_qkv_rotated)."""
         # q [n, heads, d] rotated; this step's k (rotated) and v written into the cache
-        q, _, _ = rotate_and_cache(qkv, *cos_sin, kv_cache, meta.slot_mapping, self.num_heads,
-                                   self.num_kv_heads, self.head_dim)
+        q, residual = norm_qkv_rotated(x, residual, norm, self.qkv_proj, *cos_sin, kv_cache,
+                                       meta.slot_mapping)
         out = attend(q, kv_cache, meta)  # [n, heads, d]
-        return self.o_proj(out.flatten(1))  # [n, hidden], all-reduced
+        return self.o_proj(out.flatten(1)), residual  # [n, hidden], all-reduced
 
     def weight_sources(self, prefix: str) -> Iterator[WeightSource]:
         params = ["weight", "bias"] if self.qkv_proj.bias is not None else ["weight"]
@@ -117,8 +118,7 @@ class LlamaDecoderLayer(nn.Module):
         """The stream h = x + residual (residual None: h = x) -> (out, residual'), the stream
         after the layer being out + residual'. The adds are fused into the norms, and at batch 1
         on a GPU the norms into the products after them (layers.norm_linear)."""
-        qkv, residual = norm_linear(x, residual, self.input_layernorm, self.self_attn.qkv_proj)  # residual = h
-        x = self.self_attn(qkv, cos_sin, kv_cache, meta)
+        x, residual = self.self_attn(x, residual, self.input_layernorm, cos_sin, kv_cache, meta)
         return self.mlp(x, residual, self.post_attention_layernorm)  # residual = h + attn
 
     def weight_sources(self, prefix: str) -> Iterator[WeightSource]:

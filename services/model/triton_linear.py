@@ -21,6 +21,14 @@ round-trips memory and the SiLU kernel's launch is gone. It rounds where the unf
 (gate and up to the model's dtype, silu(gate), then the product). Its tiles sit in the same table
 under `silu-<rows class>,2I,K,dtype`.
 
+The attention's qkv product has a form with the rotary embedding and the KV-cache write in its
+epilogue (`qkv_rope`): a program holds HEADS whole heads of [q | k | v] as two accumulators, the
+first and the second half of each head's columns, which is what the rotation pairs; it writes
+the rotated q heads to q, and the rotated k heads and the v heads to the cache at each row's
+slot. It rounds where the unfused pair rounds (the product to the model's dtype, then the
+rotation in float32, rounded). Its tiles sit under `rope-<rows class>,N,K,dtype`, with HEADS in
+the tile's block_n.
+
 Accumulation is float32 on tensor cores (exact products for float32 inputs): the result differs
 from cuBLAS's in the order of the sum only, within the dtype's rounding.
 """
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +50,10 @@ from services.model.triton_pdl import pdl_begin
 
 MAX_ROWS = 64  # past this a step is a real GEMM and cuBLAS's tiles are the right ones
 ROW_CLASSES = (1, 16, 32, 64)  # a table entry serves every row count up to its class
-CONFIG_FILE = Path(__file__).with_name("linear_configs.json")
+SHIPPED_CONFIG_FILE = Path(__file__).with_name("linear_configs.json")
+# MESHSERVE_LINEAR_CONFIGS: a table measured on a deployment's own GPUs (bench/tune_linear.py
+# --write FILE) in place of the shipped one
+CONFIG_FILE = Path(os.environ.get("MESHSERVE_LINEAR_CONFIGS") or SHIPPED_CONFIG_FILE)
 
 
 @dataclass(frozen=True)
@@ -122,6 +134,61 @@ def _gate_up_silu_kernel(x_ptr, w_ptr, y_ptr, M, I, K, stride_xm, stride_wn, str
 
 
 @triton.jit
+def _qkv_rope_kernel(x_ptr, w_ptr, q_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr, M, K,
+                     stride_xm, stride_wn, stride_qm, stride_kv, num_heads, num_kv_heads,
+                     BLOCK_M: tl.constexpr, HEADS: tl.constexpr, HALF: tl.constexpr,
+                     BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+    """Heads [pid · HEADS, (pid + 1) · HEADS) of X W [(heads + 2 kv_heads) · 2 HALF, K]ᵀ, q
+    heads then k then v: q and k rotated by cos/sin [M, 2 HALF] (c, c), q stored to q_ptr
+    [M, heads · 2 HALF], k and v to the cache at slot[row] (stride_kv: K to V)."""
+    pdl_begin(PDL)
+    pid = tl.program_id(0)
+    rm = tl.arange(0, BLOCK_M)
+    col = tl.arange(0, HEADS * HALF)
+    head = pid * HEADS + col // HALF  # each column's head among q, k, v
+    j = col % HALF  # its place in the head's first half
+    row_ok = rm[:, None] < M
+    head_ok = head < num_heads + 2 * num_kv_heads
+    rk = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]  # [BLOCK_M, BLOCK_K]
+    first = w_ptr + (head * (2 * HALF) + j).to(tl.int64)[:, None] * stride_wn + rk[None, :]
+    second = first + HALF * stride_wn  # [HEADS · HALF, BLOCK_K] each
+    acc1 = tl.zeros((BLOCK_M, HEADS * HALF), tl.float32)
+    acc2 = tl.zeros((BLOCK_M, HEADS * HALF), tl.float32)
+    for _ in range(0, K, BLOCK_K):
+        x = tl.load(x_ptrs, mask=row_ok, other=0.0)
+        acc1 = tl.dot(x, tl.trans(tl.load(first, mask=head_ok[:, None], other=0.0)), acc1,
+                      input_precision=DOT_PRECISION)
+        acc2 = tl.dot(x, tl.trans(tl.load(second, mask=head_ok[:, None], other=0.0)), acc2,
+                      input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K
+        first += BLOCK_K
+        second += BLOCK_K
+    dtype = q_ptr.dtype.element_ty
+    x1, x2 = acc1.to(dtype).to(tl.float32), acc2.to(dtype).to(tl.float32)
+    cos = tl.load(cos_ptr + rm[:, None] * (2 * HALF) + j[None, :], mask=row_ok,
+                  other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + rm[:, None] * (2 * HALF) + j[None, :], mask=row_ok,
+                  other=0.0).to(tl.float32)
+    rotated = (head < num_heads + num_kv_heads)[None, :]  # q and k; v as it is
+    r1 = tl.where(rotated, x1 * cos - x2 * sin, x1).to(dtype)
+    r2 = tl.where(rotated, x2 * cos + x1 * sin, x2).to(dtype)
+    is_q = row_ok & (head < num_heads)[None, :]
+    q_dst = q_ptr + rm[:, None] * stride_qm + (head * (2 * HALF) + j)[None, :]
+    tl.store(q_dst, r1, mask=is_q)
+    tl.store(q_dst + HALF, r2, mask=is_q)
+    slot = tl.load(slot_ptr + rm, mask=rm < M, other=0).to(tl.int64)
+    kv = tl.maximum(head - num_heads, 0)  # k heads 0 .. kv_heads - 1, then the v heads
+    is_v = kv >= num_kv_heads
+    kv = tl.where(is_v, kv - num_kv_heads, kv)
+    dst = (cache_ptr + slot[:, None] * (num_kv_heads * 2 * HALF)
+           + (kv * (2 * HALF) + j + tl.where(is_v, stride_kv, 0))[None, :])
+    is_kv = row_ok & ((head >= num_heads) & head_ok)[None, :]
+    tl.store(dst, r1, mask=is_kv)
+    tl.store(dst + HALF, r2, mask=is_kv)
+
+
+@triton.jit
 def _sum_splits_kernel(partial_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
                        PDL: tl.constexpr):
     """y [M · N] = sum over splits of partial [SPLIT_K, M · N] (float32), in y's dtype."""
@@ -189,6 +256,45 @@ def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, tile: Tile) -> torch.Ten
     return y
 
 
+def qkv_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             kv_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int,
+             num_kv_heads: int, head_dim: int, tile: Tile) -> torch.Tensor:
+    """x [M, K], weight [(heads + 2 kv_heads) · d, K] (M <= 64), cos/sin [M, d] -> q [M, heads,
+    d] rotated; this step's k (rotated) and v written to kv_cache [2, blocks, block_size,
+    kv_heads, d] at flat slot slot_mapping[row]: the qkv product, then
+    triton_ops.rotary_and_cache, in one kernel."""
+    if not fits_qkv_rope(x, weight, kv_cache, num_heads, num_kv_heads, head_dim, tile):
+        raise ValueError(f"qkv_rope: x {tuple(x.shape)}, weight {tuple(weight.shape)}, cache "
+                         f"{tuple(kv_cache.shape)} do not fit tile {tile} with {num_heads} + 2 x "
+                         f"{num_kv_heads} heads of {head_dim}")
+    m, k = x.shape
+    q = torch.empty((m, num_heads, head_dim), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return q
+    heads_per_program = tile.block_n
+    grid = (triton.cdiv(num_heads + 2 * num_kv_heads, heads_per_program),)
+    _qkv_rope_kernel[grid](
+        x, weight, q, cos.contiguous(), sin.contiguous(), kv_cache, slot_mapping, m, k,
+        x.stride(0), weight.stride(0), num_heads * head_dim, kv_cache.stride(0), num_heads,
+        num_kv_heads, BLOCK_M=block_m(m), HEADS=heads_per_program, HALF=head_dim // 2,
+        BLOCK_K=tile.block_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_stages=tile.num_stages, num_warps=tile.num_warps, **triton_pdl.kwargs(x.device))
+    return q
+
+
+def fits_qkv_rope(x: torch.Tensor, weight: torch.Tensor, kv_cache: torch.Tensor, num_heads: int,
+                  num_kv_heads: int, head_dim: int, tile: Tile) -> bool:
+    """Whether qkv_rope runs this shape as the tile asks: whole heads, a power-of-two count of at
+    least 16 columns per half tile (tl.dot's least), K in whole steps, a cache of this layer's
+    heads."""
+    half_tile = tile.block_n * head_dim // 2
+    return (tile.split_k == 1 and head_dim % 16 == 0 and half_tile >= 16
+            and half_tile & (half_tile - 1) == 0
+            and weight.shape[0] == (num_heads + 2 * num_kv_heads) * head_dim
+            and kv_cache.dtype == x.dtype and tuple(kv_cache.shape[3:]) == (num_kv_heads, head_dim)
+            and kv_cache[0].is_contiguous() and fits(x, weight, tile))
+
+
 def fits_gate_up_silu(x: torch.Tensor, weight: torch.Tensor, tile: Tile) -> bool:
     """Whether gate_up_silu runs this shape as the tile asks (no split of K; an even merged weight)."""
     return tile.split_k == 1 and weight.shape[0] % 2 == 0 and fits(x, weight, tile)
@@ -223,6 +329,10 @@ def silu_table_key(num_rows: int, n: int, k: int, dtype: torch.dtype) -> str:
     return "silu-" + table_key(num_rows, n, k, dtype)
 
 
+def rope_table_key(num_rows: int, n: int, k: int, dtype: torch.dtype) -> str:
+    return "rope-" + table_key(num_rows, n, k, dtype)
+
+
 def tile_for(x: torch.Tensor, weight: torch.Tensor) -> Tile | None:
     """The measured tile for this product on x's GPU, or None: cuBLAS then."""
     tile = _lookup(x, weight, table_key)
@@ -233,6 +343,15 @@ def gate_up_silu_tile_for(x: torch.Tensor, weight: torch.Tensor) -> Tile | None:
     """The measured tile of the gate/up product with SiLU x up fused, or None: the pair apart."""
     tile = _lookup(x, weight, silu_table_key)
     return tile if tile is not None and fits_gate_up_silu(x, weight, tile) else None
+
+
+def qkv_rope_tile_for(x: torch.Tensor, weight: torch.Tensor, kv_cache: torch.Tensor,
+                      num_heads: int, num_kv_heads: int, head_dim: int) -> Tile | None:
+    """The measured tile of the qkv product with the rotary and the cache write fused, or None:
+    the product and triton_ops.rotary_and_cache apart."""
+    tile = _lookup(x, weight, rope_table_key)
+    return tile if tile is not None and fits_qkv_rope(x, weight, kv_cache, num_heads,
+                                                      num_kv_heads, head_dim, tile) else None
 
 
 def _lookup(x: torch.Tensor, weight: torch.Tensor, key) -> Tile | None:

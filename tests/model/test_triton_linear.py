@@ -75,6 +75,69 @@ def test_gate_up_silu_refuses_what_it_cannot_run():
     assert triton_linear.gate_up_silu_tile_for(torch.randn(4, 64), torch.randn(96, 64)) is None
 
 
+def rope_case(rows, heads, kv_heads, d=32, k=64, dtype=torch.float32):
+    """(x, w, cos, sin, cache, slots): cos/sin as RotaryEmbedding makes them (each half twice),
+    rows on distinct random slots of a [2, 6 blocks, 4, kv_heads, d] cache."""
+    x = randn(rows, k, seed=11).to(dtype)
+    w = (randn((heads + 2 * kv_heads) * d, k, seed=12) / 8).to(dtype)
+    angles = randn(rows, d // 2, seed=13)
+    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(dtype) for f in (torch.cos, torch.sin))
+    cache = torch.zeros(2, 6, 4, kv_heads, d, dtype=dtype, device=DEVICE)
+    slots = torch.randperm(24, generator=torch.Generator().manual_seed(14))[:rows].to(DEVICE)
+    return x, w, cos, sin, cache, slots
+
+
+def rope_pair(x, w, cos, sin, cache, slots, heads, kv_heads, d):
+    """The unfused pair as a GPU runs it: the product (float32 sums, rounded once to x's dtype),
+    then q and k rotated in float32 and rounded, and this step's k and v written to the cache."""
+    from services.model.layers import apply_rotary
+
+    q, k, v = F.linear(x.float(), w.float()).to(x.dtype).split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q = apply_rotary(q.reshape(-1, heads, d).float(), cos.float(), sin.float()).to(x.dtype)
+    k = apply_rotary(k.reshape(-1, kv_heads, d).float(), cos.float(), sin.float()).to(x.dtype)
+    cache = cache.clone()
+    cache[0].view(-1, kv_heads, d)[slots] = k
+    cache[1].view(-1, kv_heads, d)[slots] = v.reshape(-1, kv_heads, d)
+    return q, cache
+
+
+@pytest.mark.parametrize("rows", [2, 16, 17])
+@pytest.mark.parametrize("heads,kv_heads,tile", [
+    (4, 2, Tile(1, 32)), (4, 2, Tile(4, 16, 1, 2)),  # tiles of q heads apart from k and v
+    (3, 1, Tile(2, 32)),  # a tile across q and k, a last tile half empty
+])
+def test_qkv_rope_equals_the_product_then_rotary_and_cache(rows, heads, kv_heads, tile):
+    case = rope_case(rows, heads, kv_heads)
+    cache = case[4].clone()
+    q = triton_linear.qkv_rope(*case[:4], cache, case[5], heads, kv_heads, 32, tile)
+    q_expected, cache_expected = rope_pair(*case, heads, kv_heads, 32)
+    torch.testing.assert_close(q, q_expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache, cache_expected, rtol=1e-5, atol=1e-5)  # other slots stay 0
+
+
+def test_qkv_rope_in_bf16_rounds_where_the_pair_rounds():
+    x, w, cos, sin, cache, slots = rope_case(4, 4, 2, d=64, dtype=torch.bfloat16)
+    q = triton_linear.qkv_rope(x, w, cos, sin, cache, slots, 4, 2, 64, Tile(1, 32))
+    q_expected, cache_expected = rope_pair(x, w, cos, sin, torch.zeros_like(cache), slots, 4, 2, 64)
+    # The sums run in another order than torch's, so a product may round one bf16 step apart
+    # (under Triton's interpreter most do: it rounds float32 to bf16 toward zero, a GPU to the
+    # nearest), which the rotation carries to a step or two of the output.
+    torch.testing.assert_close(q.float(), q_expected.float(), rtol=2**-5, atol=2**-7)
+    torch.testing.assert_close(cache.float(), cache_expected.float(), rtol=2**-5, atol=2**-7)
+
+
+def test_qkv_rope_refuses_what_it_cannot_run():
+    x, w, cos, sin, cache, slots = rope_case(4, 4, 2)
+    assert not triton_linear.fits_qkv_rope(x, w, cache, 4, 2, 32, Tile(1, 32, 2))  # split K
+    assert not triton_linear.fits_qkv_rope(x, w, cache, 4, 2, 32, Tile(3, 32))  # 48 columns
+    assert not triton_linear.fits_qkv_rope(x, w, cache, 5, 2, 32, Tile(1, 32))  # other heads
+    with pytest.raises(ValueError, match="do not fit"):
+        triton_linear.qkv_rope(x, w, cos, sin, cache[:, :, :, :1], slots, 4, 2, 32, Tile(1, 32))
+    # On CPU tensors there is no GPU table: the pair apart.
+    assert triton_linear.qkv_rope_tile_for(torch.randn(4, 64), w.cpu(), cache.cpu(), 4, 2, 32) \
+        is None
+
+
 def test_shapes_the_tile_does_not_fit_are_refused():
     x, w = randn(2, 96), randn(32, 96)
     assert not triton_linear.fits(x, w, Tile(16, 64))  # 96 is not a multiple of 64
@@ -99,7 +162,7 @@ def test_tile_lookup_reads_the_table_and_falls_back_to_cublas(tmp_path):
 
 
 def test_the_shipped_table_holds_valid_tiles():
-    table = json.loads(triton_linear.CONFIG_FILE.read_text())
+    table = json.loads(triton_linear.SHIPPED_CONFIG_FILE.read_text())
     for device, entries in table.items():
         for key, value in entries.items():
             rows, n, k, dtype = key.split(",")
@@ -109,9 +172,45 @@ def test_the_shipped_table_holds_valid_tiles():
                 assert rows.removeprefix("gemv-") in PROLOGUES, (device, key)
                 assert tile.split_k == 1 and int(k) % tile.block_k == 0, (device, key)
                 continue
+            if rows.startswith("rope-"):  # qkv with the rotary and cache write in the epilogue
+                assert tile.split_k == 1 and tile.block_n in (1, 2, 4, 8), (device, key)
+                assert int(rows.removeprefix("rope-")) in triton_linear.ROW_CLASSES[1:]
+                assert int(k) % tile.block_k == 0, (device, key)
+                continue
             if rows.startswith("silu-"):  # gate/up with SiLU x up in the epilogue
                 rows = rows.removeprefix("silu-")
                 assert tile.split_k == 1 and int(n) % 2 == 0 and int(rows) > 1, (device, key)
             assert int(rows) in triton_linear.ROW_CLASSES, (device, key)
             assert int(k) % (tile.block_k * tile.split_k) == 0, (device, key)
             assert tile.block_n >= 16 and tile.block_k >= 16
+
+
+def test_the_layer_runs_qkv_with_the_rotary_fused_as_it_runs_them_apart():
+    """layers.norm_qkv_rotated with the table's fused tile against the same layer without it,
+    every kernel Triton's (the GPU path, here in the interpreter)."""
+    from unittest import mock
+
+    from services.model import layers
+    from services.model.parallel import ParallelContext
+
+    proj = layers.QKVParallelLinear(64, 16, 4, 2, ParallelContext())
+    norm = layers.RMSNorm(64, 1e-5)
+    with torch.no_grad():
+        proj.weight.copy_(randn(*proj.weight.shape, seed=21) / 4)
+        norm.weight.copy_(1 + randn(64, seed=22) / 10)
+    proj, norm = proj.to(DEVICE), norm.to(DEVICE)
+    x, residual, angles = randn(5, 64, seed=23), randn(5, 64, seed=24), randn(5, 8, seed=25)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    slots = torch.tensor([3, 9, 17, 20, 30], device=DEVICE)
+    out = []
+    for tile in (None, Tile(2, 32)):
+        cache = torch.zeros(2, 8, 4, 2, 16, device=DEVICE)
+        with mock.patch.object(layers, "uses_triton", lambda t: True), \
+                mock.patch.object(triton_linear, "qkv_rope_tile_for", lambda *a, t=tile: t):
+            q, stream = layers.norm_qkv_rotated(x, residual, norm, proj, cos, sin, cache, slots)
+        out.append((q, stream, cache))
+    (q, stream, cache), (q_fused, stream_fused, cache_fused) = out
+    torch.testing.assert_close(q_fused, q, rtol=1e-5, atol=1e-5)
+    assert torch.equal(stream_fused, stream) and torch.equal(stream, x + residual)
+    torch.testing.assert_close(cache_fused, cache, rtol=1e-5, atol=1e-5)
+    assert cache.abs().sum() > 0
