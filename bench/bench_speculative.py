@@ -1,10 +1,10 @@
-"""n-gram speculative decoding against none, side by side in one run: the same greedy requests
-through a mesh without and with `--speculative-config`, at batch 1 (time per output token,
-tokens/s) and at a larger batch (what speculation costs in throughput there), with the
-acceptance the scheduler counted and a check that both give the same tokens.
+"""n-gram speculative decoding against none, side by side in one run: the same requests (greedy,
+and seeded sampling) through a mesh without and with each `--speculative-config`, at batch 1
+(time per output token, tokens/s) and at a larger batch (what speculation costs in throughput
+there), with the acceptance the scheduler counted and a check that both give the same tokens.
 
-    python bench/bench_speculative.py [--model DIR] [--tokens 96] [--batch 16]
-        [--config '{"method": "ngram", "num_speculative_tokens": 4}'] [--rounds 2]
+    python bench/bench_speculative.py [--model DIR] [--tokens 96] [--batch 16] [--rounds 2]
+        [--configs '{"method": "ngram", "num_speculative_tokens": 4};...'] [--sampling greedy,seeded]
 
 The prompts are of the kind whose answers repeat their input (summaries, code edits), where
 prompt lookup has something to find. Default model: SmolLM2-135M-Instruct (real weights).
@@ -48,35 +48,42 @@ PROMPTS = [
 DEFAULT_CONFIG = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}'
 
 
-def one(stub, prompt: str, max_tokens: int) -> tuple[list[int], float]:
-    """(the ids, time per output token after the first) of one streamed greedy request."""
+def sampling_for(kind: str, max_tokens: int, seed: int) -> pb.SamplingParams:
+    """greedy, or seeded sampling (temperature 0.8, top-k 8: answers that still repeat)."""
+    if kind == "greedy":
+        return pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    return pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.8, top_k=8,
+                             seed=seed)
+
+
+def one(stub, prompt: str, sampling: pb.SamplingParams) -> tuple[list[int], float]:
+    """(the ids, time per output token after the first) of one streamed request."""
     ids, stamps = [], []
-    request = pb.GenerateRequest(prompt=prompt, sampling=pb.SamplingParams(
-        max_tokens=max_tokens, ignore_eos=True))
-    for msg in stub.Generate(request, timeout=600):
+    for msg in stub.Generate(pb.GenerateRequest(prompt=prompt, sampling=sampling), timeout=600):
         ids += msg.token_ids
         stamps += [time.perf_counter()] * len(msg.token_ids)
     return ids, (stamps[-1] - stamps[0]) / (len(stamps) - 1)
 
 
-def measure(model: str, config: str, max_tokens: int, batch: int, rounds: int) -> dict:
+def measure(model: str, config: str, kind: str, max_tokens: int, batch: int, rounds: int) -> dict:
     args = ("--speculative-config", config) if config else ()
     spec = MeshSpec(model=model, port=0, http_port=-1, scheduler_args=args)
     with LocalMesh(spec) as mesh, grpc.insecure_channel(mesh.gateway_address) as channel:
         stub = pb_grpc.GenerationStub(channel)
-        one(stub, PROMPTS[0], 4)  # warm up
+        one(stub, PROMPTS[0], sampling_for(kind, 4, 0))  # warm up
         before = scrape(mesh.metrics_url("replica-0-scheduler"))
         tpot, ids = [], []
-        for _ in range(rounds):
-            for prompt in PROMPTS:  # batch 1: one request at a time
-                got, t = one(stub, prompt, max_tokens)
+        for r in range(rounds):
+            for i, prompt in enumerate(PROMPTS):  # batch 1: one request at a time
+                got, t = one(stub, prompt, sampling_for(kind, max_tokens, 100 * r + i))
                 tpot.append(t)
                 ids.append(got)
         after = scrape(mesh.metrics_url("replica-0-scheduler"))
-        many = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+        many = [(PROMPTS[i % len(PROMPTS)], sampling_for(kind, max_tokens, i))
+                for i in range(batch)]
         start = time.perf_counter()
         with ThreadPoolExecutor(batch) as pool:
-            total = sum(len(r[0]) for r in pool.map(lambda p: one(stub, p, max_tokens), many))
+            total = sum(len(r[0]) for r in pool.map(lambda a: one(stub, *a), many))
         batch_rate = total / (time.perf_counter() - start)
 
     def moved(name):
@@ -94,34 +101,37 @@ def main() -> None:
     p.add_argument("--model", default="", help="default: SmolLM2-135M-Instruct")
     p.add_argument("--tokens", type=int, default=96)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--configs", default=DEFAULT_CONFIG,
+                   help="speculative configs to compare with none, separated by ';'")
+    p.add_argument("--sampling", default="greedy,seeded", help="greedy and/or seeded")
     p.add_argument("--rounds", type=int, default=2)
     a = p.parse_args()
     if not a.model:
         from services.model import packaged_models
 
         a.model = str(packaged_models.ensure())
-    off = measure(a.model, "", a.tokens, a.batch, a.rounds)
-    on = measure(a.model, a.config, a.tokens, a.batch, a.rounds)
-    same = off["ids"] == on["ids"]
-    tokens = sum(len(i) for i in on["ids"])
-    print(f"\n### n-gram speculation vs none ({Path(a.model).name}, greedy, {len(PROMPTS)} prompts x "
+    configs = [c.strip() for c in a.configs.split(";") if c.strip()]
+    print(f"\n### n-gram speculation vs none ({Path(a.model).name}, {len(PROMPTS)} prompts x "
           f"{a.rounds} rounds x {a.tokens} tokens at batch 1; {a.batch} at once)\n")
-    print(f"Machine: {machine()}; config {a.config}\n")
-    print("| | time per output token, batch 1 (median) | tokens/s, batch 1 | steps at batch 1 "
-          f"| tokens/s, batch {a.batch} |")
-    print("|---|---:|---:|---:|---:|")
-    for name, r in (("no speculation", off), ("n-gram", on)):
-        print(f"| {name} | {r['tpot_ms']:.2f} ms | {1e3 / r['tpot_ms']:.0f} | {r['steps']:.0f} | "
-              f"{r['batch_rate']:.0f} |")
-    rate = on["accepted"] / on["draft_tokens"] if on["draft_tokens"] else 0.0
-    mean_len = 1 + on["accepted"] / on["drafts"] if on["drafts"] else 1.0
-    print(f"\nSpeedup at batch 1: {off['tpot_ms'] / on['tpot_ms']:.2f}x; at batch {a.batch}: "
-          f"{on['batch_rate'] / off['batch_rate']:.2f}x. Proposals {on['draft_tokens']:.0f} in "
-          f"{on['drafts']:.0f} steps of a sequence, accepted {on['accepted']:.0f} ({rate:.0%}), "
-          f"{mean_len:.2f} tokens per verified step; {tokens} tokens at batch 1 took "
-          f"{on['steps']:.0f} steps against {off['steps']:.0f}. Same tokens with and without: "
-          f"{'yes' if same else 'NO'}.")
+    print(f"Machine: {machine()}\n")
+    print("| sampling | speculative config | time per output token, batch 1 (median) | "
+          f"tokens/s, batch 1 | steps at batch 1 | tokens/s, batch {a.batch} | accepted | "
+          "tokens per verified step | vs none, batch 1 | vs none, batch "
+          f"{a.batch} | same tokens as none |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for kind in a.sampling.split(","):
+        off = measure(a.model, "", kind, a.tokens, a.batch, a.rounds)
+        print(f"| {kind} | none | {off['tpot_ms']:.2f} ms | {1e3 / off['tpot_ms']:.0f} | "
+              f"{off['steps']:.0f} | {off['batch_rate']:.0f} | - | 1.00 | - | - | - |", flush=True)
+        for config in configs:
+            on = measure(a.model, config, kind, a.tokens, a.batch, a.rounds)
+            rate = on["accepted"] / on["draft_tokens"] if on["draft_tokens"] else 0.0
+            mean_len = 1 + on["accepted"] / on["drafts"] if on["drafts"] else 1.0
+            print(f"| {kind} | `{config}` | {on['tpot_ms']:.2f} ms | {1e3 / on['tpot_ms']:.0f} | "
+                  f"{on['steps']:.0f} | {on['batch_rate']:.0f} | {rate:.0%} | {mean_len:.2f} | "
+                  f"{off['tpot_ms'] / on['tpot_ms']:.2f}x | "
+                  f"{on['batch_rate'] / off['batch_rate']:.2f}x | "
+                  f"{'yes' if on['ids'] == off['ids'] else 'NO'} |", flush=True)
 
 
 if __name__ == "__main__":
