@@ -14,6 +14,7 @@ Prints a markdown section for bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -67,7 +68,10 @@ def one(stub, prompt: str, sampling: pb.SamplingParams) -> tuple[list[int], floa
 
 def measure(model: str, config: str, kind: str, max_tokens: int, batch: int, rounds: int) -> dict:
     args = ("--speculative-config", config) if config else ()
-    spec = MeshSpec(model=model, port=0, http_port=-1, scheduler_args=args)
+    # the workers capture CUDA graphs for verification steps of K proposals (as `up` asks)
+    k = json.loads(config)["num_speculative_tokens"] if config else 0
+    spec = MeshSpec(model=model, port=0, http_port=-1, scheduler_args=args,
+                    worker_args=("--num-speculative-tokens", str(k)))
     with LocalMesh(spec) as mesh, grpc.insecure_channel(mesh.gateway_address) as channel:
         stub = pb_grpc.GenerationStub(channel)
         one(stub, PROMPTS[0], sampling_for(kind, 4, 0))  # warm up

@@ -55,7 +55,7 @@ PASS_THROUGH = [
     ("--stream-interval", dict(type=POSITIVE, help="tokens per streamed response (default 1: "
                                                    "each as it comes)"), ("gateway",)),
     ("--speculative-config", dict(help='speculative decoding, e.g. \'{"method": "ngram", '
-                                       '"num_speculative_tokens": 4}\' (greedy requests)'),
+                                       '"num_speculative_tokens": 4}\''),
      ("scheduler",)),
 ]
 
@@ -95,6 +95,9 @@ def spec_from_args(a: argparse.Namespace):
             extra[service] += [flag, str(value)]
     if a.enforce_eager:
         extra["worker"].append("--enforce-eager")
+    if a.speculative_config:  # the workers capture CUDA graphs for its verification steps
+        extra["worker"] += ["--num-speculative-tokens", str(_num_speculative_tokens(
+            a.speculative_config))]
     if not a.enable_prefix_caching:
         extra["scheduler"].append("--no-enable-prefix-caching")
     keys = [k for k in [*a.api_keys.split(","), *a.api_key] if k.strip()]
@@ -104,6 +107,15 @@ def spec_from_args(a: argparse.Namespace):
                     worker_args=tuple(extra["worker"]), scheduler_args=tuple(extra["scheduler"]),
                     gateway_args=tuple(extra["gateway"]),
                     api_server_count=max(1, a.api_server_count), http_port=a.http_port)
+
+
+def _num_speculative_tokens(text: str) -> int:
+    from services.scheduler.speculative import SpeculativeConfig
+
+    try:
+        return SpeculativeConfig.parse(text).num_speculative_tokens
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def cmd_up(argv: list[str], prog: str = "meshserve up") -> int:

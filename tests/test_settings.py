@@ -41,3 +41,18 @@ def test_good_settings_parse():
         .max_num_batched_tokens == 1
     assert WorkerSettings.from_args(["--gpu-memory-utilization", "1"]).gpu_memory_utilization == 1
     assert GatewaySettings.from_args(GATEWAY + ["--http-port", "-1"]).http_port == -1
+
+
+def test_up_tells_the_workers_how_many_proposals_a_step_verifies():
+    from deploy.cli import spec_from_args
+
+    args = up_parser().parse_args(["--model", "tiny", "--speculative-config",
+                                   '{"method": "ngram", "num_speculative_tokens": 3}'])
+    spec = spec_from_args(args)
+    assert "--speculative-config" in spec.scheduler_args
+    worker = WorkerSettings.from_args(list(spec.worker_args))
+    assert worker.num_speculative_tokens == 3
+    assert WorkerSettings.from_args([]).num_speculative_tokens == 0
+    with pytest.raises(SystemExit, match="num_speculative_tokens is required"):
+        spec_from_args(up_parser().parse_args(["--model", "tiny", "--speculative-config",
+                                               '{"method": "ngram"}']))

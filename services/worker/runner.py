@@ -80,7 +80,8 @@ class ModelRunner:
     def __init__(self, model, kv_caches: list[torch.Tensor], block_size: int,
                  device: torch.device, ctx: ParallelContext, *, max_num_seqs: int = 256,
                  max_model_len: int = 4096, attention_backend: str = "torch",
-                 cuda_graph_sizes: tuple[int, ...] = (), capture_graphs: bool = True):
+                 cuda_graph_sizes: tuple[int, ...] = (), capture_graphs: bool = True,
+                 verify_len: int = 1):
         self.model = model
         self.ctx = ctx
         self.kv_caches = kv_caches
@@ -90,8 +91,9 @@ class ModelRunner:
         self.is_first_stage, self.is_last_stage = ctx.is_first_stage, ctx.is_last_stage
         max_blocks = -(-max_model_len // block_size)
         self.batch = InputBatch(max_num_seqs, max_blocks, block_size, device)
-        self.graphs = (DecodeGraphs(self, cuda_graph_sizes, capture_graphs) if cuda_graph_sizes
-                       else None)
+        # verify_len: 1 + the proposals a speculating sequence verifies per step (graphs for them)
+        self.graphs = (DecodeGraphs(self, cuda_graph_sizes, capture_graphs, verify_len)
+                       if cuda_graph_sizes else None)
 
     def reset(self) -> None:
         """A new scheduler: nothing of the last one's sequences holds."""

@@ -232,11 +232,11 @@ def _capture_progress(shard: WorkerShard):
     graphs = shard.runner.graphs
     if graphs is None:
         return None
-    bar = Progress("capturing CUDA graphs", len(graphs.sizes), "graphs", log)
+    bar = Progress("capturing CUDA graphs", len(graphs.keys), "graphs", log)
 
-    def progress(size: int) -> None:
+    def progress(bucket) -> None:
         bar.update()
-        if bar.done == len(graphs.sizes):
+        if bar.done == len(graphs.keys):
             bar.close()
     return progress
 

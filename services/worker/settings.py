@@ -33,6 +33,7 @@ class WorkerSettings:
     gpu_memory_utilization: float = 0.9  # share of the GPU's memory this worker may fill
     drain_timeout_s: float = 60.0  # on SIGTERM, serve the scheduler's steps this long at most
     metrics_port: int = -1  # Prometheus /metrics on this port; 0 = any free port; -1 = none
+    num_speculative_tokens: int = 0  # proposals per sequence the scheduler verifies per step
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> WorkerSettings:
@@ -69,13 +70,17 @@ class WorkerSettings:
                             "(the scheduler drains too); it exits as soon as the scheduler leaves")
         p.add_argument("--metrics-port", type=int_at_least(-1), default=-1,
                        help="Prometheus /metrics on this port (0 = any free port, -1 = none)")
+        p.add_argument("--num-speculative-tokens", type=NON_NEGATIVE, default=0,
+                       help="the scheduler's speculative num_speculative_tokens: CUDA graphs "
+                            "are captured for its verification steps too (0 = none)")
         a = p.parse_args(argv)
         split = tuple(int(x) for x in a.layer_split.split(",") if x)
         settings = cls(a.model, a.tp_rank, a.tp_size, a.pp_rank, a.pp_size, a.dist_init, a.host,
                        a.port, a.device, a.dtype, a.block_size, a.num_kv_blocks,
                        a.kv_cache_memory_gb, split, a.max_model_len, a.num_threads,
                        a.ready_file, a.max_num_seqs, a.attention_backend, a.enforce_eager,
-                       a.gpu_memory_utilization, a.drain_timeout, a.metrics_port)
+                       a.gpu_memory_utilization, a.drain_timeout, a.metrics_port,
+                       a.num_speculative_tokens)
         settings.check()
         return settings
 

@@ -25,7 +25,7 @@ from services.model import (ModelConfig, ParallelContext, allocate_kv_caches, en
                             init_tp_group, kv_bytes_per_block, load_model, stage_layer_range)
 from services.stagelink.wire import ActivationHeader  # importing it needs no UCX
 from services.step import StepPlan
-from services.worker.cuda_graphs import bucket_sizes
+from services.worker.cuda_graphs import bucket_sizes, verify_bucket_sizes
 from services.worker.runner import ModelRunner
 from services.worker.settings import WorkerSettings
 
@@ -80,7 +80,7 @@ class WorkerShard:
         graph_sizes = () if (s.enforce_eager or device.type != "cuda" or backend != "triton") \
             else bucket_sizes(s.max_num_seqs)
         runner_args = dict(max_num_seqs=s.max_num_seqs, max_model_len=max_len,
-                           attention_backend=backend)
+                           attention_backend=backend, verify_len=1 + s.num_speculative_tokens)
         reserve = _activation_reserve(model, config, ctx, len(layers), s, dtype, device,
                                       runner_args, graph_sizes)
         num_blocks = s.num_kv_blocks or _blocks_for_memory(s, config, ctx, len(layers), dtype,
@@ -90,9 +90,13 @@ class WorkerShard:
                                     dtype, device)
         runner = ModelRunner(model, caches, s.block_size, device, ctx,
                              cuda_graph_sizes=graph_sizes, **runner_args)
+        graphs = runner.graphs
         log.info("worker: %s attention, %s", backend,
                  f"CUDA graphs for batches {graph_sizes[0]}..{graph_sizes[-1]}" if graph_sizes
                  else "eager steps")
+        if graphs is not None and graphs.verify_sizes:
+            log.info("worker: CUDA graphs for verification steps of %d..%d sequences x %d tokens",
+                     graphs.verify_sizes[0], graphs.verify_sizes[-1], graphs.verify_len)
         shard = cls(s, config, model_dir.name, ctx, device, runner, num_blocks, max_len)
         shard.memory = {
             "weights": sum(t.numel() * t.element_size()
@@ -229,17 +233,22 @@ def _pick_backend(name: str, device: torch.device) -> str:
 def _activation_reserve(model, config, ctx, num_layers, s: WorkerSettings, dtype, device,
                         runner_args, graph_sizes) -> int:
     """GPU bytes to leave beside the KV pool: the peak of one eager decode step of the largest
-    graph batch (the graphs' shared pool holds about that), measured on a two-block cache, twice
-    over for the eager prefill steps' own peaks. This also compiles the kernels once."""
+    graph batch (the graphs' shared pool holds about that; with speculation, of the largest
+    verification step too), measured on a two-block cache, twice over for the eager prefill
+    steps' own peaks. This also compiles the kernels once."""
     if device.type != "cuda" or not graph_sizes:
         return 0
     probe_caches = allocate_kv_caches(config, ctx, num_layers, 2, s.block_size, dtype, device)
+    largest = sorted({graph_sizes[-1],
+                      *verify_bucket_sizes(graph_sizes, runner_args["verify_len"])[-1:]})
     probe = ModelRunner(model, probe_caches, s.block_size, device, ctx,
-                        cuda_graph_sizes=graph_sizes[-1:], **runner_args)
+                        cuda_graph_sizes=tuple(largest), **runner_args)
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     probe.graphs.warm_up(graph_sizes[-1])
+    if probe.graphs.verify_sizes:
+        probe.graphs.warm_up(probe.graphs.verify_sizes[-1], probe.graphs.verify_len)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - before
     del probe, probe_caches

@@ -245,7 +245,7 @@ def test_values_map_onto_the_cli_settings(tmp_path):
         model="/models/m", tp_rank=0, tp_size=1, pp_rank=0, pp_size=1,
         dist_init="tcp://127.0.0.1:7099", host="0.0.0.0", port=7100, device="cpu",
         dtype="bfloat16", block_size=32, num_kv_blocks=1000000, kv_cache_memory_gb=1.5,
-        max_model_len=4096, num_threads=2, metrics_port=7200)
+        max_model_len=4096, num_threads=2, metrics_port=7200, num_speculative_tokens=3)
 
 
 def test_defaults_match_the_cli_defaults(rendered, tmp_path):

@@ -18,6 +18,7 @@ from services.model import ParallelContext, allocate_kv_caches, load_model
 from services.scheduler.block_manager import BlockManager
 from services.scheduler.scheduler import Scheduler, SchedulerConfig
 from services.scheduler.sequence import RequestParams, Sequence
+from services.scheduler.speculative import SpeculativeConfig
 from services.step import SamplingOptions, StepPlan
 from services.worker.runner import ModelRunner
 from tests.model.paged import hf_greedy
@@ -27,13 +28,14 @@ PROMPTS = [[1, 17, 29, 33, 41, 45, 97, 101, 113], [1, 200, 201], [1, 7, 300, 301
 
 
 def make_runner(model_dir, num_blocks: int, backend: str = "torch",
-                graph_sizes: tuple[int, ...] = ()) -> ModelRunner:
+                graph_sizes: tuple[int, ...] = (), verify_len: int = 1) -> ModelRunner:
     model = load_model(model_dir, ParallelContext(), dtype=torch.float32)
     caches = allocate_kv_caches(model.config, model.ctx, model.config.num_hidden_layers,
                                 num_blocks + 1, BLOCK_SIZE, torch.float32, "cpu")
     runner = ModelRunner(model, caches, BLOCK_SIZE, torch.device("cpu"), model.ctx,
                          max_num_seqs=8, max_model_len=256, attention_backend=backend,
-                         cuda_graph_sizes=graph_sizes, capture_graphs=False)
+                         cuda_graph_sizes=graph_sizes, capture_graphs=False,
+                         verify_len=verify_len)
     runner.capture_graphs()
     return runner
 
@@ -49,7 +51,10 @@ def serve(runner: ModelRunner, sched: Scheduler, seqs: list[Sequence]) -> dict[i
             plan = StepPlan.from_pb(plan.to_pb())
             inflight.append((plan, runner.launch(plan)))
         plan, pending = inflight.popleft()
-        sampled = {s: [t] for s, t in zip(pending.seq_ids, pending.token_ids())}
+        ids, counts = pending.results()  # counts: a verified sequence's accepted + 1
+        sampled, at = {}, 0
+        for seq_id, count in zip(pending.seq_ids, counts or [1] * len(pending.seq_ids)):
+            sampled[seq_id], at = ids[at:at + count], at + count
         for update in sched.on_result(plan, sampled):
             outputs[update.seq.seq_id] += update.new_token_ids
     return outputs
@@ -118,6 +123,39 @@ def test_the_graph_path_keeps_greedy_and_seeded_draws_of_one_batch_apart(tiny_di
     assert with_graphs == without
     assert runner.graphs.num_replays >= 5
     assert len(set(without[1])) > 2  # the seeded row drew, it did not take the argmax
+
+
+def test_verification_steps_through_the_graph_path_give_the_tokens_of_eager_steps(tiny_dir,
+                                                                                  hf_tiny):
+    """n-gram speculation (K = 3) with the verification-graph bodies run eagerly: each window
+    padded to K + 1 tokens, three sequences padded to a bucket of four. Greedy sequences give
+    transformers' tokens, a seeded one the tokens it draws without graphs."""
+    pytest.importorskip("triton")
+    prompts = [[1, 40, 41, 42, 40, 41, 42, 40], [1, 7, 8, 7, 8, 7], [1, 300, 17, 250]]
+    seeded = RequestParams(12, SamplingOptions(temperature=0.9, top_k=8, seed=3), ignore_eos=True)
+    greedy = RequestParams(12, SamplingOptions(), ignore_eos=True)
+
+    def run(graph_sizes) -> tuple[dict[int, list[int]], ModelRunner]:
+        config = SchedulerConfig(speculative=SpeculativeConfig("ngram", 3, 3, 1))
+        sched = Scheduler(config, BlockManager(48, BLOCK_SIZE))
+        seqs = [Sequence(i, f"r{i}", list(p), seeded if i == 2 else greedy)
+                for i, p in enumerate(prompts)]
+        runner = make_runner(tiny_dir, 48, "triton", graph_sizes, verify_len=4)
+        launch, runner.verifying_steps = runner.launch, 0
+
+        def counting(plan, *args):
+            runner.verifying_steps += any(s.draft_token_ids for s in plan.seqs)
+            return launch(plan, *args)
+        runner.launch = counting
+        return serve(runner, sched, seqs), runner
+
+    without, _ = run(())
+    with_graphs, runner = run((1, 2, 4))
+    assert with_graphs == without
+    assert [with_graphs[i] for i in (0, 1)] == [hf_greedy(hf_tiny, p, 12) for p in prompts[:2]]
+    # Every step with proposals replayed a verification graph, the others a decode one.
+    assert runner.graphs.num_verify_replays == runner.verifying_steps >= 2
+    assert runner.graphs.num_replays > runner.graphs.num_verify_replays
 
 
 def test_a_seeded_draw_does_not_depend_on_what_shares_the_batch(tiny_dir):

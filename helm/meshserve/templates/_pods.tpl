@@ -48,6 +48,10 @@ containers:
       - {{ int $v.worker.maxModelLen | quote }}
       - --num-threads
       - {{ int $v.worker.numThreads | quote }}
+      {{- with $v.scheduler.speculativeConfig }}
+      - --num-speculative-tokens
+      - {{ int .num_speculative_tokens | quote }}
+      {{- end }}
       - --drain-timeout
       - {{ int $v.scheduler.drainTimeout | quote }}
     env:
