@@ -16,7 +16,8 @@ Every key starts with a namespace (default `meshserve`), so several meshes can s
 
 Invariants:
 - A replica is live exactly while its record key exists. A replica that stops heart-beating
-  disappears within `ttl_s`, and so does its prefix set (both carry the same TTL).
+  disappears within `ttl_s`, and so does its prefix set (both carry the same TTL, the set's
+  reset by its last publish too, which may come just after the last heartbeat).
 - The prefix set of a replica is never read without its record: readers list live replicas first,
   then ask about their prefix sets, so a stale set never routes a request.
 - Block hashes are chained (each covers its whole prefix), so "replica R holds the first k blocks"
