@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import Histogram
+from prometheus_client.core import CounterMetricFamily
 
 from services import metrics as m
 from services.scheduler.sequence import FinishReason, Sequence
@@ -90,5 +91,11 @@ class SchedulerMetrics:
                             sched.num_draft_tokens)
             yield m.counter("spec_decode_num_accepted_tokens", "Number of accepted tokens.",
                             labels, sched.num_accepted_tokens)
+            per_pos = CounterMetricFamily(m.PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                                          "Accepted tokens per draft position.",
+                                          labels=[*labels, "position"])
+            for position, count in enumerate(sched.num_accepted_per_pos):
+                per_pos.add_metric([*labels.values(), str(position)], count)
+            yield per_pos
         for family in self._histograms:
             yield from family.collect()

@@ -71,6 +71,9 @@ class Scheduler:
         self.num_drafts = 0  # steps of a sequence that carried proposals
         self.num_draft_tokens = 0  # proposals sent
         self.num_accepted_tokens = 0  # proposals the target's tokens matched
+        # of those, how many were the i-th proposal of their step (vLLM's accepted per position)
+        self.num_accepted_per_pos = [0] * (config.speculative.num_speculative_tokens
+                                           if config.speculative else 0)
 
     # -- requests in and out ---------------------------------------------------------------
 
@@ -277,6 +280,8 @@ class Scheduler:
                 # and the accepted ones are known tokens only once appended.
                 rejected = len(item.draft_token_ids) + 1 - len(tokens or ())
                 self.num_accepted_tokens += len(item.draft_token_ids) - rejected
+                for position in range(len(item.draft_token_ids) - rejected):
+                    self.num_accepted_per_pos[position] += 1
                 seq.num_computed_tokens -= rejected
                 num_new -= rejected
                 seq.num_inflight_samples -= 1

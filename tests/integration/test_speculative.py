@@ -79,6 +79,10 @@ def test_smollm2_accepts_proposals_and_gives_transformers_greedy_tokens():
     drafts = value(samples, "meshserve:spec_decode_num_draft_tokens_total")
     accepted = value(samples, "meshserve:spec_decode_num_accepted_tokens_total")
     assert 0 < accepted <= drafts, (accepted, drafts)
+    # vLLM's per position count: a proposal is accepted only after every one before it.
+    per_pos = [value(samples, "meshserve:spec_decode_num_accepted_tokens_per_pos_total",
+                     position=str(i)) for i in range(4)]
+    assert sum(per_pos) == accepted and per_pos == sorted(per_pos, reverse=True), per_pos
     # Accepted proposals are tokens that took no step of their own.
     assert value(samples, "meshserve:steps_total") < len(prompts) * NUM_TOKENS
 
