@@ -4,7 +4,8 @@ A decode step (one new token per sequence) of B sequences replays the graph of t
 bucket >= B; the rows past B are padding that writes its K/V into a scratch block no sequence
 owns and whose outputs are ignored. A graph reads its inputs from one static device buffer,
 
-    static [5 · bucket] int64 = | input ids | positions | slots | seq lens | rows |
+    static int64 = | input ids | positions | slots | seq lens | rows |
+                     (T each: T = B tokens)    (B each)
 
 which a step fills with one host-to-device copy, and it resolves "the row's last sampled id"
 and gathers the step's block tables from the persistent batch inside the graph, so a replay
@@ -191,20 +192,20 @@ class DecodeGraphs:
         size, q = key
         n, tokens = host.num_seqs, size * q
         fields = self._padding(size, q)
-        lens = np.diff(host.query_start_loc)
-        if q == 1:
-            padded = None
-            per_token = fields[:3 * tokens].reshape(3, tokens)
+        per_token = fields[:3 * tokens].reshape(3, tokens)  # views: they fill fields
+        per_seq = fields[3 * tokens:].reshape(2, size)
+        if q == 1:  # a decode: token i is sequence i's
+            padded, seq_lens = None, host.seq_lens
             per_token[:, :n] = (host.input_ids, host.positions, host.slot_mapping)
         else:  # each sequence's tokens at the start of its window of q
+            lens = np.diff(host.query_start_loc)
             seq_of_token = np.repeat(np.arange(n), lens)
             padded = seq_of_token * q + (np.arange(host.num_tokens)
                                          - host.query_start_loc[seq_of_token])
-            per_token = fields[:3 * tokens].reshape(3, tokens)
             per_token[:, padded] = (host.input_ids, host.positions, host.slot_mapping)
-        per_seq = fields[3 * tokens:].reshape(2, size)
-        # The attention reads a sequence's queries as the last q of seq_len positions.
-        per_seq[:, :n] = (host.seq_lens - lens + q, host.rows)
+            # The attention reads a sequence's queries as the last q of seq_len positions.
+            seq_lens = host.seq_lens - lens + q
+        per_seq[:, :n] = (seq_lens, host.rows)
         parts = [fields] if padded is None else [fields, padded]
         (static_part, *gather), sampling = self.runner.batch.upload(parts, host)
         self.static[:fields.size].copy_(static_part)
