@@ -238,9 +238,11 @@ def tune_gate_up_silu(n: int, k: int, rows: int, dtype: torch.dtype, product):
 
 
 def rope_candidates(k: int, head_dim: int) -> list[Tile]:
-    """qkv + rotary tiles worth timing: heads per program x K step x stages x warps."""
-    return [Tile(heads, block_k, 1, stages, warps)
-            for heads in (1, 2, 4, 8) if heads * head_dim // 2 >= 16
+    """qkv + rotary tiles worth timing: rotation pairs per program (a part of a head up to a few
+    heads) x K step x stages x warps."""
+    half = head_dim // 2
+    return [Tile(pairs, block_k, 1, stages, warps)
+            for pairs in (16, 32, 64, 128, 256) if half % pairs == 0 or pairs % half == 0
             for block_k in (64, 128) if k % block_k == 0
             for stages in (3, 4) for warps in (4, 8)]
 
@@ -437,7 +439,7 @@ def main() -> None:
     if rope_rows:
         print(f"\n### qkv with the rotary and cache write fused vs the pair apart on {device} "
               f"(bf16, {timing}, median us)\n")
-        print("| shape | N x K | rows | unfused us | fused us | tile (heads, k, stages, warps) "
+        print("| shape | N x K | rows | unfused us | fused us | tile (pairs, k, stages, warps) "
               "| fused TB/s | ratio | chosen |")
         print("|---|---|---:|---:|---:|---|---:|---:|---|")
     for shape, prods in shapes.items():

@@ -22,11 +22,12 @@ round-trips memory and the SiLU kernel's launch is gone. It rounds where the unf
 under `silu-<rows class>,2I,K,dtype`.
 
 The attention's qkv product has a form with the rotary embedding and the KV-cache write in its
-epilogue (`qkv_rope`): a program holds HEADS whole heads of [q | k | v] as two accumulators, the
-first and the second half of each head's columns, which is what the rotation pairs; it writes
+epilogue (`qkv_rope`): a program holds PAIRS rotation pairs of [q | k | v] heads as two
+accumulators, columns of the first and of the second half of the heads (a part of one head or
+several whole ones), which is what the rotation pairs; it writes
 the rotated q heads to q, and the rotated k heads and the v heads to the cache at each row's
 slot. It rounds where the unfused pair rounds (the product to the model's dtype, then the
-rotation in float32, rounded). Its tiles sit under `rope-<rows class>,N,K,dtype`, with HEADS in
+rotation in float32, rounded). Its tiles sit under `rope-<rows class>,N,K,dtype`, with PAIRS in
 the tile's block_n.
 
 Accumulation is float32 on tensor cores (exact products for float32 inputs): the result differs
@@ -136,25 +137,26 @@ def _gate_up_silu_kernel(x_ptr, w_ptr, y_ptr, M, I, K, stride_xm, stride_wn, str
 @triton.jit
 def _qkv_rope_kernel(x_ptr, w_ptr, q_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr, M, K,
                      stride_xm, stride_wn, stride_qm, stride_kv, num_heads, num_kv_heads,
-                     BLOCK_M: tl.constexpr, HEADS: tl.constexpr, HALF: tl.constexpr,
+                     BLOCK_M: tl.constexpr, PAIRS: tl.constexpr, HALF: tl.constexpr,
                      BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
-    """Heads [pid · HEADS, (pid + 1) · HEADS) of X W [(heads + 2 kv_heads) · 2 HALF, K]ᵀ, q
-    heads then k then v: q and k rotated by cos/sin [M, 2 HALF] (c, c), q stored to q_ptr
-    [M, heads · 2 HALF], k and v to the cache at slot[row] (stride_kv: K to V)."""
+    """Rotation pairs [pid · PAIRS, (pid + 1) · PAIRS) (HALF to a head) of X W [(heads + 2
+    kv_heads) · 2 HALF, K]ᵀ, q heads then k then v: q and k rotated by cos/sin [M, 2 HALF]
+    (c, c), q stored to q_ptr [M, heads · 2 HALF], k and v to the cache at slot[row]
+    (stride_kv: K to V)."""
     pdl_begin(PDL)
     pid = tl.program_id(0)
     rm = tl.arange(0, BLOCK_M)
-    col = tl.arange(0, HEADS * HALF)
-    head = pid * HEADS + col // HALF  # each column's head among q, k, v
-    j = col % HALF  # its place in the head's first half
+    pair = pid * PAIRS + tl.arange(0, PAIRS)
+    head = pair // HALF  # each pair's head among q, k, v
+    j = pair % HALF  # its column in the head's first half (and HALF on, in the second)
     row_ok = rm[:, None] < M
     head_ok = head < num_heads + 2 * num_kv_heads
     rk = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]  # [BLOCK_M, BLOCK_K]
     first = w_ptr + (head * (2 * HALF) + j).to(tl.int64)[:, None] * stride_wn + rk[None, :]
-    second = first + HALF * stride_wn  # [HEADS · HALF, BLOCK_K] each
-    acc1 = tl.zeros((BLOCK_M, HEADS * HALF), tl.float32)
-    acc2 = tl.zeros((BLOCK_M, HEADS * HALF), tl.float32)
+    second = first + HALF * stride_wn  # [PAIRS, BLOCK_K] each
+    acc1 = tl.zeros((BLOCK_M, PAIRS), tl.float32)
+    acc2 = tl.zeros((BLOCK_M, PAIRS), tl.float32)
     for _ in range(0, K, BLOCK_K):
         x = tl.load(x_ptrs, mask=row_ok, other=0.0)
         acc1 = tl.dot(x, tl.trans(tl.load(first, mask=head_ok[:, None], other=0.0)), acc1,
@@ -271,12 +273,12 @@ def qkv_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torc
     q = torch.empty((m, num_heads, head_dim), dtype=x.dtype, device=x.device)
     if m == 0:
         return q
-    heads_per_program = tile.block_n
-    grid = (triton.cdiv(num_heads + 2 * num_kv_heads, heads_per_program),)
+    pairs = tile.block_n  # rotation pairs per program
+    grid = (triton.cdiv((num_heads + 2 * num_kv_heads) * head_dim // 2, pairs),)
     _qkv_rope_kernel[grid](
         x, weight, q, cos.contiguous(), sin.contiguous(), kv_cache, slot_mapping, m, k,
         x.stride(0), weight.stride(0), num_heads * head_dim, kv_cache.stride(0), num_heads,
-        num_kv_heads, BLOCK_M=block_m(m), HEADS=heads_per_program, HALF=head_dim // 2,
+        num_kv_heads, BLOCK_M=block_m(m), PAIRS=pairs, HALF=head_dim // 2,
         BLOCK_K=tile.block_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_stages=tile.num_stages, num_warps=tile.num_warps, **triton_pdl.kwargs(x.device))
     return q
@@ -284,12 +286,12 @@ def qkv_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torc
 
 def fits_qkv_rope(x: torch.Tensor, weight: torch.Tensor, kv_cache: torch.Tensor, num_heads: int,
                   num_kv_heads: int, head_dim: int, tile: Tile) -> bool:
-    """Whether qkv_rope runs this shape as the tile asks: whole heads, a power-of-two count of at
-    least 16 columns per half tile (tl.dot's least), K in whole steps, a cache of this layer's
-    heads."""
-    half_tile = tile.block_n * head_dim // 2
-    return (tile.split_k == 1 and head_dim % 16 == 0 and half_tile >= 16
-            and half_tile & (half_tile - 1) == 0
+    """Whether qkv_rope runs this shape as the tile asks: a power-of-two count of at least 16
+    rotation pairs per program (tl.dot's least) that tiles the heads (a part of one head, or whole
+    ones), K in whole steps, a cache of this layer's heads."""
+    pairs, half = tile.block_n, head_dim // 2
+    return (tile.split_k == 1 and head_dim % 2 == 0 and pairs >= 16 and pairs & (pairs - 1) == 0
+            and (half % pairs == 0 or pairs % half == 0)
             and weight.shape[0] == (num_heads + 2 * num_kv_heads) * head_dim
             and kv_cache.dtype == x.dtype and tuple(kv_cache.shape[3:]) == (num_kv_heads, head_dim)
             and kv_cache[0].is_contiguous() and fits(x, weight, tile))

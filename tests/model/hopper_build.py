@@ -87,7 +87,7 @@ CASES = {
                                                        Tile(32, 128, 1, 3)),
     "qkv_rope": lambda: triton_linear.qkv_rope(
         bf16(64, 2048), bf16(48 * 64, 2048), bf16(64, 64), bf16(64, 64), bf16(2, 9, 16, 8, 64),
-        torch.arange(64, dtype=torch.int64), 32, 8, 64, Tile(2, 128, 1, 3)),
+        torch.arange(64, dtype=torch.int64), 32, 8, 64, Tile(16, 128, 1, 3)),
     "add_rms_norm": lambda: triton_ops.fused_add_rms_norm(bf16(64, 2048), bf16(64, 2048),
                                                           bf16(2048), 1e-5),
     "silu_and_mul": lambda: triton_ops.silu_and_mul(bf16(64, 2 * 512)),

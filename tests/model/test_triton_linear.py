@@ -102,22 +102,23 @@ def rope_pair(x, w, cos, sin, cache, slots, heads, kv_heads, d):
 
 
 @pytest.mark.parametrize("rows", [2, 16, 17])
-@pytest.mark.parametrize("heads,kv_heads,tile", [
-    (4, 2, Tile(1, 32)), (4, 2, Tile(4, 16, 1, 2)),  # tiles of q heads apart from k and v
-    (3, 1, Tile(2, 32)),  # a tile across q and k, a last tile half empty
+@pytest.mark.parametrize("heads,kv_heads,d,tile", [
+    (4, 2, 32, Tile(16, 32)), (4, 2, 32, Tile(64, 16, 1, 2)),  # 1 head, 4 heads a program
+    (3, 1, 32, Tile(32, 32)),  # a program across q and k, a last one half empty
+    (4, 2, 64, Tile(16, 32)),  # half a head a program
 ])
-def test_qkv_rope_equals_the_product_then_rotary_and_cache(rows, heads, kv_heads, tile):
-    case = rope_case(rows, heads, kv_heads)
+def test_qkv_rope_equals_the_product_then_rotary_and_cache(rows, heads, kv_heads, d, tile):
+    case = rope_case(rows, heads, kv_heads, d)
     cache = case[4].clone()
-    q = triton_linear.qkv_rope(*case[:4], cache, case[5], heads, kv_heads, 32, tile)
-    q_expected, cache_expected = rope_pair(*case, heads, kv_heads, 32)
+    q = triton_linear.qkv_rope(*case[:4], cache, case[5], heads, kv_heads, d, tile)
+    q_expected, cache_expected = rope_pair(*case, heads, kv_heads, d)
     torch.testing.assert_close(q, q_expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cache, cache_expected, rtol=1e-5, atol=1e-5)  # other slots stay 0
 
 
 def test_qkv_rope_in_bf16_rounds_where_the_pair_rounds():
     x, w, cos, sin, cache, slots = rope_case(4, 4, 2, d=64, dtype=torch.bfloat16)
-    q = triton_linear.qkv_rope(x, w, cos, sin, cache, slots, 4, 2, 64, Tile(1, 32))
+    q = triton_linear.qkv_rope(x, w, cos, sin, cache, slots, 4, 2, 64, Tile(32, 32))
     q_expected, cache_expected = rope_pair(x, w, cos, sin, torch.zeros_like(cache), slots, 4, 2, 64)
     # The sums run in another order than torch's, so a product may round one bf16 step apart
     # (under Triton's interpreter most do: it rounds float32 to bf16 toward zero, a GPU to the
@@ -128,11 +129,13 @@ def test_qkv_rope_in_bf16_rounds_where_the_pair_rounds():
 
 def test_qkv_rope_refuses_what_it_cannot_run():
     x, w, cos, sin, cache, slots = rope_case(4, 4, 2)
-    assert not triton_linear.fits_qkv_rope(x, w, cache, 4, 2, 32, Tile(1, 32, 2))  # split K
-    assert not triton_linear.fits_qkv_rope(x, w, cache, 4, 2, 32, Tile(3, 32))  # 48 columns
-    assert not triton_linear.fits_qkv_rope(x, w, cache, 5, 2, 32, Tile(1, 32))  # other heads
+    assert triton_linear.fits_qkv_rope(x, w, cache, 4, 2, 32, Tile(16, 32))
+    assert not triton_linear.fits_qkv_rope(x, w, cache, 4, 2, 32, Tile(16, 32, 2))  # split K
+    assert not triton_linear.fits_qkv_rope(x, w, cache, 4, 2, 32, Tile(24, 32))  # 24 pairs
+    assert not triton_linear.fits_qkv_rope(x, w, cache, 4, 2, 32, Tile(8, 32))  # under 16
+    assert not triton_linear.fits_qkv_rope(x, w, cache, 5, 2, 32, Tile(16, 32))  # other heads
     with pytest.raises(ValueError, match="do not fit"):
-        triton_linear.qkv_rope(x, w, cos, sin, cache[:, :, :, :1], slots, 4, 2, 32, Tile(1, 32))
+        triton_linear.qkv_rope(x, w, cos, sin, cache[:, :, :, :1], slots, 4, 2, 32, Tile(16, 32))
     # On CPU tensors there is no GPU table: the pair apart.
     assert triton_linear.qkv_rope_tile_for(torch.randn(4, 64), w.cpu(), cache.cpu(), 4, 2, 32) \
         is None
@@ -173,7 +176,7 @@ def test_the_shipped_table_holds_valid_tiles():
                 assert tile.split_k == 1 and int(k) % tile.block_k == 0, (device, key)
                 continue
             if rows.startswith("rope-"):  # qkv with the rotary and cache write in the epilogue
-                assert tile.split_k == 1 and tile.block_n in (1, 2, 4, 8), (device, key)
+                assert tile.split_k == 1 and tile.block_n >= 16, (device, key)
                 assert int(rows.removeprefix("rope-")) in triton_linear.ROW_CLASSES[1:]
                 assert int(k) % tile.block_k == 0, (device, key)
                 continue
@@ -203,7 +206,7 @@ def test_the_layer_runs_qkv_with_the_rotary_fused_as_it_runs_them_apart():
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
     slots = torch.tensor([3, 9, 17, 20, 30], device=DEVICE)
     out = []
-    for tile in (None, Tile(2, 32)):
+    for tile in (None, Tile(16, 32)):  # two heads of 16 a program
         cache = torch.zeros(2, 8, 4, 2, 16, device=DEVICE)
         with mock.patch.object(layers, "uses_triton", lambda t: True), \
                 mock.patch.object(triton_linear, "qkv_rope_tile_for", lambda *a, t=tile: t):
