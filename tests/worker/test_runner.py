@@ -158,6 +158,42 @@ def test_verification_steps_through_the_graph_path_give_the_tokens_of_eager_step
     assert runner.graphs.num_replays > runner.graphs.num_verify_replays
 
 
+def test_verification_graphs_across_two_stages_give_the_tokens_of_one(tiny_dir):
+    """PP = 2 in one process, stage 0 handing its residual stream to stage 1, both through the
+    graph bodies with verification windows (stage 0 gathers its padded outputs back to the real
+    tokens, stage 1 scatters them into its padded input): the tokens of one stage without graphs."""
+    pytest.importorskip("triton")
+    from services.model.parallel import stage_layer_range
+
+    prompts = [[1, 40, 41, 42, 40, 41, 42, 40], [1, 7, 8, 7, 8, 7], [1, 300, 17, 250]]
+    params = RequestParams(12, SamplingOptions(), ignore_eos=True)  # proposals from token 10 on
+    config = SchedulerConfig(speculative=SpeculativeConfig("ngram", 3, 3, 1))
+
+    def seqs():
+        return [Sequence(i, f"r{i}", list(p), params) for i, p in enumerate(prompts)]
+
+    expected = serve(make_runner(tiny_dir, 48, "triton"),
+                     Scheduler(config, BlockManager(48, BLOCK_SIZE)), seqs())
+    stages = []
+    for rank in range(2):
+        ctx = ParallelContext(pp_rank=rank, pp_size=2)
+        model = load_model(tiny_dir, ctx, stage_layer_range(4, 2, rank), dtype=torch.float32)
+        caches = allocate_kv_caches(model.config, ctx, 2, 49, BLOCK_SIZE, torch.float32, "cpu")
+        runner = ModelRunner(model, caches, BLOCK_SIZE, torch.device("cpu"), ctx, max_num_seqs=8,
+                             max_model_len=256, attention_backend="triton",
+                             cuda_graph_sizes=(1, 2, 4), capture_graphs=False, verify_len=4)
+        runner.capture_graphs()
+        stages.append(runner)
+
+    class TwoStages:  # what serve() drives: the plan through stage 0, then stage 1
+        def launch(self, plan):
+            return stages[1].launch(plan, stages[0].launch(plan).hidden)
+
+    got = serve(TwoStages(), Scheduler(config, BlockManager(48, BLOCK_SIZE)), seqs())
+    assert got == expected
+    assert stages[0].graphs.num_verify_replays == stages[1].graphs.num_verify_replays >= 2
+
+
 def test_a_seeded_draw_does_not_depend_on_what_shares_the_batch(tiny_dir):
     options = SamplingOptions(temperature=0.9, top_p=0.95, top_k=50, seed=1234)
     params = RequestParams(16, options, ignore_eos=True)
