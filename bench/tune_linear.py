@@ -11,15 +11,16 @@ Times are medians of CUDA-event timings, taken one of two ways (`--timing`):
 - chain: the product back to back over distinct copies of its weight (more bytes than twice the
   L2 cache) inside one CUDA graph, the time per product; as a decode step runs its products:
   from HBM, each after the one before, with the PDL edges of the Triton launches.
-A tile enters the table only if it is at least MARGIN faster than cuBLAS and its
-product agrees with cuBLAS's within the dtype's rounding. Prints one markdown table.
+A tile enters the table only if it is at least MARGIN faster than cuBLAS and its product
+agrees with cuBLAS's within the dtype's rounding. Prints one markdown table.
 
 At 2-64 rows it also tunes the products with an epilogue: gate/up with SiLU x up
 (`--silu-rows`) and qkv with the rotary and the KV-cache write (`--rope-rows`), each against the
 pair apart as the model runs it. At one row it then tunes the fused GEMVs
-(services/model/triton_gemv.py): each product with the op that feeds it in the model (the residual add + RMSNorm before qkv and gate_up, SiLU x mul
-before down) timed as one kernel against the unfused pair as the model runs it (the op's Triton
-kernel, then the product on whichever of cuBLAS and the skinny tile won above). A gemv tile
+(services/model/triton_gemv.py): each product with the op that feeds it in the model (the
+residual add + RMSNorm before qkv and gate_up, SiLU x mul before down) timed as one kernel
+against the unfused pair as the model runs it (the op's Triton kernel, then the product on
+whichever of cuBLAS and the skinny tile won above). A gemv tile
 enters the table under `gemv-<prologue>,N,K,dtype` by the same margin and agreement rule.
 """
 
