@@ -148,19 +148,29 @@ def tune_one(n: int, k: int, rows: int, dtype: torch.dtype, out_dtype, num_sms: 
     w = torch.randn(n, k, device=DEVICE, dtype=dtype) / k**0.5
     cublas = baseline_us(lambda w: F.linear(x, w).to(out_dtype or dtype), w)
     expected = F.linear(x, w).float()
+    best = best_tile(candidates(n, k, num_sms),
+                     lambda w, t: triton_linear.skinny_matmul(x, w, t, out_dtype), w,
+                     lambda got: torch.allclose(got.float(), expected, rtol=2e-2, atol=2e-2),
+                     f"cuBLAS's {n}x{k}")
+    return cublas, best
+
+
+def best_tile(tiles, run, w: torch.Tensor, agrees, against: str):
+    """The fastest (tile, us) of tiles, run(w, tile) timed by bench_us, among those whose output
+    agrees (agrees(output)) with the baseline named against; None if none does."""
     best = None
-    for tile in candidates(n, k, num_sms):
+    for tile in tiles:
         try:
-            got = triton_linear.skinny_matmul(x, w, tile, out_dtype).float()
+            got = run(w, tile)
         except Exception:  # noqa: BLE001 - a tile the GPU cannot hold (shared memory) is skipped
             continue
-        if not torch.allclose(got, expected, rtol=2e-2, atol=2e-2):
-            print(f"  tile {tile} disagrees with cuBLAS on {n}x{k}: skipped", flush=True)
+        if not agrees(got):
+            print(f"  tile {tile} disagrees with {against}: skipped", flush=True)
             continue
-        us = bench_us(lambda w, t=tile: triton_linear.skinny_matmul(x, w, t, out_dtype), w)
+        us = bench_us(lambda w, t=tile: run(w, t), w)
         if best is None or us < best[1]:
             best = (tile, us)
-    return cublas, best
+    return best
 
 
 def tune_gemv(name: str, n: int, k: int, dtype: torch.dtype, out_dtype, product):
@@ -187,20 +197,14 @@ def tune_gemv(name: str, n: int, k: int, dtype: torch.dtype, out_dtype, product)
         return triton_gemv.gemv(x, w, tile, prologue, residual, norm_w, eps, out_dtype)
 
     expected, h = unfused(w).float(), (x + residual) if residual is not None else None
-    best = None
-    for tile in gemv_candidates(k):
-        try:
-            got, h_got = fused(w, tile)
-        except Exception:  # noqa: BLE001 - a tile the GPU cannot hold is skipped
-            continue
-        if not torch.allclose(got.float(), expected, rtol=2e-2, atol=2e-2) or (
-                h is not None and not torch.equal(h_got, h)):
-            print(f"  gemv tile {tile} disagrees with the unfused pair on {name} {n}x{k}: skipped",
-                  flush=True)
-            continue
-        us = bench_us(lambda w, t=tile: fused(w, t), w)
-        if best is None or us < best[1]:
-            best = (tile, us)
+
+    def agrees(got) -> bool:
+        y, h_got = got
+        return torch.allclose(y.float(), expected, rtol=2e-2, atol=2e-2) and (
+            h is None or torch.equal(h_got, h))
+
+    best = best_tile(gemv_candidates(k), fused, w, agrees,
+                     f"the unfused pair on {name} {n}x{k}")
     return baseline_us(unfused, w), best
 
 
@@ -222,19 +226,9 @@ def tune_gate_up_silu(n: int, k: int, rows: int, dtype: torch.dtype, product):
         return triton_ops.silu_and_mul(product(x, w))
 
     expected = unfused(w).float()
-    best = None
-    for tile in silu_candidates(k):
-        try:
-            got = triton_linear.gate_up_silu(x, w, tile).float()
-        except Exception:  # noqa: BLE001 - a tile the GPU cannot hold (shared memory) is skipped
-            continue
-        if not torch.allclose(got, expected, rtol=2e-2, atol=2e-2):
-            print(f"  silu tile {tile} disagrees with the unfused pair on {n}x{k}: skipped",
-                  flush=True)
-            continue
-        us = bench_us(lambda w, t=tile: triton_linear.gate_up_silu(x, w, t), w)
-        if best is None or us < best[1]:
-            best = (tile, us)
+    best = best_tile(silu_candidates(k), lambda w, t: triton_linear.gate_up_silu(x, w, t), w,
+                     lambda got: torch.allclose(got.float(), expected, rtol=2e-2, atol=2e-2),
+                     f"the gate/up + SiLU pair on {n}x{k}")
     return baseline_us(unfused, w), best
 
 
@@ -269,19 +263,9 @@ def tune_qkv_rope(dims: dict, n: int, k: int, rows: int, dtype: torch.dtype, pro
         return triton_linear.qkv_rope(x, w, cos, sin, cache, slots, heads, kv_heads, d, tile)
 
     expected = unfused(w).float()
-    best = None
-    for tile in rope_candidates(k, d):
-        try:
-            got = fused(w, tile).float()
-        except Exception:  # noqa: BLE001 - a tile the GPU cannot hold (shared memory) is skipped
-            continue
-        if not torch.allclose(got, expected, rtol=2e-2, atol=2e-2):
-            print(f"  rope tile {tile} disagrees with the unfused pair on {n}x{k}: skipped",
-                  flush=True)
-            continue
-        us = bench_us(lambda w, t=tile: fused(w, t), w)
-        if best is None or us < best[1]:
-            best = (tile, us)
+    best = best_tile(rope_candidates(k, d), fused, w,
+                     lambda got: torch.allclose(got.float(), expected, rtol=2e-2, atol=2e-2),
+                     f"the qkv + rotary pair on {n}x{k}")
     return baseline_us(unfused, w), best
 
 
@@ -417,44 +401,37 @@ def main() -> None:
         print(f"| {shape} | {name} | {prologue} | {n} x {k} | {unfused:.1f} | "
               f"{_fused_cells(best, unfused, n, k)} | {'fused' if chosen else 'unfused'} |",
               flush=True)
-    silu_rows = [int(r) for r in a.silu_rows.split(",") if r]
-    if silu_rows:
-        print(f"\n### gate/up with SiLU x up fused vs the pair apart on {device} (bf16, {timing}, "
-              "median us)\n")
-        print("| shape | N x K | rows | unfused us | fused us | tile (n, k, stages, warps) "
-              "| fused TB/s | ratio | chosen |")
-        print("|---|---|---:|---:|---:|---|---:|---:|---|")
-    for shape, prods in shapes.items():
-        n, k = prods["gate_up_proj"]
-        for rows in silu_rows:
-            tile = entries.get(triton_linear.table_key(rows, n, k, torch.bfloat16))
-            product = _product(Tile(*tile) if tile else None, None)
-            unfused, best = tune_gate_up_silu(n, k, rows, torch.bfloat16, product)
-            chosen = _record(entries, triton_linear.silu_table_key(rows, n, k, torch.bfloat16),
-                             best, unfused)
-            _write(path, table, device, entries)
-            print(f"| {shape} | {n} x {k} | {rows} | {unfused:.1f} | "
-                  f"{_fused_cells(best, unfused, n, k)} | "
-                  f"{'fused' if chosen else 'unfused'} |", flush=True)
-    rope_rows = [int(r) for r in a.rope_rows.split(",") if r]
-    if rope_rows:
-        print(f"\n### qkv with the rotary and cache write fused vs the pair apart on {device} "
-              f"(bf16, {timing}, median us)\n")
-        print("| shape | N x K | rows | unfused us | fused us | tile (pairs, k, stages, warps) "
-              "| fused TB/s | ratio | chosen |")
-        print("|---|---|---:|---:|---:|---|---:|---:|---|")
-    for shape, prods in shapes.items():
-        n, k = prods["qkv_proj"]
-        for rows in rope_rows:
-            tile = entries.get(triton_linear.table_key(rows, n, k, torch.bfloat16))
-            product = _product(Tile(*tile) if tile else None, None)
-            unfused, best = tune_qkv_rope(dims_of[shape], n, k, rows, torch.bfloat16, product)
-            chosen = _record(entries, triton_linear.rope_table_key(rows, n, k, torch.bfloat16),
-                             best, unfused)
-            _write(path, table, device, entries)
-            print(f"| {shape} | {n} x {k} | {rows} | {unfused:.1f} | "
-                  f"{_fused_cells(best, unfused, n, k)} | "
-                  f"{'fused' if chosen else 'unfused'} |", flush=True)
+    def epilogue_section(title: str, product: str, tile_head: str, rows_list, tune, key_of):
+        """One fused-epilogue kernel against the pair apart, for product at each row count:
+        tune(shape, n, k, rows, pair) -> (the pair's us, best (tile, us) or None)."""
+        if rows_list:
+            print(f"\n### {title} vs the pair apart on {device} (bf16, {timing}, median us)\n")
+            print(f"| shape | N x K | rows | unfused us | fused us | tile ({tile_head}, k, stages, "
+                  "warps) | fused TB/s | ratio | chosen |")
+            print("|---|---|---:|---:|---:|---|---:|---:|---|")
+        for shape, prods in shapes.items():
+            n, k = prods[product]
+            for rows in rows_list:
+                tile = entries.get(triton_linear.table_key(rows, n, k, torch.bfloat16))
+                pair = _product(Tile(*tile) if tile else None, None)  # as the model runs it
+                unfused, best = tune(shape, n, k, rows, pair)
+                chosen = _record(entries, key_of(rows, n, k, torch.bfloat16), best, unfused)
+                _write(path, table, device, entries)
+                print(f"| {shape} | {n} x {k} | {rows} | {unfused:.1f} | "
+                      f"{_fused_cells(best, unfused, n, k)} | "
+                      f"{'fused' if chosen else 'unfused'} |", flush=True)
+
+    epilogue_section(
+        "gate/up with SiLU x up fused", "gate_up_proj", "n",
+        [int(r) for r in a.silu_rows.split(",") if r],
+        lambda shape, n, k, rows, pair: tune_gate_up_silu(n, k, rows, torch.bfloat16, pair),
+        triton_linear.silu_table_key)
+    epilogue_section(
+        "qkv with the rotary and cache write fused", "qkv_proj", "pairs",
+        [int(r) for r in a.rope_rows.split(",") if r],
+        lambda shape, n, k, rows, pair: tune_qkv_rope(dims_of[shape], n, k, rows,
+                                                      torch.bfloat16, pair),
+        triton_linear.rope_table_key)
     swapped_rows = [int(r) for r in a.swapped_rows.split(",") if r]
     if swapped_rows:
         print(f"\n### cuBLAS on X Wᵀ against the swapped (W Xᵀ)ᵀ on {device} (bf16, {timing}, "
