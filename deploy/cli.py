@@ -95,9 +95,11 @@ def spec_from_args(a: argparse.Namespace):
             extra[service] += [flag, str(value)]
     if a.enforce_eager:
         extra["worker"].append("--enforce-eager")
-    if a.speculative_config:  # the workers capture CUDA graphs for its verification steps
-        extra["worker"] += ["--num-speculative-tokens", str(_num_speculative_tokens(
-            a.speculative_config))]
+    if a.speculative_config:  # the workers capture graphs for its verification steps, and the
+        spec = _speculative_config(a.speculative_config)  # sampling rank runs its draft model
+        extra["worker"] += ["--num-speculative-tokens", str(spec.num_speculative_tokens)]
+        if spec.method == "draft_model":
+            extra["worker"] += ["--draft-model", spec.model]
     if not a.enable_prefix_caching:
         extra["scheduler"].append("--no-enable-prefix-caching")
     keys = [k for k in [*a.api_keys.split(","), *a.api_key] if k.strip()]
@@ -109,11 +111,11 @@ def spec_from_args(a: argparse.Namespace):
                     api_server_count=max(1, a.api_server_count), http_port=a.http_port)
 
 
-def _num_speculative_tokens(text: str) -> int:
+def _speculative_config(text: str):
     from services.scheduler.speculative import SpeculativeConfig
 
     try:
-        return SpeculativeConfig.parse(text).num_speculative_tokens
+        return SpeculativeConfig.parse(text)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
 

@@ -98,7 +98,8 @@ class Engine:
         self.num_steps += 1
         if self.metrics is not None:
             self.metrics.on_step(plan, result)
-        updates = self.scheduler.on_result(plan, result.tokens_by_seq())
+        updates = self.scheduler.on_result(plan, result.tokens_by_seq(),
+                                           result.proposals_by_seq())
         # The next plan goes to the workers before the streams are woken with these tokens:
         # the event loop then writes it first, and the device does not wait for the streams.
         self._fill_pipeline()

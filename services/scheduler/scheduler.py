@@ -135,10 +135,12 @@ class Scheduler:
         if not self._speculates(seq) or seq.num_known_tokens - seq.num_computed_tokens != 1:
             return ()
         spec = self.config.speculative
-        if seq.ngram is None:
-            seq.ngram = NgramIndex(spec.prompt_lookup_min, spec.prompt_lookup_max)
         k = min(spec.num_speculative_tokens, room,
                 seq.params.max_tokens - len(seq.output_ids) - 1)
+        if spec.method == "draft_model":  # made by the sampling worker after the last step
+            return seq.draft_proposals[:max(0, k)]
+        if seq.ngram is None:
+            seq.ngram = NgramIndex(spec.prompt_lookup_min, spec.prompt_lookup_max)
         return seq.ngram.propose(seq.token_view(seq.num_known_tokens), k)
 
     def _max_seqs_per_plan(self) -> int:
@@ -262,14 +264,18 @@ class Scheduler:
 
     # -- results -----------------------------------------------------------------------------
 
-    def on_result(self, plan: StepPlan, sampled: dict[int, list[int]]) -> list[SeqUpdate]:
-        """Applies one step's sampled tokens (ids per sequence); returns what changed."""
+    def on_result(self, plan: StepPlan, sampled: dict[int, list[int]],
+                  proposals: dict[int, list[int]] | None = None) -> list[SeqUpdate]:
+        """Applies one step's sampled tokens (ids per sequence) and a draft model's proposals
+        for their next steps; returns what changed."""
         updates = []
         for item in plan.seqs:
             seq = self.seqs.get(item.seq_id)
             if seq is None:
                 continue
             seq.num_inflight_steps -= 1
+            if item.sample:  # proposals follow the tokens this step gave, or there are none
+                seq.draft_proposals = tuple((proposals or {}).get(item.seq_id, ()))
             start, num_new = item.num_computed_tokens, item.num_new_tokens
             tokens = sampled.get(item.seq_id) if item.sample else None
             if item.draft_token_ids:

@@ -57,6 +57,8 @@ class Sequence:
     scheduled_time: float = 0.0
     first_token_time: float = 0.0
     ngram: object = None  # its speculative.NgramIndex, made at its first proposal
+    # a draft model's proposals for the tokens after its last known one (from the last result)
+    draft_proposals: tuple[int, ...] = ()
     verifying: bool = False  # a step with its proposals is in flight: how many it keeps is open
 
     @property

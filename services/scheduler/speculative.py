@@ -26,7 +26,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft_model")
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class SpeculativeConfig:
     # No proposals while more than this many sequences run (vLLM's name): where a step is
     # compute-bound, verifying rejected proposals costs more than accepted ones save. 0 = never.
     disable_by_batch_size: int = 0
+    model: str = ""  # draft_model: the draft's checkpoint folder (the sampling worker runs it)
 
     @classmethod
     def parse(cls, text: str) -> SpeculativeConfig | None:
@@ -52,16 +53,18 @@ class SpeculativeConfig:
         if not isinstance(raw, dict):
             raise ValueError("--speculative-config must be a JSON object")
         method = raw.get("method")
-        if method == "draft_model":
-            raise ValueError('--speculative-config: method "draft_model" is not supported yet; '
-                             'use "ngram"')
         if method not in METHODS:
             raise ValueError(f"--speculative-config: method {method!r} is not one of {METHODS}")
-        known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
-                 "disable_by_batch_size"}
+        known = {"method", "num_speculative_tokens", "disable_by_batch_size"} | (
+            {"prompt_lookup_max", "prompt_lookup_min"} if method == "ngram" else {"model"})
         if unknown := sorted(set(raw) - known):
-            raise ValueError(f"--speculative-config: unknown keys {unknown}; known: {sorted(known)}")
-        values = {k: raw[k] for k in known - {"method"} if k in raw}
+            raise ValueError(f"--speculative-config: unknown keys {unknown} for {method}; known: "
+                             f"{sorted(known)}")
+        if method == "draft_model" and not (isinstance(raw.get("model"), str) and raw["model"]):
+            raise ValueError('--speculative-config: draft_model needs "model", the draft\'s '
+                             "checkpoint folder")
+        model = raw.get("model", "")
+        values = {k: raw[k] for k in known - {"method", "model"} if k in raw}
         if "num_speculative_tokens" not in values:
             raise ValueError("--speculative-config: num_speculative_tokens is required")
         for key, value in values.items():
@@ -69,7 +72,7 @@ class SpeculativeConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"--speculative-config: {key} must be an integer >= {low}, "
                                  f"got {value!r}")
-        config = cls(method, **values)
+        config = cls(method, **values, model=model)
         if config.prompt_lookup_min > config.prompt_lookup_max:
             raise ValueError(f"--speculative-config: prompt_lookup_min "
                              f"({config.prompt_lookup_min}) is above prompt_lookup_max "

@@ -166,21 +166,34 @@ class StepResult:
     micro_batch: int = 0
     num_token_ids: tuple[int, ...] = ()  # () = one id per sequence
     step_time_us: int = 0  # the worker's wall time for the step (inputs, model, sampling)
+    # a draft model's proposals for each sequence's next step, flattened as token_ids
+    proposal_ids: tuple[int, ...] = ()
+    num_proposal_ids: tuple[int, ...] = ()  # () = no proposals
 
     def tokens_by_seq(self) -> dict[int, list[int]]:
-        counts = self.num_token_ids or (1,) * len(self.seq_ids)
-        out, pos = {}, 0
-        for seq_id, n in zip(self.seq_ids, counts):
-            out[seq_id] = list(self.token_ids[pos:pos + n])
-            pos += n
-        return out
+        return _split(self.seq_ids, self.token_ids, self.num_token_ids or (1,) * len(self.seq_ids))
+
+    def proposals_by_seq(self) -> dict[int, list[int]]:
+        return _split(self.seq_ids, self.proposal_ids, self.num_proposal_ids)
 
     def to_pb(self) -> pb.StepResult:
         return pb.StepResult(step_id=self.step_id, micro_batch=self.micro_batch,
                              seq_ids=self.seq_ids, token_ids=self.token_ids,
-                             num_token_ids=self.num_token_ids, step_time_us=self.step_time_us)
+                             num_token_ids=self.num_token_ids, step_time_us=self.step_time_us,
+                             proposal_ids=self.proposal_ids,
+                             num_proposal_ids=self.num_proposal_ids)
 
     @classmethod
     def from_pb(cls, msg: pb.StepResult) -> StepResult:
         return cls(msg.step_id, tuple(msg.seq_ids), tuple(msg.token_ids), msg.micro_batch,
-                   tuple(msg.num_token_ids), msg.step_time_us)
+                   tuple(msg.num_token_ids), msg.step_time_us, tuple(msg.proposal_ids),
+                   tuple(msg.num_proposal_ids))
+
+
+def _split(seq_ids, flat, counts) -> dict[int, list[int]]:
+    """{seq_ids[i]: the counts[i] ids of flat after those of the sequences before}."""
+    out, pos = {}, 0
+    for seq_id, n in zip(seq_ids, counts):
+        out[seq_id] = list(flat[pos:pos + n])
+        pos += n
+    return out

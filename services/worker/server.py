@@ -71,6 +71,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         async with self._busy:
             # A new stream is a new scheduler: nothing of the last one's sequences holds.
             await self.on_model_thread(self.shard.runner.reset)
+            if self.shard.proposer is not None:
+                await self.on_model_thread(self.shard.proposer.reset)
             plans: asyncio.Queue = asyncio.Queue()
             reader = asyncio.create_task(_read_into(request_iterator, plans))
             try:
@@ -125,8 +127,13 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                                                                            launched.results)
         elapsed_us = launched.elapsed_us()
         self.metrics.step_time.observe(elapsed_us / 1e6)
+        proposals, num_proposals = [], []
+        if self.shard.proposer is not None:  # the draft's proposals for the next steps
+            proposals, num_proposals = await self.on_model_thread(self.shard.proposer.propose,
+                                                                  plan, ids, counts)
         return StepResult(plan.step_id, tuple(launched.seq_ids), tuple(ids), plan.micro_batch,
-                          num_token_ids=counts, step_time_us=elapsed_us)
+                          num_token_ids=counts, step_time_us=elapsed_us,
+                          proposal_ids=tuple(proposals), num_proposal_ids=tuple(num_proposals))
 
 
 _END = object()

@@ -34,6 +34,7 @@ class WorkerSettings:
     drain_timeout_s: float = 60.0  # on SIGTERM, serve the scheduler's steps this long at most
     metrics_port: int = -1  # Prometheus /metrics on this port; 0 = any free port; -1 = none
     num_speculative_tokens: int = 0  # proposals per sequence the scheduler verifies per step
+    draft_model: str = ""  # speculative method draft_model: the draft the sampling rank runs
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> WorkerSettings:
@@ -73,6 +74,10 @@ class WorkerSettings:
         p.add_argument("--num-speculative-tokens", type=NON_NEGATIVE, default=0,
                        help="the scheduler's speculative num_speculative_tokens: CUDA graphs "
                             "are captured for its verification steps too (0 = none)")
+        p.add_argument("--draft-model", default="",
+                       help="speculative method draft_model: the draft's checkpoint folder; the "
+                            "last stage's TP rank 0 runs it and proposes "
+                            "--num-speculative-tokens tokens a step")
         a = p.parse_args(argv)
         split = tuple(int(x) for x in a.layer_split.split(",") if x)
         settings = cls(a.model, a.tp_rank, a.tp_size, a.pp_rank, a.pp_size, a.dist_init, a.host,
@@ -80,7 +85,7 @@ class WorkerSettings:
                        a.kv_cache_memory_gb, split, a.max_model_len, a.num_threads,
                        a.ready_file, a.max_num_seqs, a.attention_backend, a.enforce_eager,
                        a.gpu_memory_utilization, a.drain_timeout, a.metrics_port,
-                       a.num_speculative_tokens)
+                       a.num_speculative_tokens, a.draft_model)
         settings.check()
         return settings
 
@@ -96,5 +101,7 @@ class WorkerSettings:
             raise SystemExit("--block-size must be >= 1")
         if self.max_num_seqs < 1:
             raise SystemExit("--max-num-seqs must be >= 1")
+        if self.draft_model and self.num_speculative_tokens < 1:
+            raise SystemExit("--draft-model needs --num-speculative-tokens K >= 1")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise SystemExit("--gpu-memory-utilization must be in (0, 1]")

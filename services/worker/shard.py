@@ -26,6 +26,7 @@ from services.model import (ModelConfig, ParallelContext, allocate_kv_caches, en
 from services.stagelink.wire import ActivationHeader  # importing it needs no UCX
 from services.step import StepPlan
 from services.worker.cuda_graphs import bucket_sizes, verify_bucket_sizes
+from services.worker.draft import DraftProposer
 from services.worker.runner import ModelRunner
 from services.worker.settings import WorkerSettings
 
@@ -55,6 +56,7 @@ class WorkerShard:
     num_kv_blocks: int
     max_model_len: int
     link: object | None = None  # StageLink when PP > 1
+    proposer: DraftProposer | None = None  # the draft model's, on the sampling rank
     link_address: bytes = b""
     _sends: asyncio.Queue | None = None
     _sender: asyncio.Task | None = None
@@ -83,8 +85,13 @@ class WorkerShard:
                            attention_backend=backend, verify_len=1 + s.num_speculative_tokens)
         reserve = _activation_reserve(model, config, ctx, len(layers), s, dtype, device,
                                       runner_args, graph_sizes)
+        draft = _load_draft(s, config, dtype, device) \
+            if s.draft_model and ctx.is_last_stage and ctx.tp_rank == 0 else None
+        # The draft's KV pool holds as many blocks as the target's: it takes its share of memory.
+        draft_per_block = 0 if draft is None else kv_bytes_per_block(
+            draft.config, draft.ctx, draft.config.num_hidden_layers, s.block_size, dtype)
         num_blocks = s.num_kv_blocks or _blocks_for_memory(s, config, ctx, len(layers), dtype,
-                                                           device, reserve)
+                                                           device, reserve, draft_per_block)
         # One block more than the scheduler sees: the scratch block of padded graph rows.
         caches = allocate_kv_caches(config, ctx, len(layers), num_blocks + 1, s.block_size,
                                     dtype, device)
@@ -98,6 +105,17 @@ class WorkerShard:
             log.info("worker: CUDA graphs for verification steps of %d..%d sequences x %d tokens",
                      graphs.verify_sizes[0], graphs.verify_sizes[-1], graphs.verify_len)
         shard = cls(s, config, model_dir.name, ctx, device, runner, num_blocks, max_len)
+        if draft is not None:
+            draft_caches = allocate_kv_caches(draft.config, draft.ctx,
+                                              draft.config.num_hidden_layers, num_blocks + 1,
+                                              s.block_size, dtype, device)
+            draft_runner = ModelRunner(draft, draft_caches, s.block_size, device, draft.ctx,
+                                       cuda_graph_sizes=graph_sizes,
+                                       **dict(runner_args, verify_len=1))
+            shard.proposer = DraftProposer(draft_runner, num_blocks, s.block_size,
+                                           s.num_speculative_tokens, max_len)
+            log.info("worker: draft model %s proposes %d tokens a step", s.draft_model,
+                     s.num_speculative_tokens)
         shard.memory = {
             "weights": sum(t.numel() * t.element_size()
                            for t in [*model.parameters(), *model.buffers()]),
@@ -108,6 +126,8 @@ class WorkerShard:
         """Captures the decode graphs (on the model thread) and records their memory."""
         before = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
         self.runner.capture_graphs(progress)
+        if self.proposer is not None:
+            self.proposer.runner.capture_graphs()
         if self.device.type == "cuda":
             self.memory["cuda_graphs"] = torch.cuda.memory_allocated(self.device) - before
 
@@ -256,9 +276,19 @@ def _activation_reserve(model, config, ctx, num_layers, s: WorkerSettings, dtype
     return 2 * peak
 
 
+def _load_draft(s: WorkerSettings, config: ModelConfig, dtype, device):
+    """The draft model, whole on this rank (no TP, no PP); it must speak the target's vocabulary."""
+    draft_config = ModelConfig.from_dir(s.draft_model)
+    if draft_config.vocab_size != config.vocab_size:
+        raise SystemExit(f"--draft-model {s.draft_model} has a vocabulary of "
+                         f"{draft_config.vocab_size}, the model {config.vocab_size}: a draft must "
+                         "share the target's tokenizer")
+    return load_model(s.draft_model, ParallelContext(), dtype=dtype, device=device)
+
+
 def _blocks_for_memory(s: WorkerSettings, config, ctx, num_layers, dtype, device,
-                       reserve: int = 0) -> int:
-    per_block = kv_bytes_per_block(config, ctx, num_layers, s.block_size, dtype)
+                       reserve: int = 0, extra_per_block: int = 0) -> int:
+    per_block = kv_bytes_per_block(config, ctx, num_layers, s.block_size, dtype) + extra_per_block
     if s.kv_cache_memory_gb:
         budget = s.kv_cache_memory_gb * 2**30
     elif device.type == "cuda":

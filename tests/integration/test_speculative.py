@@ -31,12 +31,22 @@ def seeded(seed: int, max_tokens: int = NUM_TOKENS) -> pb.SamplingParams:
                              seed=seed)
 
 
-def served(model_dir, prompts, sampling=(), tp=1, pp=1, speculate=True):
+def draft_config(draft_dir, k: int = 3) -> str:
+    return json.dumps({"method": "draft_model", "model": str(draft_dir),
+                       "num_speculative_tokens": k})
+
+
+def served(model_dir, prompts, sampling=(), tp=1, pp=1, speculate=True, config=NGRAM):
     """(the tokens of each prompt, batched together; the scheduler's metrics samples).
-    sampling: each prompt's SamplingParams (default greedy)."""
-    spec = MeshSpec(model=str(model_dir), tp=tp, pp=pp, port=0,
-                    worker_args=("--num-kv-blocks", "128"),
-                    scheduler_args=("--speculative-config", NGRAM) if speculate else ())
+    sampling: each prompt's SamplingParams (default greedy); config: the speculative config,
+    whose draft model (if any) the workers get as `meshserve up` gives it them."""
+    worker_args = ("--num-kv-blocks", "128")
+    parsed = json.loads(config)
+    if speculate and parsed["method"] == "draft_model":
+        worker_args += ("--num-speculative-tokens", str(parsed["num_speculative_tokens"]),
+                        "--draft-model", parsed["model"])
+    spec = MeshSpec(model=str(model_dir), tp=tp, pp=pp, port=0, worker_args=worker_args,
+                    scheduler_args=("--speculative-config", config) if speculate else ())
     sampling = list(sampling) or [GREEDY] * len(prompts)
     with LocalMesh(spec) as mesh, grpc.insecure_channel(mesh.gateway_address) as channel:
         stub = pb_grpc.GenerationStub(channel)
@@ -137,3 +147,34 @@ def test_a_seeded_stream_resumes_token_for_token_when_its_speculating_replica_di
     assert drafts > 0  # which went on speculating
     assert len(resumed) == 300 and resumed == quiet
     assert quiet != hf_greedy(default_model_dir, prompt, 300, stop_at_eos=False)
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_a_self_draft_has_every_proposal_accepted_and_gives_transformers_greedy_tokens(
+        default_model_dir, tp, pp):
+    """draft = target: the draft's greedy proposals are the target's own next tokens."""
+    prompts = [[1] + [40, 41, 42, 43, 44] * 4, [1, 7, 8, 9, 7, 8, 9, 7, 8], [1, 300, 17, 250]]
+    out, samples = served(default_model_dir, prompts, tp=tp, pp=pp,
+                          config=draft_config(default_model_dir))
+    assert out == [hf_greedy(default_model_dir, p, NUM_TOKENS, stop_at_eos=False)
+                   for p in prompts]
+    drafts = value(samples, "meshserve:spec_decode_num_draft_tokens_total")
+    assert drafts > 0
+    assert value(samples, "meshserve:spec_decode_num_accepted_tokens_total") == drafts
+
+
+def test_another_draft_model_keeps_the_targets_tokens_greedy_and_seeded(default_model_dir,
+                                                                        gqa_dir):
+    """A draft that is another model (the 2-layer GQA checkpoint, same vocabulary): its proposals
+    are mostly rejected, and the tokens are the target's, greedy (transformers') and seeded (the
+    same as without speculation, the draft's proposals being point masses)."""
+    prompts = [[1] + [40, 41, 42, 43, 44] * 4, [1, 7, 8, 9, 7, 8, 9, 7, 8]]
+    sampling = [GREEDY, seeded(9)]
+    config = draft_config(gqa_dir, k=2)
+    out, samples = served(default_model_dir, prompts, sampling, config=config)
+    assert out[0] == hf_greedy(default_model_dir, prompts[0], NUM_TOKENS, stop_at_eos=False)
+    off, _ = served(default_model_dir, prompts, sampling, speculate=False)
+    assert out == off
+    drafts = value(samples, "meshserve:spec_decode_num_draft_tokens_total")
+    accepted = value(samples, "meshserve:spec_decode_num_accepted_tokens_total")
+    assert 0 <= accepted < drafts, (accepted, drafts)

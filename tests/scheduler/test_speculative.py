@@ -19,11 +19,16 @@ def test_the_config_is_vllms_json_and_refuses_what_it_cannot_do():
     assert SpeculativeConfig.parse("") is None
     assert SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 4, '
                                    '"prompt_lookup_max": 3}') == SpeculativeConfig("ngram", 4, 3, 1)
+    assert SpeculativeConfig.parse('{"method": "draft_model", "model": "/m", '
+                                   '"num_speculative_tokens": 3}') == SpeculativeConfig(
+        "draft_model", 3, model="/m")
     for text, message in [
         ("{", "not JSON"),
         ('{"method": "ngram"}', "num_speculative_tokens is required"),
         ('{"method": "eagle", "num_speculative_tokens": 2}', "not one of"),
-        ('{"method": "draft_model", "model": "x", "num_speculative_tokens": 2}', "not supported yet"),
+        ('{"method": "draft_model", "num_speculative_tokens": 2}', 'needs "model"'),
+        ('{"method": "draft_model", "model": "x", "num_speculative_tokens": 2, '
+         '"prompt_lookup_max": 2}', "unknown keys"),
         ('{"method": "ngram", "num_speculative_tokens": 0}', "integer >= 1"),
         ('{"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": -1}',
          "integer >= 0"),
@@ -147,3 +152,17 @@ def test_proposals_take_only_free_blocks():
     sched.on_result(sched.schedule(), {1: [12]})  # 7 tokens: positions 0-6 in two blocks
     step = sched.schedule()  # 3 proposals would need positions 7-9: a third block
     assert step.seqs[0].draft_token_ids == () and step.seqs[0].num_new_tokens == 1
+
+
+def test_a_draft_models_proposals_from_a_result_go_into_the_next_plan():
+    config = SpeculativeConfig("draft_model", 3, model="/draft")
+    sched = Scheduler(SchedulerConfig(speculative=config, eos_token_ids=(2,)), BlockManager(32, 4))
+    sched.add(seq(1, [10, 11, 12]))
+    prefill = sched.schedule()
+    sched.on_result(prefill, {1: [13]}, {1: [14, 15, 16]})
+    step = sched.schedule()
+    assert step.seqs[0].draft_token_ids == (14, 15, 16)
+    sched.on_result(step, {1: [14, 15, 99]}, {1: [7]})  # two kept, then the target's own 99
+    assert sched.seqs[1].output_ids == [13, 14, 15, 99]
+    assert (sched.num_draft_tokens, sched.num_accepted_tokens) == (3, 2)
+    assert sched.schedule().seqs[0].draft_token_ids == (7,)

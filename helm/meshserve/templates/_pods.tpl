@@ -51,6 +51,10 @@ containers:
       {{- with $v.scheduler.speculativeConfig }}
       - --num-speculative-tokens
       - {{ int .num_speculative_tokens | quote }}
+      {{- with .model }}
+      - --draft-model
+      - {{ . | quote }}
+      {{- end }}
       {{- end }}
       - --drain-timeout
       - {{ int $v.scheduler.drainTimeout | quote }}

@@ -109,17 +109,21 @@ class StepPlan(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., micro_batch: _Optional[int] = ..., finished_seq_ids: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., preempted_seq_ids: _Optional[_Iterable[int]] = ..., seq_ids: _Optional[_Iterable[int]] = ..., num_computed_tokens: _Optional[_Iterable[int]] = ..., num_new_tokens: _Optional[_Iterable[int]] = ..., sample: _Optional[_Iterable[bool]] = ..., append_last_sampled: _Optional[_Iterable[bool]] = ..., num_new_block_ids: _Optional[_Iterable[int]] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., num_token_ids: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., starts: _Optional[_Iterable[_Union[SeqStart, _Mapping]]] = ..., num_draft_token_ids: _Optional[_Iterable[int]] = ..., draft_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "micro_batch", "seq_ids", "token_ids", "num_token_ids", "step_time_us")
+    __slots__ = ("step_id", "micro_batch", "seq_ids", "token_ids", "num_token_ids", "step_time_us", "proposal_ids", "num_proposal_ids")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     STEP_TIME_US_FIELD_NUMBER: _ClassVar[int]
+    PROPOSAL_IDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PROPOSAL_IDS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     micro_batch: int
     seq_ids: _containers.RepeatedScalarFieldContainer[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     num_token_ids: _containers.RepeatedScalarFieldContainer[int]
     step_time_us: int
-    def __init__(self, step_id: _Optional[int] = ..., micro_batch: _Optional[int] = ..., seq_ids: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_token_ids: _Optional[_Iterable[int]] = ..., step_time_us: _Optional[int] = ...) -> None: ...
+    proposal_ids: _containers.RepeatedScalarFieldContainer[int]
+    num_proposal_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, step_id: _Optional[int] = ..., micro_batch: _Optional[int] = ..., seq_ids: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_token_ids: _Optional[_Iterable[int]] = ..., step_time_us: _Optional[int] = ..., proposal_ids: _Optional[_Iterable[int]] = ..., num_proposal_ids: _Optional[_Iterable[int]] = ...) -> None: ...
