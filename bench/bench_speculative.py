@@ -70,10 +70,15 @@ def one(stub, prompt: str, sampling: pb.SamplingParams) -> tuple[list[int], floa
 def measure(model: str, config: str, kind: str, max_tokens: int, batch: int, rounds: int,
             dtype: str = "auto") -> dict:
     args = ("--speculative-config", config) if config else ()
-    # the workers capture CUDA graphs for verification steps of K proposals (as `up` asks)
-    k = json.loads(config)["num_speculative_tokens"] if config else 0
+    # the workers capture CUDA graphs for verification steps of K proposals and run the draft
+    # model if there is one (as `up` asks them)
+    parsed = json.loads(config) if config else {}
+    worker_args = ("--num-speculative-tokens", str(parsed.get("num_speculative_tokens", 0)),
+                   "--dtype", dtype)
+    if parsed.get("method") == "draft_model":
+        worker_args += ("--draft-model", parsed["model"])
     spec = MeshSpec(model=model, port=0, http_port=-1, scheduler_args=args,
-                    worker_args=("--num-speculative-tokens", str(k), "--dtype", dtype))
+                    worker_args=worker_args)
     with LocalMesh(spec) as mesh, grpc.insecure_channel(mesh.gateway_address) as channel:
         stub = pb_grpc.GenerationStub(channel)
         one(stub, PROMPTS[0], sampling_for(kind, 4, 0))  # warm up

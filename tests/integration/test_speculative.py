@@ -120,13 +120,17 @@ def test_seeded_sampling_is_the_same_with_speculation_on_and_off_across_stages(
     assert value(samples, "meshserve:spec_decode_num_draft_tokens_total") > 0
 
 
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
 def test_a_seeded_stream_resumes_token_for_token_when_its_speculating_replica_dies(
-        default_model_dir):
+        default_model_dir, gqa_dir, method):
     """Two replicas speculating: the scheduler of the one running a seeded stream is killed
     (kill -9) mid-stream; the stream ends on the other replica as in a quiet run."""
+    config = NGRAM if method == "ngram" else draft_config(gqa_dir, k=2)
+    draft = ("--num-speculative-tokens", "2", "--draft-model", str(gqa_dir)) \
+        if method == "draft_model" else ()
     spec = MeshSpec(replicas=2, port=0, heartbeat_ttl_s=1.5,
-                    worker_args=("--num-kv-blocks", "128"),
-                    scheduler_args=("--speculative-config", NGRAM))
+                    worker_args=("--num-kv-blocks", "128", *draft),
+                    scheduler_args=("--speculative-config", config))
     prompt = [1] + [40, 41, 42, 43, 44] * 4
     request = pb.GenerateRequest(prompt_token_ids=prompt, sampling=seeded(5, 300))
     with LocalMesh(spec) as mesh, grpc.insecure_channel(mesh.gateway_address) as channel:
