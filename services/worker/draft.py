@@ -89,7 +89,9 @@ class DraftProposer:
 
     def _take(self, seq: _DraftSeq, new_tokens: list[int]) -> None:
         """The step's tokens appended; the draft KV stays valid up to the last proposal that
-        was kept (the proposals' KV was written at their positions)."""
+        was kept (the proposals' KV was written at their positions), and the last token is
+        always fed again (the first draft step needs an input; the step may have verified fewer
+        proposals than were made, all of them kept)."""
         if seq.proposed:
             kept = 0
             while kept < min(len(seq.proposed), len(new_tokens)) and \
@@ -97,6 +99,7 @@ class DraftProposer:
                 kept += 1
             seq.computed = min(seq.computed, seq.proposed_at + kept)
         seq.tokens += new_tokens
+        seq.computed = min(seq.computed, len(seq.tokens) - 1)
         seq.proposed = ()
 
     def _reserve(self, seq: _DraftSeq) -> bool:
