@@ -13,6 +13,11 @@ that is a point mass, as an n-gram proposal is: the proposal x is kept with prob
 x, the residual distribution; drawing it from the seeded noise keeps every token a pure
 function of (seed, position), with speculation on or off, on whichever replica.
 
+A draft model (vLLM's "draft_model" method) proposes instead: the sampling worker runs it after
+every step and returns its greedy next K tokens with the step's result
+(services/worker/draft.py); the scheduler puts them in the sequence's next plan. Its proposals
+are point masses too, so the same rule keeps the target's tokens.
+
 A proposal is looked up in an index per sequence, n-gram -> where it last ended, extended by
 the tokens the sequence gained since its last step: the per-step work is (max - min + 1)
 dictionary operations per new token, whatever the context length.
