@@ -1,7 +1,8 @@
-"""n-gram speculative decoding through real processes: greedy tokens identical to transformers'
-(float32 on CPU) at TP 1 and 2, PP 2 and TP2 x PP2, with proposals made and verified; on
-SmolLM2 (real weights), whose answers repeat their prompt, proposals accepted; seeded sampling
-the same with speculation on and off, and resumed token for token after its replica dies."""
+"""Speculative decoding through real processes, n-gram and a draft model: greedy tokens
+identical to transformers' (float32 on CPU) at TP 1 and 2, PP 2 and TP2 x PP2, with proposals made
+and verified (a self-draft has every one accepted); on SmolLM2 (real weights), whose answers
+repeat their prompt, n-gram proposals accepted; seeded sampling the same with speculation on and
+off, and resumed token for token after its replica dies."""
 
 from __future__ import annotations
 
