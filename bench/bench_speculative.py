@@ -15,7 +15,6 @@ Prints a markdown section for bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpc  # noqa: E402
 
 from bench.common import machine  # noqa: E402
+from deploy.cli import speculative_worker_args  # noqa: E402
 from deploy.launcher import LocalMesh, MeshSpec  # noqa: E402
 from meshserve.v1 import generation_pb2 as pb  # noqa: E402
 from meshserve.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
@@ -70,15 +70,9 @@ def one(stub, prompt: str, sampling: pb.SamplingParams) -> tuple[list[int], floa
 def measure(model: str, config: str, kind: str, max_tokens: int, batch: int, rounds: int,
             dtype: str = "auto") -> dict:
     args = ("--speculative-config", config) if config else ()
-    # the workers capture CUDA graphs for verification steps of K proposals and run the draft
-    # model if there is one (as `up` asks them)
-    parsed = json.loads(config) if config else {}
-    worker_args = ("--num-speculative-tokens", str(parsed.get("num_speculative_tokens", 0)),
-                   "--dtype", dtype)
-    if parsed.get("method") == "draft_model":
-        worker_args += ("--draft-model", parsed["model"])
+    # the workers get what `up` gives them of the config (graphs for K, the draft model)
     spec = MeshSpec(model=model, port=0, http_port=-1, scheduler_args=args,
-                    worker_args=worker_args)
+                    worker_args=("--dtype", dtype, *speculative_worker_args(config)))
     with LocalMesh(spec) as mesh, grpc.insecure_channel(mesh.gateway_address) as channel:
         stub = pb_grpc.GenerationStub(channel)
         one(stub, PROMPTS[0], sampling_for(kind, 4, 0))  # warm up

@@ -95,11 +95,11 @@ def spec_from_args(a: argparse.Namespace):
             extra[service] += [flag, str(value)]
     if a.enforce_eager:
         extra["worker"].append("--enforce-eager")
-    if a.speculative_config:  # the workers capture graphs for its verification steps, and the
-        spec = _speculative_config(a.speculative_config)  # sampling rank runs its draft model
-        extra["worker"] += ["--num-speculative-tokens", str(spec.num_speculative_tokens)]
-        if spec.method == "draft_model":
-            extra["worker"] += ["--draft-model", spec.model]
+    if a.speculative_config:
+        try:
+            extra["worker"] += speculative_worker_args(a.speculative_config)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
     if not a.enable_prefix_caching:
         extra["scheduler"].append("--no-enable-prefix-caching")
     keys = [k for k in [*a.api_keys.split(","), *a.api_key] if k.strip()]
@@ -111,13 +111,16 @@ def spec_from_args(a: argparse.Namespace):
                     api_server_count=max(1, a.api_server_count), http_port=a.http_port)
 
 
-def _speculative_config(text: str):
+def speculative_worker_args(text: str) -> list[str]:
+    """What the workers need of a --speculative-config (ValueError if it is not one): K, for
+    the verification steps' CUDA graphs, and the draft model the sampling rank runs."""
     from services.scheduler.speculative import SpeculativeConfig
 
-    try:
-        return SpeculativeConfig.parse(text)
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from None
+    spec = SpeculativeConfig.parse(text)
+    if spec is None:
+        return []
+    args = ["--num-speculative-tokens", str(spec.num_speculative_tokens)]
+    return args + (["--draft-model", spec.model] if spec.method == "draft_model" else [])
 
 
 def cmd_up(argv: list[str], prog: str = "meshserve up") -> int:

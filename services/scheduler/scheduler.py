@@ -74,6 +74,9 @@ class Scheduler:
         # of those, how many were the i-th proposal of their step (vLLM's accepted per position)
         self.num_accepted_per_pos = [0] * (config.speculative.num_speculative_tokens
                                            if config.speculative else 0)
+        # method draft_model: proposals come with the results (else the scheduler makes them)
+        self._drafts_from_results = bool(config.speculative
+                                         and config.speculative.method == "draft_model")
 
     # -- requests in and out ---------------------------------------------------------------
 
@@ -274,7 +277,7 @@ class Scheduler:
             if seq is None:
                 continue
             seq.num_inflight_steps -= 1
-            if item.sample:  # proposals follow the tokens this step gave, or there are none
+            if item.sample and self._drafts_from_results:  # they follow this step's tokens
                 seq.draft_proposals = tuple((proposals or {}).get(item.seq_id, ()))
             start, num_new = item.num_computed_tokens, item.num_new_tokens
             tokens = sampled.get(item.seq_id) if item.sample else None

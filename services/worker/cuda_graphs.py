@@ -105,9 +105,6 @@ class DecodeGraphs:
         self.num_verify_replays = 0
         self.collectives: dict[tuple[int, int], tuple] = {}  # what one replay communicates
 
-    def can_run(self, host: HostStep) -> bool:
-        return self.key_for(host) is not None
-
     def key_for(self, host: HostStep) -> tuple[int, int] | None:
         """The (bucket, tokens per sequence) graph of host's step, or None: it runs eagerly."""
         if self.use_capture and not self.graphs:
@@ -185,10 +182,11 @@ class DecodeGraphs:
 
     # -- replay ------------------------------------------------------------------------------
 
-    def run(self, host: HostStep, hidden_in: torch.Tensor | None) -> ReplayedStep:
-        """Replays the graph of host's step. Its outputs are the graph's own memory, which the
-        next replay overwrites (a verification step's are gathered into new memory)."""
-        key = self.key_for(host)
+    def run(self, host: HostStep, hidden_in: torch.Tensor | None,
+            key: tuple[int, int]) -> ReplayedStep:
+        """Replays graph key (key_for(host)) with host's step. Its outputs are the graph's own
+        memory, which the next replay overwrites (a verification step's are gathered into new
+        memory)."""
         size, q = key
         n, tokens = host.num_seqs, size * q
         fields = self._padding(size, q)

@@ -59,16 +59,10 @@ class DraftProposer:
         self._free = list(range(self.num_blocks - 1, -1, -1))
         self.runner.reset()
 
-    def propose(self, plan: StepPlan, token_ids: list[int],
-                counts: tuple[int, ...]) -> tuple[list[int], list[int]]:
-        """After the target's step: (proposals flattened, how many each) for plan's sampled
-        sequences in plan order, from the step's tokens (ids, and counts per sequence as in
-        StepResult; () = one each)."""
+    def propose(self, plan: StepPlan, got: dict[int, list[int]]) -> tuple[list[int], list[int]]:
+        """After the target's step: (proposals flattened, how many each; [] = none) for plan's
+        sampled sequences in plan order, from the tokens each got (StepResult.tokens_by_seq)."""
         self._drop(plan.dropped_seq_ids)
-        counts = counts or (1,) * len(plan.sampled_seq_ids)
-        got, at = {}, 0
-        for seq_id, n in zip(plan.sampled_seq_ids, counts):
-            got[seq_id], at = token_ids[at:at + n], at + n
         for item in plan.seqs:
             if item.start is not None:  # (again, after a preemption): what it knows now
                 self._drop([item.seq_id])

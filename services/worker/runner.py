@@ -116,8 +116,9 @@ class ModelRunner:
             # The previous stage sent each rank its column slice: [num_tokens, hidden / T].
             hidden_in = tp_all_gather(hidden_in, self.ctx, dim=-1)  # [num_tokens, hidden]
         greedy = None  # the step's greedy ids, already the rows' last sampled ids
-        if self.graphs is not None and self.graphs.can_run(host):
-            replayed = self.graphs.run(host, hidden_in)
+        graph = self.graphs.key_for(host) if self.graphs is not None else None
+        if graph is not None:
+            replayed = self.graphs.run(host, hidden_in, graph)
             pending.graph_replay = True
             if not self.is_last_stage:  # the stage link sends it after the next replay began
                 pending.hidden = replayed.outputs.clone()

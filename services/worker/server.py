@@ -10,6 +10,7 @@ keeps receiving plans and moving activations over the stage link while a step co
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -127,13 +128,14 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                                                                            launched.results)
         elapsed_us = launched.elapsed_us()
         self.metrics.step_time.observe(elapsed_us / 1e6)
-        proposals, num_proposals = [], []
-        if self.shard.proposer is not None:  # the draft's proposals for the next steps
-            proposals, num_proposals = await self.on_model_thread(self.shard.proposer.propose,
-                                                                  plan, ids, counts)
-        return StepResult(plan.step_id, tuple(launched.seq_ids), tuple(ids), plan.micro_batch,
-                          num_token_ids=counts, step_time_us=elapsed_us,
-                          proposal_ids=tuple(proposals), num_proposal_ids=tuple(num_proposals))
+        result = StepResult(plan.step_id, tuple(launched.seq_ids), tuple(ids), plan.micro_batch,
+                            num_token_ids=counts, step_time_us=elapsed_us)
+        if self.shard.proposer is None:
+            return result
+        proposals, num_proposals = await self.on_model_thread(  # for the sequences' next steps
+            self.shard.proposer.propose, plan, result.tokens_by_seq())
+        return dataclasses.replace(result, proposal_ids=tuple(proposals),
+                                   num_proposal_ids=tuple(num_proposals))
 
 
 _END = object()

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
+from deploy.cli import speculative_worker_args
 from deploy.launcher import LocalMesh, MeshSpec
 from meshserve.v1 import generation_pb2 as pb
 from meshserve.v1 import generation_pb2_grpc as pb_grpc
@@ -41,12 +42,9 @@ def served(model_dir, prompts, sampling=(), tp=1, pp=1, speculate=True, config=N
     """(the tokens of each prompt, batched together; the scheduler's metrics samples).
     sampling: each prompt's SamplingParams (default greedy); config: the speculative config,
     whose draft model (if any) the workers get as `meshserve up` gives it them."""
-    worker_args = ("--num-kv-blocks", "128")
-    parsed = json.loads(config)
-    if speculate and parsed["method"] == "draft_model":
-        worker_args += ("--num-speculative-tokens", str(parsed["num_speculative_tokens"]),
-                        "--draft-model", parsed["model"])
-    spec = MeshSpec(model=str(model_dir), tp=tp, pp=pp, port=0, worker_args=worker_args,
+    spec = MeshSpec(model=str(model_dir), tp=tp, pp=pp, port=0,
+                    worker_args=("--num-kv-blocks", "128",
+                                 *(speculative_worker_args(config) if speculate else ())),
                     scheduler_args=("--speculative-config", config) if speculate else ())
     sampling = list(sampling) or [GREEDY] * len(prompts)
     with LocalMesh(spec) as mesh, grpc.insecure_channel(mesh.gateway_address) as channel:
@@ -127,10 +125,8 @@ def test_a_seeded_stream_resumes_token_for_token_when_its_speculating_replica_di
     """Two replicas speculating: the scheduler of the one running a seeded stream is killed
     (kill -9) mid-stream; the stream ends on the other replica as in a quiet run."""
     config = NGRAM if method == "ngram" else draft_config(gqa_dir, k=2)
-    draft = ("--num-speculative-tokens", "2", "--draft-model", str(gqa_dir)) \
-        if method == "draft_model" else ()
     spec = MeshSpec(replicas=2, port=0, heartbeat_ttl_s=1.5,
-                    worker_args=("--num-kv-blocks", "128", *draft),
+                    worker_args=("--num-kv-blocks", "128", *speculative_worker_args(config)),
                     scheduler_args=("--speculative-config", config))
     prompt = [1] + [40, 41, 42, 43, 44] * 4
     request = pb.GenerateRequest(prompt_token_ids=prompt, sampling=seeded(5, 300))
