@@ -21,6 +21,7 @@ import itertools
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -32,6 +33,7 @@ import torch  # noqa: E402
 
 from bench.common import machine  # noqa: E402
 from services.model.config import ModelConfig  # noqa: E402
+from services.model.layers import FUSED_NORM_PRODUCTS  # noqa: E402
 from services.model.triton_pdl import PREFETCH_KV  # noqa: E402
 
 CONTEXT = 128  # prompt tokens per sequence
@@ -49,6 +51,9 @@ class Mode(NamedTuple):
     prefetch_kv: bool = False  # decode attention asks L2 for its first K/V tile before its wait
     other_table: bool = False  # the products' tiles from --linear-table instead of the shipped one
     qkv_rope: bool = True  # qkv with the rotary and the cache write in its epilogue at 2-64 rows
+    rotary_in_attention: bool = True  # decode attention rotates q, k and writes the cache itself
+    argmax_epilogue: bool = True  # the LM head takes the greedy ids in its epilogue
+    norm_in_products: bool = False  # at 2-64 rows qkv and gate/up read x through the norm
 
 
 EAGER = dict(enforce_eager=True)
@@ -65,11 +70,22 @@ MODES = {
     "CUDA graphs, triton, --linear-table": Mode(TRITON | GRAPHS, True, True, other_table=True),
     "CUDA graphs, triton, --linear-table, rotary apart": Mode(TRITON | GRAPHS, True, True,
                                                               other_table=True, qkv_rope=False),
+    "CUDA graphs, triton, rotary and argmax apart": Mode(TRITON | GRAPHS, True, True,
+                                                          rotary_in_attention=False,
+                                                          argmax_epilogue=False),
+    "CUDA graphs, triton, rotary apart": Mode(TRITON | GRAPHS, True, True,
+                                              rotary_in_attention=False),
+    "CUDA graphs, triton, norms in the products": Mode(TRITON | GRAPHS, True, True,
+                                                       norm_in_products=True),
+    "CUDA graphs, triton, --linear-table, norms in the products": Mode(
+        TRITON | GRAPHS, True, True, other_table=True, norm_in_products=True),
     "CUDA graphs, triton": Mode(TRITON | GRAPHS, True, True),
 }
 MODE_KEYS = dict(zip(["torch", "triton", "graphs-unfused", "graphs-cublas", "graphs-nopdl",
                       "graphs-nosilu", "graphs-kvprefetch", "graphs-table",
-                      "graphs-table-norope", "graphs"], MODES))
+                      "graphs-table-norope", "graphs-apart", "graphs-rotary-apart",
+                      "graphs-norm", "graphs-table-norm", "graphs"],
+                     MODES))
 LINEAR_TABLE = None  # --linear-table: a measured table of product tiles for graphs-table
 
 
@@ -186,7 +202,7 @@ def runner_rows(model_dir: Path, batches: list[int], profile: str, modes: list[s
     """ms per decode step of each mode at each batch; the profile of mode `profile` (a MODES
     name, or "" for none) at batch 1 and the largest."""
     vocab = ModelConfig.from_dir(model_dir).vocab_size
-    from services.model import layers, triton_linear, triton_pdl
+    from services.model import attention, layers, triton_linear, triton_pdl
 
     shipped_table = triton_linear.CONFIG_FILE
     out = {}
@@ -194,6 +210,9 @@ def runner_rows(model_dir: Path, batches: list[int], profile: str, modes: list[s
         m = MODES[mode]
         triton_pdl.ENABLED, layers.FUSED_GATE_UP_SILU = m.pdl, m.silu_epilogue
         triton_pdl.PREFETCH_KV, layers.FUSED_QKV_ROPE = m.prefetch_kv, m.qkv_rope
+        attention.ROTARY_IN_DECODE, layers.FUSED_LM_HEAD_ARGMAX = (m.rotary_in_attention,
+                                                                   m.argmax_epilogue)
+        layers.FUSED_NORM_PRODUCTS = m.norm_in_products
         triton_linear.CONFIG_FILE = LINEAR_TABLE if m.other_table else shipped_table
         # the cuBLAS modes run every product on cuBLAS: no skinny tiles, no fused GEMVs
         layers.FUSED_KERNELS, layers.SKINNY_MATMULS, layers.FUSED_GEMVS = m.fused, m.skinny, m.skinny
@@ -211,6 +230,8 @@ def runner_rows(model_dir: Path, batches: list[int], profile: str, modes: list[s
     layers.FUSED_KERNELS = layers.SKINNY_MATMULS = layers.FUSED_GEMVS = triton_pdl.ENABLED = True
     layers.FUSED_GATE_UP_SILU = layers.FUSED_QKV_ROPE = True
     triton_pdl.PREFETCH_KV = PREFETCH_KV
+    attention.ROTARY_IN_DECODE = layers.FUSED_LM_HEAD_ARGMAX = True
+    layers.FUSED_NORM_PRODUCTS = FUSED_NORM_PRODUCTS
     triton_linear.CONFIG_FILE = shipped_table
     return out
 
@@ -342,7 +363,8 @@ def prefill_logits(model_dir: Path, dtype: torch.dtype, backend: str, token_list
 
 # -- meshserve served -----------------------------------------------------------------------------
 
-def served_stats(address: str, prompts, max_tokens: int) -> tuple[float, float, float]:
+def served_stats(address: str, prompts, max_tokens: int, at_start=None,
+                 door: str = "grpc") -> tuple[float, float, float]:
     """(inter-token latency ms, time per output token ms, generated tokens/s) of concurrent
     streaming Generate calls, from client processes enough that the clients are not what is
     measured (one Python process receives only some ten thousand messages a second).
@@ -351,16 +373,22 @@ def served_stats(address: str, prompts, max_tokens: int) -> tuple[float, float, 
     between consecutive tokens of every stream (a message of k tokens after a gap g counts as k
     gaps of g / k), the time per output token the median over streams of (last - first token
     time) / (tokens - 1). A prefill that runs between two decode steps (a stream that joins
-    late) is in the second and only in the tail of the first."""
+    late) is in the second and only in the tail of the first. at_start: called (on a thread)
+    when the streams start. door: grpc (address: the gateway's gRPC port) or http (address:
+    its HTTP port; streamed completions, each server-sent event counted as one token, as vLLM's
+    serving benchmark counts them)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     num_clients = min(len(prompts), 4)
     shares = [prompts[i::num_clients] for i in range(num_clients)]
     start_at = time.time() + 6.0  # every client imported and warmed up by then
+    if at_start is not None:
+        threading.Timer(start_at - time.time(), at_start).start()
     with ProcessPoolExecutor(num_clients, mp_context=multiprocessing.get_context("spawn")) as pool:
         streams = [r for share in pool.map(client_streams, [address] * num_clients, shares,
-                                           [max_tokens] * num_clients, [start_at] * num_clients)
+                                           [max_tokens] * num_clients, [start_at] * num_clients,
+                                           [door] * num_clients)
                    for r in share]
     gaps = [gap for s in streams for gap in s[4]]
     itl = statistics.median(gaps) * 1e3
@@ -369,9 +397,60 @@ def served_stats(address: str, prompts, max_tokens: int) -> tuple[float, float, 
     return itl, tpot, sum(s[1] for s in streams) / elapsed
 
 
-def client_streams(address: str, prompts, max_tokens: int, start_at: float):
-    """In a client process: per stream (inter-token latency s, tokens, sent at, last at)."""
-    return asyncio.run(_client_streams(address, prompts, max_tokens, start_at))
+def client_streams(address: str, prompts, max_tokens: int, start_at: float,
+                   door: str = "grpc"):
+    """In a client process: per stream (inter-token latency s, tokens, sent at, last at, gaps)."""
+    streams = _http_client_streams if door == "http" else _client_streams
+    return asyncio.run(streams(address, prompts, max_tokens, start_at))
+
+
+def _stream_figures(stamps: list[tuple[float, int]], sent: float):
+    """(inter-token latency s, tokens, sent at, last at, gaps) of one stream from its
+    (arrival time, tokens so far) stamps."""
+    n = stamps[-1][1]
+    (t0, n0), (t1, n1) = stamps[0], stamps[-1]
+    gaps = [(t - t_before) / (k - k_before)
+            for (t_before, k_before), (t, k) in zip(stamps, stamps[1:])
+            for _ in range(k - k_before)]
+    return (t1 - t0) / max(1, n1 - n0), n, sent, t1, gaps
+
+
+async def _http_client_streams(address: str, prompts, max_tokens: int, start_at: float):
+    import json as json_lib
+
+    import aiohttp
+
+    from bench.common import served_model, streamed_completion
+
+    model = served_model(address)
+
+    async def one(session, ids):
+        sent, stamps, n = time.time(), [], 0
+        body = streamed_completion(model, ids, max_tokens)
+        async with session.post("/v1/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.content:
+                if line.startswith(b"data: {"):
+                    event = json_lib.loads(line[6:])
+                    if event["choices"]:
+                        n += 1
+                        stamps.append((time.time(), n))
+                    elif event.get("usage"):  # the last one: every token counted
+                        tokens = event["usage"]["completion_tokens"]
+                        stamps[-1] = (stamps[-1][0], max(n, tokens))
+        return _stream_figures(stamps, sent)
+
+    # Several connections' worth of sessions, as the gRPC clients open several channels.
+    sessions = [aiohttp.ClientSession(f"http://{address}") for _ in range(4)]
+    try:
+        for session in sessions:
+            await one(session, prompts[0][:16])  # warm up every session
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        return await asyncio.gather(*(one(sessions[i % len(sessions)], p)
+                                      for i, p in enumerate(prompts)))
+    finally:
+        for session in sessions:
+            await session.close()
 
 
 async def _client_streams(address: str, prompts, max_tokens: int, start_at: float):
@@ -391,11 +470,7 @@ async def _client_streams(address: str, prompts, max_tokens: int, start_at: floa
         async for msg in call:
             n += len(msg.token_ids)
             stamps.append((time.time(), n))
-        (t0, n0), (t1, n1) = stamps[0], stamps[-1]
-        gaps = [(t - t_before) / (k - k_before)
-                for (t_before, k_before), (t, k) in zip(stamps, stamps[1:])
-                for _ in range(k - k_before)]
-        return (t1 - t0) / max(1, n1 - n0), n, sent, t1, gaps
+        return _stream_figures(stamps, sent)
 
     for stub in stubs:
         await one(stub, prompts[0][:16])  # warm up every connection
@@ -407,7 +482,7 @@ async def _client_streams(address: str, prompts, max_tokens: int, start_at: floa
 
 
 def served_rows(model_dir: Path, batches: list[int], api_servers: int = 1,
-                inflight: int = 0, py_spy: str = "") -> dict:
+                inflight: int = 0, py_spy: str = "", door: str = "grpc") -> dict:
     from deploy.launcher import LocalMesh, MeshSpec
 
     vocab = ModelConfig.from_dir(model_dir).vocab_size
@@ -421,11 +496,13 @@ def served_rows(model_dir: Path, batches: list[int], api_servers: int = 1,
     mesh.start(timeout_s=600)
     try:
         for batch in batches:
-            out[batch] = served_stats(mesh.gateway_address, prompts_for(batch, vocab, seed=2),
-                                      STEPS)
-            print(f"  served, {api_servers} gateway(s), {inflight or 'default'} plans in flight, "
-                  f"batch {batch}: ITL {out[batch][0]:.3f} ms, TPOT {out[batch][1]:.3f} ms, "
-                  f"{out[batch][2]:.0f} tokens/s", flush=True)
+            address = (f"127.0.0.1:{mesh.http_port}" if door == "http"
+                       else mesh.gateway_address)
+            out[batch] = served_stats(address, prompts_for(batch, vocab, seed=2), STEPS,
+                                      door=door)
+            print(f"  served over {door}, {api_servers} gateway(s), {inflight or 'default'} "
+                  f"plans in flight, batch {batch}: ITL {out[batch][0]:.3f} ms, TPOT "
+                  f"{out[batch][1]:.3f} ms, {out[batch][2]:.0f} tokens/s", flush=True)
         if py_spy:
             profile_mesh(mesh, py_spy, prompts_for(max(batches), vocab, seed=3))
     finally:
@@ -435,12 +512,13 @@ def served_rows(model_dir: Path, batches: list[int], api_servers: int = 1,
 
 def profile_mesh(mesh, py_spy: str, prompts, num_tokens: int = 1024) -> None:
     """Samples every mesh process with py-spy (collapsed stacks, one file each under
-    $OUT or the working directory) while the batch streams num_tokens each."""
+    $OUT or the working directory) while the batch streams num_tokens each: the thread that
+    holds the GIL only (--gil), so a process's samples are its Python work, not its waits."""
     import os
     import signal
 
     out_dir = Path(os.environ.get("OUT", "."))
-    recorders = [subprocess.Popen([py_spy, "record", "--nonblocking", "-r", "400",
+    recorders = [subprocess.Popen([py_spy, "record", "--gil", "--nonblocking", "-r", "400",
                                    "-f", "raw", "-o", str(out_dir / f"py-spy-{child.name}.txt"),
                                    "-p", str(child.proc.pid)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -506,6 +584,9 @@ def main() -> None:
                    "(the table shows the last)")
     p.add_argument("--inflight", default="0", help="scheduler --max-inflight-steps values to "
                    "serve with, e.g. 2,3 (0 = its default; the table shows the last)")
+    p.add_argument("--doors", default="grpc", help="the gateway's doors the served rows "
+                   "stream through: grpc, http (OpenAI completions) or both (the table shows "
+                   "the last)")
     p.add_argument("--py-spy", default="", help="py-spy binary: profile every mesh process "
                    "during one more served run at the largest batch")
     p.add_argument("--root", default="/tmp/meshserve-bench")
@@ -528,11 +609,11 @@ def main() -> None:
         runner = attempt(runner_rows, {}, model_dir, batches, profile, modes) \
             if "runner" in parts else {}
         served = {}
-        for count, inflight in itertools.product(
+        for count, inflight, door in itertools.product(
                 [int(c) for c in a.api_servers.split(",")] if "served" in parts else [],
-                [int(i) for i in a.inflight.split(",")]):
+                [int(i) for i in a.inflight.split(",")], a.doors.split(",")):
             served = attempt(served_rows, {}, model_dir, batches, count, inflight,
-                             a.py_spy) or served
+                             a.py_spy, door) or served
         hf = attempt(hf_step_ms, {}, model_dir, batches) if "hf" in parts else {}
         torch.cuda.empty_cache()
         print(f"{shape}: transformers {hf}", flush=True)

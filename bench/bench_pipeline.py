@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_throughput import make_prompts, mesh_tokens_per_s  # noqa: E402
+from bench.bench_throughput import grpc_tokens_per_s, make_prompts  # noqa: E402
 from bench.common import machine  # noqa: E402
 from deploy.launcher import LocalMesh, MeshSpec  # noqa: E402
 
@@ -24,7 +24,7 @@ def throughput(args, inflight: int, prompts) -> float:
                     worker_args=("--num-kv-blocks", "512"),
                     scheduler_args=("--max-inflight-steps", str(inflight)))
     with LocalMesh(spec) as mesh:
-        return mesh_tokens_per_s(mesh.gateway_address, prompts, args.max_tokens, len(prompts))
+        return grpc_tokens_per_s(mesh.gateway_address, prompts, args.max_tokens, len(prompts))
 
 
 def main() -> None:

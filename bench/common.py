@@ -22,6 +22,41 @@ def machine() -> str:
             f"torch {torch.__version__}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its threads so far (/proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bind_threads(cpus: set[int]) -> set[int]:
+    """Every thread of this process onto cpus (threads started later inherit the caller's);
+    returns the CPUs the calling thread had."""
+    before = os.sched_getaffinity(0)
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return before
+
+
+def served_model(http_address: str) -> str:
+    """The model id a gateway's OpenAI HTTP door (host:port) serves."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{http_address}/v1/models") as models:
+        return json.load(models)["data"][0]["id"]
+
+
+def streamed_completion(model: str, prompt_ids: list[int], max_tokens: int) -> dict:
+    """The body of a streamed /v1/completions request of exactly max_tokens greedy tokens, its
+    usage in a last chunk: what the benchmarks' HTTP clients send."""
+    return {"model": model, "prompt": prompt_ids, "max_tokens": max_tokens, "stream": True,
+            "ignore_eos": True, "temperature": 0, "stream_options": {"include_usage": True}}
+
+
 def add_stream_flags(p: argparse.ArgumentParser) -> None:
     """--model, --num-requests, --max-tokens, --concurrency of the streaming benchmarks."""
     p.add_argument("--model", default="", help="default: the tiny test model")

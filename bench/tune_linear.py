@@ -59,8 +59,18 @@ def products(dims: dict, tp: int = 1, vocab: int = VOCAB) -> dict[str, tuple[int
     }
 
 
+ALL_SPLITS = False  # --all-splits
+
+
 def candidates(n: int, k: int, num_sms: int) -> list[Tile]:
-    """Tiles worth timing: each N tile with and without the split of K that fills the GPU."""
+    """Tiles worth timing: each N tile with and without the split of K that fills the GPU;
+    ALL_SPLITS: every power-of-two split up to 16 that keeps at most 8 programs per SM (a split
+    costs no second kernel: the last split of a column tile sums them)."""
+    if ALL_SPLITS:
+        return [Tile(block_n, block_k, s, 4 if block_k <= 128 else 3)
+                for block_n in (16, 32, 64) for block_k in (128, 256)
+                for s in (1, 2, 4, 8, 16)
+                if k % (block_k * s) == 0 and -(-n // block_n) * s <= 8 * num_sms]
     out = []
     for block_n in (16, 32, 64, 128):
         for block_k in (64, 128, 256):
@@ -340,10 +350,16 @@ def main() -> None:
     p.add_argument("--timing", choices=("flush", "chain"), default="flush",
                    help="each call alone with L2 flushed, or back to back over copies of the "
                         "weight in one CUDA graph (see above)")
+    p.add_argument("--products", default="qkv_proj,o_proj,gate_up_proj,down_proj,lm_head",
+                   help="which products to tune")
+    p.add_argument("--all-splits", action="store_true",
+                   help="time every power-of-two split of K up to 16, not only the one that "
+                        "fills the GPU")
     p.add_argument("--write", default=str(triton_linear.CONFIG_FILE))
     a = p.parse_args()
-    global TIMING
-    TIMING = a.timing
+    global TIMING, ALL_SPLITS
+    TIMING, ALL_SPLITS = a.timing, a.all_splits
+    wanted = set(a.products.split(","))
     timing = "L2 flushed" if TIMING == "flush" else "chained in a CUDA graph"
     dims_of = {s: _per_rank(SHAPES[s], a.tp) for s in a.shapes.split(",") if s}
     shapes = {s: products(SHAPES[s], a.tp) for s in a.shapes.split(",") if s}
@@ -368,6 +384,8 @@ def main() -> None:
     winners = {}  # (shape, product) -> the batch-1 product as the model runs it unfused
     for shape, prods in shapes.items():
         for name, (n, k) in prods.items():
+            if name not in wanted:
+                continue
             out_dtype = _out_dtype(name, a.tp)
             for rows in (int(r) for r in a.rows.split(",") if r):
                 cublas, best = tune_one(n, k, rows, torch.bfloat16, out_dtype, num_sms)

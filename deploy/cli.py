@@ -80,6 +80,9 @@ def up_parser(prog: str = "meshserve up") -> argparse.ArgumentParser:
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs on the workers")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=True, help="reuse cached prompt blocks (on by default)")
+    p.add_argument("--cpu-bind", choices=("auto", "off"), default="auto",
+                   help="CPU workers on CPUs of their own, the rest on the others, when the "
+                        "machine has one to spare (auto), or no binding (off)")
     for flag, kwargs, _ in PASS_THROUGH:
         p.add_argument(flag, default=None, **kwargs)
     return p
@@ -108,7 +111,8 @@ def spec_from_args(a: argparse.Namespace):
     return MeshSpec(resolve_model(a.model), a.tp, a.pp, a.replicas, a.port, a.redis_url,
                     worker_args=tuple(extra["worker"]), scheduler_args=tuple(extra["scheduler"]),
                     gateway_args=tuple(extra["gateway"]),
-                    api_server_count=max(1, a.api_server_count), http_port=a.http_port)
+                    api_server_count=max(1, a.api_server_count), http_port=a.http_port,
+                    cpu_bind=a.cpu_bind)
 
 
 def speculative_worker_args(text: str) -> list[str]:
@@ -142,6 +146,9 @@ def cmd_up(argv: list[str], prog: str = "meshserve up") -> int:
     print(f"gateway listening on {mesh.gateway_address} (gRPC){http}; logs in {mesh.log_dir}; "
           "Ctrl-C stops everything", flush=True)
     print(f"watch it: meshserve status --redis-url {mesh.redis_url}", flush=True)
+    if mesh.cpu_plan is not None:
+        print(f"CPU binding (--cpu-bind off to leave it to the kernel): "
+              f"{mesh.cpu_plan.describe()}", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:
@@ -344,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         from deploy.plan import main as plan
 
         return plan(rest)
+    from deploy.cpu_binding import bind_from_env
+
+    bind_from_env()  # before any thread starts: each inherits the CPUs
     if cmd == "gateway":
         from gateway.server import main as run
     elif cmd == "scheduler":

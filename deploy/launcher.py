@@ -22,6 +22,9 @@ from pathlib import Path
 
 import grpc
 
+from deploy.cpu_binding import ENV as CPU_ENV
+from deploy.cpu_binding import (CpuPlan, format_cpu_list, plan_cpus, threads_per_worker,
+                                workers_on_cpu)
 from deploy.redis_server import RedisServer
 from meshserve.v1 import generation_pb2, generation_pb2_grpc
 
@@ -50,6 +53,9 @@ class MeshSpec:
     # them), as vLLM's --api-server-count: per-token streaming work outgrows one core.
     api_server_count: int = 1
     http_port: int = 0  # the gateways' OpenAI HTTP port; 0 = any free one
+    # auto: CPU workers on CPUs of their own, gateways and schedulers on the rest, when the
+    # machine has a CPU to spare (deploy/cpu_binding.py); off: the kernel places everything
+    cpu_bind: str = "auto"
 
 
 @dataclass
@@ -69,9 +75,16 @@ class LocalMesh:
     gateway_port: int = 0
     http_port: int = 0
     worker_addresses: dict[str, list[str]] = field(default_factory=dict)
+    cpu_plan: CpuPlan | None = None
 
     def start(self, timeout_s: float = 120.0) -> LocalMesh:
         self.log_dir = self.log_dir or Path(tempfile.mkdtemp(prefix="meshserve-"))
+        s = self.spec
+        if s.cpu_bind == "auto" and workers_on_cpu(s.worker_args):
+            self.cpu_plan = plan_cpus(s.replicas * s.pp * s.tp,
+                                      threads_per_worker(s.worker_args), os.sched_getaffinity(0))
+            if self.cpu_plan is not None:
+                log.info("CPU binding: %s", self.cpu_plan.describe())
         try:
             self._start_redis()
             for r in range(self.spec.replicas):
@@ -119,11 +132,13 @@ class LocalMesh:
             dist_file.unlink(missing_ok=True)  # a file store must start empty
             dist_init = f"file://{dist_file}"
             for rank in range(s.tp):
+                index = (int(replica_id.rsplit("-", 1)[1]) * s.pp + stage) * s.tp + rank
                 workers.append(self._spawn(
                     f"{replica_id}-worker-pp{stage}-tp{rank}",
                     ["worker", "--model", s.model, "--tp-rank", str(rank), "--tp-size", str(s.tp),
                      "--pp-rank", str(stage), "--pp-size", str(s.pp), "--dist-init", dist_init,
-                     "--port", "0", "--metrics-port", "0", *s.worker_args]))
+                     "--port", "0", "--metrics-port", "0", *s.worker_args],
+                    cpus=self.cpu_plan and self.cpu_plan.workers[index]))
         self.worker_addresses[replica_id] = [self._await_address(w, timeout_s) for w in workers]
         return [*workers, self.start_scheduler(replica_id)]
 
@@ -138,7 +153,9 @@ class LocalMesh:
              "--heartbeat-ttl", str(self.spec.heartbeat_ttl_s), "--metrics-port", "0",
              *self.spec.scheduler_args])
 
-    def _spawn(self, name: str, args: list[str]) -> Child:
+    def _spawn(self, name: str, args: list[str], cpus: frozenset[int] | None = None) -> Child:
+        """Starts `meshserve <args>` as name; on cpus, or (under a CPU plan) on the CPUs left
+        to gateways and schedulers."""
         log = self.log_dir / f"{name}.log"
         if args[0] in ("worker", "scheduler", "gateway"):  # each writes where it serves
             ready = self.log_dir / f"{name}.address"
@@ -147,6 +164,8 @@ class LocalMesh:
                 stale.unlink(missing_ok=True)
             args = [*args, "--ready-file", str(ready)]
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        if self.cpu_plan is not None:
+            env[CPU_ENV] = format_cpu_list(set(cpus or self.cpu_plan.rest))
         with open(log, "wb") as out:
             proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", *args], stdout=out,
                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)

@@ -54,6 +54,24 @@ class RequestState:
     num_cached_prompt_tokens: int = 0
 
 
+class HeldBack:
+    """--stream-interval: new ids and their text gather until `interval` ids (or the request's
+    end) go in one response. The first response goes as soon as there is anything, so the time
+    to the first token does not wait on the interval."""
+
+    def __init__(self, interval: int):
+        self.interval, self.ids, self.text, self.sent = interval, [], "", False
+
+    def add(self, ids: list[int], text: str, final: bool) -> tuple[list[int], str] | None:
+        """(ids, text) to send now, all that was held; None while it gathers."""
+        self.ids += ids
+        self.text += text
+        if self.sent and not final and len(self.ids) < self.interval:
+            return None
+        ready, self.ids, self.text, self.sent = (self.ids, self.text), [], "", True
+        return ready
+
+
 class GatewayCore:
     """One request's whole way through the gateway, whichever door it came in by: admit
     (validate, tokenize), claim its client-chosen id, route, stream, fail over, detokenize,
@@ -101,7 +119,7 @@ class GatewayCore:
             state = self._admit(request)
             detok = IncrementalDetokenizer(self.tokenizer, state.prompt_ids)
             stops = StopMatcher(list(request.sampling.stop))
-            interval, held_ids, held_text, sent = self.settings.stream_interval, [], "", False
+            held = HeldBack(self.settings.stream_interval)
             async for ids, finish in self._token_stream(request, state):
                 text, hit = stops.push(detok.push(ids))
                 if finish and not hit:  # the end: release what was held back
@@ -110,17 +128,14 @@ class GatewayCore:
                 if hit:
                     finish = pb.FINISH_REASON_STOP
                 final = finish != pb.FINISH_REASON_UNSPECIFIED
-                held_ids += ids
-                held_text += text
-                if sent and not final and len(held_ids) < interval:
-                    continue  # --stream-interval: gather more tokens into the next response
+                if (ready := held.add(ids, text, final)) is None:
+                    continue
                 yield pb.GenerateResponse(
-                    token_ids=held_ids, text=held_text, finish_reason=finish,
+                    token_ids=ready[0], text=ready[1], finish_reason=finish,
                     request_id=state.request_id,
                     usage=self._usage(state) if final else None)
                 if final:
                     return
-                held_ids, held_text, sent = [], "", True
 
     @contextlib.asynccontextmanager
     async def _claim(self, request_id: str):

@@ -1,7 +1,7 @@
 """One SubmitMany stream from this gateway to a replica's scheduler, shared by every request
 the gateway sends there: the scheduler answers each step with one message for all of them.
 
-    request A ─┐                         ┌─ SubmitManyResponse(outputs=[A: ids, B: ids, …])
+    request A ─┐                         ┌─ SubmitManyResponse(stream_ids=[A, B, …], token_ids=…)
     request B ─┼─► SubmitManyRequest ───►│   one message per scheduler wake-up
     request C ─┘   (submit / cancel)     └─► demultiplexed into each request's queue
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator
+from typing import NamedTuple
 
 import grpc
 
@@ -46,8 +47,10 @@ class ReplicaLink:
         self._outputs: dict[int, asyncio.Queue] = {}  # stream id -> that request's queue
         self._reader: asyncio.Task | None = None
 
-    async def submit(self, request: pb.SubmitRequest) -> AsyncIterator[pb.SubmitResponse]:
-        """The request's responses as Submit would stream them; raises ReplicaError."""
+    async def submit(self, request: pb.SubmitRequest
+                     ) -> AsyncIterator[pb.SubmitResponse | NewIds]:
+        """The request's responses as Submit would stream them (token_ids, finish_reason,
+        num_cached_prompt_tokens); raises ReplicaError."""
         self._open()
         stream_id, queue = next(self._stream_ids), asyncio.Queue()
         self._outputs[stream_id] = queue
@@ -87,15 +90,18 @@ class ReplicaLink:
         error = ReplicaError(grpc.StatusCode.UNAVAILABLE, "the scheduler closed the stream")
         try:
             async for msg in call:
+                # In the order the scheduler put them (SubmitManyResponse in scheduler.proto):
+                # outputs that end nothing, the columns of new ids, the outputs that end.
+                starting, ending = [], []
                 for out in msg.outputs:
-                    queue = self._outputs.get(out.stream_id)
-                    if queue is None:
-                        continue  # cancelled here meanwhile
-                    if out.error_code:
-                        self._outputs.pop(out.stream_id)
-                        queue.put_nowait(ReplicaError(_CODES[out.error_code], out.error_message))
-                    else:
-                        queue.put_nowait(out.response)
+                    (ending if out.error_code or out.response.finish_reason else starting
+                     ).append(out)
+                for out in starting:
+                    self._deliver(out)
+                if msg.stream_ids:
+                    self._deliver_columns(msg)
+                for out in ending:
+                    self._deliver(out)
         except grpc.aio.AioRpcError as exc:
             error = ReplicaError(exc.code(), exc.details() or "replica stream failed")
         finally:  # every request still on the stream fails with it
@@ -103,18 +109,43 @@ class ReplicaLink:
             for queue in outputs.values():
                 queue.put_nowait(error)
 
+    def _deliver(self, out: pb.RequestOutput) -> None:
+        queue = self._outputs.get(out.stream_id)
+        if queue is None:
+            return  # cancelled here meanwhile
+        if out.error_code:
+            self._outputs.pop(out.stream_id)
+            queue.put_nowait(ReplicaError(_CODES[out.error_code], out.error_message))
+        else:
+            queue.put_nowait(out.response)
+
+    def _deliver_columns(self, msg: pb.SubmitManyResponse) -> None:
+        """Each request's plain new ids of the message, to its queue."""
+        ids, end, outputs = list(msg.token_ids), 0, self._outputs
+        for stream_id, count in zip(msg.stream_ids, msg.num_token_ids):
+            start, end = end, end + count
+            if (queue := outputs.get(stream_id)) is not None:
+                queue.put_nowait(NewIds(ids[start:end]))
+
     async def close(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
 
 
-def _merged(responses: list[pb.SubmitResponse]) -> pb.SubmitResponse:
+class NewIds(NamedTuple):
+    """A request's news as a SubmitResponse holds it: what the columns of a SubmitManyResponse
+    deliver (new ids only), and merged responses."""
+
+    token_ids: list[int]
+    finish_reason: int = 0
+    num_cached_prompt_tokens: int = 0
+
+
+def _merged(responses: list[pb.SubmitResponse | NewIds]) -> NewIds:
     """Consecutive responses of one request as the one the scheduler would have sent."""
-    return pb.SubmitResponse(
-        token_ids=[i for r in responses for i in r.token_ids],
-        finish_reason=responses[-1].finish_reason,
-        num_cached_prompt_tokens=next((r.num_cached_prompt_tokens for r in responses
-                                       if r.num_cached_prompt_tokens), 0))
+    return NewIds([i for r in responses for i in r.token_ids], responses[-1].finish_reason,
+                  next((r.num_cached_prompt_tokens for r in responses
+                        if r.num_cached_prompt_tokens), 0))
 
 
 async def _drain(queue: asyncio.Queue):

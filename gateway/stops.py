@@ -10,6 +10,8 @@ class StopMatcher:
 
     def push(self, text: str) -> tuple[str, bool]:
         """Returns (text safe to emit, whether a stop string was reached)."""
+        if not self.stops:  # most requests: nothing to hold back, every token
+            return text, False
         buf = self._pending + text
         hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
         if hits:

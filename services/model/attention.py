@@ -135,6 +135,30 @@ def paged_attention(
     return attend(q, kv_cache, meta)
 
 
+ROTARY_IN_DECODE = True  # False: the Triton backend's decode steps run the rotary kernel first
+
+
+def rotates_in_decode(meta: AttentionMetadata) -> bool:
+    """Whether this step's attention takes its qkv unrotated (attend_rotating): a decode step
+    of the Triton backend, whose kernel rotates q and k and writes the cache itself."""
+    return ROTARY_IN_DECODE and meta.backend == "triton" and meta.is_decode_only
+
+
+def attend_rotating(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    kv_cache: torch.Tensor, meta: AttentionMetadata, num_heads: int,
+                    num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """qkv [n, (heads + 2 kv_heads) d] of a decode step (rotates_in_decode), q and k not yet
+    rotated by cos/sin [n, d] -> [n, heads, d]: rotary_and_cache and attend in one kernel."""
+    from services.model import triton_attention
+
+    if qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim or qkv.stride(1) != 1:
+        raise ValueError(f"qkv {tuple(qkv.shape)} is not {num_heads} + 2 x {num_kv_heads} heads")
+    q = qkv[:, : num_heads * head_dim].view(-1, num_heads, head_dim)
+    return triton_attention.paged_decode_attention(
+        q, kv_cache, meta.block_tables, meta.seq_lens_tensor, head_dim**-0.5,
+        rotary=(cos.contiguous(), sin.contiguous(), meta.slot_mapping))
+
+
 def attend(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
     """q [n, heads, d] -> [n, heads, d] over a cache that already holds this step's K/V."""
     scale = q.shape[-1] ** -0.5

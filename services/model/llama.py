@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from services.model.attention import AttentionMetadata, attend
+from services.model.attention import AttentionMetadata, attend, attend_rotating, rotates_in_decode
 from services.model.config import ModelConfig
 from services.model.layers import (
     MergedColumnParallelLinear,
@@ -30,6 +30,7 @@ from services.model.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     gated_mlp,
+    norm_linear,
     norm_qkv_rotated,
 )
 from services.model.parallel import ParallelContext
@@ -63,11 +64,17 @@ class LlamaAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The stream h = x + residual -> (o_proj(attention(norm(h))) [n, hidden] all-reduced,
         h); the norm runs here because on a GPU it fuses into qkv at batch 1, and the rotary
-        with the cache write into qkv's epilogue at 2-64 rows (layers.norm_qkv_rotated)."""
-        # q [n, heads, d] rotated; this step's k (rotated) and v written into the cache
-        q, residual = norm_qkv_rotated(x, residual, norm, self.qkv_proj, *cos_sin, kv_cache,
-                                       meta.slot_mapping)
-        out = attend(q, kv_cache, meta)  # [n, heads, d]
+        with the cache write into the decode attention kernel (attend_rotating), or where the
+        measured table says so into qkv's epilogue at 2-64 rows (layers.norm_qkv_rotated)."""
+        if rotates_in_decode(meta):
+            qkv, residual = norm_linear(x, residual, norm, self.qkv_proj)
+            out = attend_rotating(qkv, *cos_sin, kv_cache, meta, self.num_heads,
+                                  self.num_kv_heads, self.head_dim)
+        else:
+            # q [n, heads, d] rotated; this step's k (rotated) and v written into the cache
+            q, residual = norm_qkv_rotated(x, residual, norm, self.qkv_proj, *cos_sin, kv_cache,
+                                           meta.slot_mapping)
+            out = attend(q, kv_cache, meta)  # [n, heads, d]
         return self.o_proj(out.flatten(1)), residual  # [n, hidden], all-reduced
 
     def weight_sources(self, prefix: str) -> Iterator[WeightSource]:
@@ -188,6 +195,13 @@ class LlamaForCausalLM(nn.Module):
         if self.lm_head is None:
             raise ValueError(f"pipeline stage {self.ctx.pp_rank} is not the last; only it computes logits")
         return self.lm_head(hidden)  # all-gathered over TP
+
+    def compute_logits_and_greedy(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(compute_logits(hidden), their argmax [n] int64 on the device), in one pass where
+        the GPU's kernels allow (layers.ParallelLMHead.logits_and_greedy)."""
+        if self.lm_head is None:
+            raise ValueError(f"pipeline stage {self.ctx.pp_rank} is not the last; only it computes logits")
+        return self.lm_head.logits_and_greedy(hidden)
 
     def weight_sources(self) -> Iterator[WeightSource]:
         """Every checkpoint tensor this rank needs, with the layer that slices it."""

@@ -73,6 +73,7 @@ def paged_decode_attention(
     block_n: int = _DECODE_TILE,
     num_warps: int = _NUM_WARPS,
     num_stages: int | None = None,
+    rotary: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """q [B, H, D], one query per sequence at its last position -> [B, H, D] in q.dtype.
 
@@ -80,6 +81,12 @@ def paged_decode_attention(
     num_splits, block_n (positions per K/V tile), num_warps and num_stages (Triton's software
     pipelining of the tile loop; None: Triton's default) default to the module's choice
     (bench/tune_attention.py measures others).
+
+    rotary = (cos, sin [B, D], slot_mapping [B]): q is the q heads of this step's fused qkv rows,
+    not yet rotated, its KV heads' k and v following in the same rows, and this step's k and v
+    not yet in the cache. The kernel then does what triton_ops.rotary_and_cache would have done
+    first: each program rotates the q heads it reads, and the one whose split holds the last
+    position rotates that KV head's k and writes it and v at the slot before it reads the cache.
     """
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
@@ -93,8 +100,16 @@ def paged_decode_attention(
     # Workspace [B, H, num_splits, D] and [B, H, num_splits]; one split writes the output (unused).
     partial = out if num_splits == 1 else q.new_empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32)
     lse = q.new_empty((batch, num_heads, num_splits), dtype=torch.float32)
+    if rotary is not None:
+        cos, sin, slot_mapping = rotary
+        if q.stride(1) != head_dim or cos.stride(0) != head_dim or sin.stride(0) != head_dim:
+            raise ValueError("rotating decode attention needs q heads of fused qkv rows and "
+                             "contiguous cos/sin rows")
+    else:
+        cos = sin = slot_mapping = q  # not read
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, kv_cache, block_tables, seq_lens, partial, lse, out, _tickets(q.device),
+        cos, sin, slot_mapping,
         scale * math.log2(math.e),
         q.stride(0), q.stride(1),
         *_cache_strides(kv_cache), block_tables.stride(0),
@@ -102,7 +117,8 @@ def paged_decode_attention(
         BLOCK_SIZE=block_size, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q),
         SPLIT=num_splits > 1, SPLITS_PAD=triton.next_power_of_2(num_splits),
         GROUP_P2=triton.next_power_of_2(group),
-        PREFETCH_POSITIONS=block_n if triton_pdl.PREFETCH_KV else 0, num_warps=num_warps,
+        PREFETCH_POSITIONS=block_n if triton_pdl.PREFETCH_KV else 0, ROTATE=rotary is not None,
+        num_warps=num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}), **triton_pdl.kwargs(q.device),
     )  # fmt: skip
     return out
@@ -251,16 +267,19 @@ def _online_softmax_step(q, k_t, v, visible, m, l, acc, qk_scale, DOT_PRECISION:
 @triton.jit
 def _decode_split_kernel(
     q_ptr, kv_ptr, block_tables_ptr, seq_lens_ptr, partial_ptr, lse_ptr, out_ptr, tickets_ptr,
+    cos_ptr, sin_ptr, slot_mapping_ptr,
     qk_scale,
     stride_qb, stride_qh,
     stride_kv, stride_block, stride_slot, stride_head, stride_table,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, SPLITS_PAD: tl.constexpr,
-    GROUP_P2: tl.constexpr, PREFETCH_POSITIONS: tl.constexpr,
+    GROUP_P2: tl.constexpr, PREFETCH_POSITIONS: tl.constexpr, ROTATE: tl.constexpr,
     PDL: tl.constexpr,
 ):  # fmt: skip
     """One (sequence, KV head, split): partial [B, H, splits, D] and lse [B, H, splits]; the last
-    split of (sequence, KV head) to finish combines them into out [B, H, D]."""
+    split of (sequence, KV head) to finish combines them into out [B, H, D]. ROTATE: q and this
+    step's k are rotated here, and k and v written to the cache (paged_decode_attention's
+    rotary)."""
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     num_kv_heads, num_splits = tl.num_programs(1), tl.num_programs(2)
     # seq_lens and block_tables are step inputs: uploaded, or gathered by torch kernels, before
@@ -280,7 +299,23 @@ def _decode_split_kernel(
     heads = kv_head * GROUP + rows  # [GROUP_PAD]
     is_head = rows < GROUP
     d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=is_head[:, None], other=0.0)
+    q_row = q_ptr + seq * stride_qb
+    q = tl.load(q_row + heads[:, None] * stride_qh + d[None, :], mask=is_head[:, None], other=0.0)
+    if ROTATE:
+        cos = tl.load(cos_ptr + seq * HEAD_DIM + d).to(tl.float32)  # [D]: the d/2 angles twice
+        sin = tl.load(sin_ptr + seq * HEAD_DIM + d).to(tl.float32)
+        q = _rotated(q, q_row + heads[:, None] * stride_qh, d, cos, sin, is_head[:, None], HEAD_DIM)
+        if (start < seq_len) & (end == seq_len):  # this split holds the step's own position
+            k_row = q_row + (num_heads + kv_head) * HEAD_DIM
+            k = tl.load(k_row + d)
+            k = _rotated(k[None, :], k_row, d[None, :], cos, sin, d[None, :] < HEAD_DIM, HEAD_DIM)
+            v = tl.load(q_row + (num_heads + num_kv_heads + kv_head) * HEAD_DIM + d)
+            slot = tl.load(slot_mapping_ptr + seq).to(tl.int64)
+            dst = (kv_ptr + (slot // BLOCK_SIZE) * stride_block + (slot % BLOCK_SIZE) * stride_slot
+                   + kv_head * stride_head + d)
+            tl.store(dst[None, :], k)
+            tl.store(dst + stride_kv, v)
+            tl.debug_barrier()  # the block's own stores, seen by all its threads' loads below
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
@@ -311,6 +346,17 @@ def _decode_split_kernel(
             _combine_splits(partial_ptr, lse_ptr, out_ptr, seq * num_heads + kv_head * GROUP, num_splits,
                             GROUP, GROUP_P2, HEAD_DIM, SPLITS_PAD)
             tl.store(ticket_ptr, 0)
+
+
+@triton.jit
+def _rotated(x, row_ptrs, d, cos, sin, mask, HEAD_DIM: tl.constexpr):
+    """x [R, D] (loaded from row_ptrs + d) rotated by RoPE, in x's dtype: x·cos + rotate_half(x)·sin,
+    rotate_half(x) = [-x2, x1], with the rounding of triton_ops' rotary (float32, then x's dtype).
+    rotate_half is a second load of the rows with the halves swapped."""
+    half: tl.constexpr = HEAD_DIM // 2
+    swapped = tl.load(row_ptrs + (d + half) % HEAD_DIM, mask=mask, other=0.0).to(tl.float32)
+    signed = tl.where(d < half, -swapped, swapped)
+    return (x.to(tl.float32) * cos + signed * sin).to(x.dtype)
 
 
 @triton.jit

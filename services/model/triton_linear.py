@@ -12,7 +12,8 @@ replica that takes over a stream computes what the first one did.
 
     grid (cdiv(N, BLOCK_N), SPLIT_K): one program computes Y[:, n-tile] over K / SPLIT_K of K;
     BLOCK_M (16, 32 or 64) covers every row of X (tl.dot needs 16 at least; padding rows are 0).
-    SPLIT_K > 1 writes float32 partials [SPLIT_K, M, N] that a second kernel sums and rounds.
+    SPLIT_K > 1 writes float32 partials [SPLIT_K, M, N]; the last split of each n-tile to finish
+    sums and rounds them (no second kernel, whose launch cost ~2 us a product at 64 rows).
 
 The MLP's gate/up product has a second form with SiLU x up in its epilogue (`gate_up_silu`):
 a program holds the gate tile and the up tile of the same columns (rows n and n + I of the merged
@@ -41,6 +42,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import triton
@@ -78,54 +80,121 @@ def block_m(num_rows: int) -> int:
 
 
 @triton.jit
-def _skinny_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ys, stride_ym,
+def _normed_tile(x, squares, res_ptr, norm_w_ptr, res_out_ptr, offsets, cols, row_ok, writes,
+                 NORM: tl.constexpr):
+    """One [BLOCK_M, BLOCK_K] tile of X read through RMSNorm (NORM 2: of h = X + residual,
+    rounded as a torch add, and stored to the residual stream where `writes`): returns
+    (h w_n in X's dtype, squares + the rows' sums of h²). The 1 / rms is a scalar per row, so
+    the product applies it to its sums (as triton_gemv does at batch 1); h w_n is rounded to
+    the dtype for the tensor cores where the unfused path rounds h / rms and then its product
+    with w_n: the two differ by that rounding, within the dtype's error."""
+    if NORM == 2:
+        r = tl.load(res_ptr + offsets, mask=row_ok, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        tl.store(res_out_ptr + offsets, x, mask=row_ok & writes)
+    xf = x.to(tl.float32)
+    squares += tl.sum(xf * xf, 1)
+    normed = xf * tl.load(norm_w_ptr + cols).to(tl.float32)[None, :]
+    return normed.to(x.dtype), squares
+
+
+@triton.jit
+def _skinny_kernel(x_ptr, w_ptr, y_ptr, partial_ptr, tickets_ptr, M, N, K, stride_xm, stride_wn,
+                   stride_ym, max_ptr, argmax_ptr, num_valid, res_ptr, norm_w_ptr, res_out_ptr, eps,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
-    """Y[split, :, n-tile] = X[:, k-range] W[n-tile, k-range]ᵀ; K is a multiple of BLOCK_K · SPLIT_K."""
+                   SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, ARGMAX: tl.constexpr,
+                   NORM: tl.constexpr, PDL: tl.constexpr):
+    """Y[:, n-tile] = X W[n-tile]ᵀ; K is a multiple of BLOCK_K · SPLIT_K. SPLIT_K > 1: program
+    (n-tile, split) writes X[:, k-range] W[n-tile, k-range]ᵀ to partial [SPLIT_K, M, N] (float32),
+    and the split of the n-tile that finishes last (a ticket per n-tile, as the split decode
+    attention takes them) sums the partials in split order and writes Y.
+    ARGMAX (one split): also each row's maximum over the tile's first num_valid columns and the
+    first column holding it, to max / argmax [M, tiles] (NaN counts as the largest, as in
+    torch.argmax). NORM (one split; 1 rms_norm, 2 add_rms_norm): X is read through the norm
+    (_normed_tile), Y = (X w_n) Wᵀ / rms, and program 0 writes the residual stream."""
     pdl_begin(PDL)
     pid_n, split = tl.program_id(0), tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = split * BLOCK_K + tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]  # [BLOCK_M, BLOCK_K]
+    x_offsets = rm[:, None] * stride_xm + rk[None, :]  # [BLOCK_M, BLOCK_K]
     w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]  # [BLOCK_N, BLOCK_K]
     row_ok, col_ok = rm[:, None] < M, rn[:, None] < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for _ in range(0, K, BLOCK_K * SPLIT_K):
-        x = tl.load(x_ptrs, mask=row_ok, other=0.0)
+    squares = tl.zeros((BLOCK_M,), tl.float32)
+    for k0 in range(0, K, BLOCK_K * SPLIT_K):
+        x = tl.load(x_ptr + x_offsets, mask=row_ok, other=0.0)
+        if NORM != 0:
+            x, squares = _normed_tile(x, squares, res_ptr, norm_w_ptr, res_out_ptr, x_offsets,
+                                      k0 + rk, row_ok, pid_n == 0, NORM)
         w = tl.load(w_ptrs, mask=col_ok, other=0.0)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        x_ptrs += BLOCK_K * SPLIT_K
+        x_offsets += BLOCK_K * SPLIT_K
         w_ptrs += BLOCK_K * SPLIT_K
-    out = y_ptr + split * stride_ys + rm[:, None] * stride_ym + rn[None, :]
-    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok & (rn[None, :] < N))
+    if NORM != 0:
+        acc = acc * tl.rsqrt(squares / K + eps)[:, None]
+    out_ok = row_ok & (rn[None, :] < N)
+    tile = rm[:, None] * N + rn[None, :]  # [BLOCK_M, BLOCK_N] in an [M, N] partial
+    if SPLIT_K == 1:
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=out_ok)
+    else:
+        tl.store(partial_ptr + split * M * N + tile, acc, mask=out_ok)
+        # Every thread's stores, then one gpu-scope acq_rel ticket: the last split sees them all.
+        tl.debug_barrier()
+        if tl.atomic_add(tickets_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            for s in tl.static_range(SPLIT_K):  # through L2 (.cg): other SMs wrote them
+                total += tl.load(partial_ptr + s * M * N + tile, mask=out_ok, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :],
+                     total.to(y_ptr.dtype.element_ty), mask=out_ok)
+            tl.store(tickets_ptr + pid_n, 0)  # zero again for the next launch
+    if ARGMAX:  # of the values stored: y is float32 here
+        valid = rn[None, :] < num_valid
+        a = tl.where(valid, acc, float("-inf"))
+        a = tl.where(a != a, float("inf"), a)
+        best = tl.max(a, 1)  # [BLOCK_M]
+        first = tl.min(tl.where((a == best[:, None]) & valid, rn[None, :], num_valid), 1)
+        num_tiles = tl.num_programs(0)
+        tl.store(max_ptr + rm * num_tiles + pid_n, best, mask=rm < M)
+        tl.store(argmax_ptr + rm * num_tiles + pid_n, first, mask=rm < M)
 
 
 @triton.jit
 def _gate_up_silu_kernel(x_ptr, w_ptr, y_ptr, M, I, K, stride_xm, stride_wn, stride_ym,
+                         res_ptr, norm_w_ptr, res_out_ptr, eps,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
-    """Y[:, n-tile] = silu(X W[n-tile]ᵀ) ⊙ (X W[I + n-tile]ᵀ) for W [2I, K] = [gate | up]."""
+                         DOT_PRECISION: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr):
+    """Y[:, n-tile] = silu(X W[n-tile]ᵀ) ⊙ (X W[I + n-tile]ᵀ) for W [2I, K] = [gate | up]; NORM as
+    in _skinny_kernel (X read through the norm, program 0 writes the residual stream)."""
     pdl_begin(PDL)
     pid_n = tl.program_id(0)
     rm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]  # [BLOCK_M, BLOCK_K]
+    x_offsets = rm[:, None] * stride_xm + rk[None, :]  # [BLOCK_M, BLOCK_K]
     gate_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]  # [BLOCK_N, BLOCK_K]
     up_ptrs = w_ptr + (rn.to(tl.int64) + I)[:, None] * stride_wn + rk[None, :]
     row_ok, col_ok = rm[:, None] < M, rn[:, None] < I
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for _ in range(0, K, BLOCK_K):
-        x = tl.load(x_ptrs, mask=row_ok, other=0.0)
+    squares = tl.zeros((BLOCK_M,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptr + x_offsets, mask=row_ok, other=0.0)
+        if NORM != 0:
+            x, squares = _normed_tile(x, squares, res_ptr, norm_w_ptr, res_out_ptr, x_offsets,
+                                      k0 + rk, row_ok, pid_n == 0, NORM)
         acc_gate = tl.dot(x, tl.trans(tl.load(gate_ptrs, mask=col_ok, other=0.0)), acc_gate,
                           input_precision=DOT_PRECISION)
         acc_up = tl.dot(x, tl.trans(tl.load(up_ptrs, mask=col_ok, other=0.0)), acc_up,
                         input_precision=DOT_PRECISION)
-        x_ptrs += BLOCK_K
+        x_offsets += BLOCK_K
         gate_ptrs += BLOCK_K
         up_ptrs += BLOCK_K
+    if NORM != 0:
+        inv_rms = tl.rsqrt(squares / K + eps)[:, None]
+        acc_gate, acc_up = acc_gate * inv_rms, acc_up * inv_rms
     dtype = y_ptr.dtype.element_ty
     gate = acc_gate.to(dtype).to(tl.float32)
     silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
@@ -190,17 +259,22 @@ def _qkv_rope_kernel(x_ptr, w_ptr, q_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr,
     tl.store(dst + HALF, r2, mask=is_kv)
 
 
-@triton.jit
-def _sum_splits_kernel(partial_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
-                       PDL: tl.constexpr):
-    """y [M · N] = sum over splits of partial [SPLIT_K, M · N] (float32), in y's dtype."""
-    pdl_begin(PDL)
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = i < MN
-    acc = tl.zeros((BLOCK,), tl.float32)
-    for s in range(SPLIT_K):
-        acc += tl.load(partial_ptr + s * MN + i, mask=mask, other=0.0)
-    tl.store(y_ptr + i, acc.to(y_ptr.dtype.element_ty), mask=mask)
+_MAX_TICKETS = 1 << 16  # n-tiles of one split product
+
+
+def _tickets(device: torch.device, num_tiles: int) -> torch.Tensor:
+    """The split products' arrival counters on device, one per n-tile, zero between launches
+    (each launch's last splits reset theirs)."""
+    if num_tiles > _MAX_TICKETS:
+        raise ValueError(f"a split product of {num_tiles} column tiles; at most {_MAX_TICKETS}")
+    return _ticket_buffer(device)
+
+
+@functools.cache
+def _ticket_buffer(device: torch.device) -> torch.Tensor:
+    """Allocated by the first split product, which runs eagerly before any CUDA graph is
+    captured (a graph then keeps using this same memory)."""
+    return torch.zeros(_MAX_TICKETS, dtype=torch.int32, device=device)
 
 
 def fits(x: torch.Tensor, weight: torch.Tensor, tile: Tile) -> bool:
@@ -214,6 +288,53 @@ def fits(x: torch.Tensor, weight: torch.Tensor, tile: Tile) -> bool:
 def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, tile: Tile,
                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [M, K], weight [N, K] (M <= 64) -> x weightᵀ [M, N] in out_dtype (default x's)."""
+    y, _ = _skinny(x, weight, tile, out_dtype, None)
+    return y
+
+
+def norm_skinny_matmul(x: torch.Tensor, norm: Norm, weight: torch.Tensor, tile: Tile
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + residual) weightᵀ [M, N], x + residual [M, K]) in one kernel (a tile of one
+    split): the add + RMSNorm of layers.RMSNorm read into the product (see _normed_tile)."""
+    if tile.split_k != 1:
+        raise ValueError(f"norm_skinny_matmul: tile {tile} splits K; the norm needs whole rows")
+    return _skinny(x, weight, tile, None, norm)
+
+
+class Norm(NamedTuple):
+    """An RMSNorm to read a product's input through: residual (None: x is the stream itself),
+    its weight [K] and eps."""
+
+    residual: torch.Tensor | None
+    weight: torch.Tensor
+    eps: float
+
+
+def _norm_launch_args(x: torch.Tensor, norm: Norm | None) -> tuple[list, int, torch.Tensor]:
+    """(the kernels' res_ptr, norm_w_ptr, res_out_ptr, eps arguments, NORM, the stream)."""
+    if norm is None:
+        return [x, x, x, 0.0], 0, x
+    if norm.residual is None:
+        return [x, norm.weight, x, norm.eps], 1, x
+    residual = norm.residual
+    if residual.shape != x.shape or residual.stride() != x.stride() or not x.is_contiguous():
+        raise ValueError(f"a norm's residual {tuple(residual.shape)} must be laid out as x "
+                         f"{tuple(x.shape)}, contiguous")
+    stream = torch.empty_like(x)
+    return [residual, norm.weight, stream, norm.eps], 2, stream
+
+
+class _Argmax(NamedTuple):
+    """Where _skinny_kernel's ARGMAX epilogue writes: each row's maximum and first column per
+    column tile [M, tiles], over the first num_valid columns."""
+
+    maxima: torch.Tensor
+    firsts: torch.Tensor
+    num_valid: int
+
+
+def _skinny(x, weight, tile, out_dtype, norm: Norm | None, argmax: _Argmax | None = None):
+    """(Y, the residual stream: norm's x + residual, else x) of one _skinny_kernel launch."""
     if not fits(x, weight, tile):
         raise ValueError(f"skinny_matmul: x {tuple(x.shape)}, weight {tuple(weight.shape)} do not "
                          f"fit tile {tile}")
@@ -221,41 +342,72 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, tile: Tile,
     n = weight.shape[0]
     out_dtype = out_dtype or x.dtype
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    norm_args, norm_kind, stream = _norm_launch_args(x, norm)
     if m == 0:
-        return y
+        return y, stream
+    grid = (triton.cdiv(n, tile.block_n), tile.split_k)
     partial = y if tile.split_k == 1 else torch.empty((tile.split_k, m, n), dtype=torch.float32,
                                                        device=x.device)
-    grid = (triton.cdiv(n, tile.block_n), tile.split_k)
+    tickets = y if tile.split_k == 1 else _tickets(x.device, grid[0])
+    argmax_args = (y, y, 0) if argmax is None else argmax
     _skinny_kernel[grid](
-        x, weight, partial, m, n, k, x.stride(0), weight.stride(0),
-        partial.stride(0) if tile.split_k > 1 else 0, n,
-        BLOCK_M=block_m(m), BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, SPLIT_K=tile.split_k,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        x, weight, y, partial, tickets, m, n, k, x.stride(0), weight.stride(0), n, *argmax_args,
+        *norm_args, BLOCK_M=block_m(m), BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+        SPLIT_K=tile.split_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        ARGMAX=argmax is not None, NORM=norm_kind,
         num_stages=tile.num_stages, num_warps=tile.num_warps, **triton_pdl.kwargs(x.device))
-    if tile.split_k > 1:
-        block = 1024
-        _sum_splits_kernel[(triton.cdiv(m * n, block),)](partial, y, m * n, SPLIT_K=tile.split_k,
-                                                         BLOCK=block, num_warps=4,
-                                                         **triton_pdl.kwargs(x.device))
-    return y
+    return y, stream
+
+
+def skinny_matmul_argmax(x: torch.Tensor, weight: torch.Tensor, tile: Tile, num_valid: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K], weight [N, K] (M <= 64, a tile of one split) -> (x weightᵀ [M, N] float32, [M]
+    int64 each row's torch.argmax over its first num_valid columns): the LM head with the greedy
+    ids in its epilogue, so no kernel reads the logits back for them (a second, one program per
+    row, picks among the tiles' maxima)."""
+    from services.model.triton_ops import argmax_of_chunks
+
+    if tile.split_k != 1 or not fits(x, weight, tile) or not 0 < num_valid <= weight.shape[0]:
+        raise ValueError(f"skinny_matmul_argmax: x {tuple(x.shape)}, weight {tuple(weight.shape)}"
+                         f", {num_valid} valid columns do not fit tile {tile}")
+    m = x.shape[0]
+    ids = torch.empty(m, dtype=torch.int64, device=x.device)
+    num_tiles = triton.cdiv(weight.shape[0], tile.block_n)
+    argmax = _Argmax(torch.empty((m, num_tiles), dtype=torch.float32, device=x.device),
+                     torch.empty((m, num_tiles), dtype=torch.int32, device=x.device), num_valid)
+    y, _ = _skinny(x, weight, tile, torch.float32, None, argmax)
+    if m:
+        argmax_of_chunks(argmax.maxima, argmax.firsts, ids, num_valid)
+    return y, ids
 
 
 def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, tile: Tile) -> torch.Tensor:
     """x [M, K], weight [2I, K] = [gate | up] (M <= 64) -> silu(x gateᵀ) ⊙ (x upᵀ) [M, I]."""
+    y, _ = _gate_up_silu(x, weight, tile, None)
+    return y
+
+
+def norm_gate_up_silu(x: torch.Tensor, norm: Norm, weight: torch.Tensor, tile: Tile
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate_up_silu of norm(x + residual), x + residual) in one kernel (see _normed_tile)."""
+    return _gate_up_silu(x, weight, tile, norm)
+
+
+def _gate_up_silu(x, weight, tile, norm: Norm | None):
     if not fits_gate_up_silu(x, weight, tile):
         raise ValueError(f"gate_up_silu: x {tuple(x.shape)}, weight {tuple(weight.shape)} do not "
                          f"fit tile {tile}")
     m, k = x.shape
     inter = weight.shape[0] // 2
     y = torch.empty((m, inter), dtype=x.dtype, device=x.device)
-    if m == 0:
-        return y
-    _gate_up_silu_kernel[(triton.cdiv(inter, tile.block_n),)](
-        x, weight, y, m, inter, k, x.stride(0), weight.stride(0), inter,
-        BLOCK_M=block_m(m), BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_stages=tile.num_stages, num_warps=tile.num_warps, **triton_pdl.kwargs(x.device))
-    return y
+    norm_args, norm_kind, stream = _norm_launch_args(x, norm)
+    if m:
+        _gate_up_silu_kernel[(triton.cdiv(inter, tile.block_n),)](
+            x, weight, y, m, inter, k, x.stride(0), weight.stride(0), inter, *norm_args,
+            BLOCK_M=block_m(m), BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", NORM=norm_kind,
+            num_stages=tile.num_stages, num_warps=tile.num_warps, **triton_pdl.kwargs(x.device))
+    return y, stream
 
 
 def qkv_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -339,6 +491,16 @@ def tile_for(x: torch.Tensor, weight: torch.Tensor) -> Tile | None:
     """The measured tile for this product on x's GPU, or None: cuBLAS then."""
     tile = _lookup(x, weight, table_key)
     return tile if tile is not None and fits(x, weight, tile) else None
+
+
+def norm_table_key(num_rows: int, n: int, k: int, dtype: torch.dtype) -> str:
+    return f"norm-{table_key(num_rows, n, k, dtype)}"
+
+
+def norm_tile_for(x: torch.Tensor, weight: torch.Tensor) -> Tile | None:
+    """The measured tile of the product read through its norm (norm_skinny_matmul), or None."""
+    tile = _lookup(x, weight, norm_table_key)
+    return tile if tile is not None and tile.split_k == 1 and fits(x, weight, tile) else None
 
 
 def gate_up_silu_tile_for(x: torch.Tensor, weight: torch.Tensor) -> Tile | None:

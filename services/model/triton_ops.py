@@ -207,10 +207,19 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
         _argmax_chunk_kernel[(n_rows, num_chunks)](logits, values, indices, n_cols,
                                                    logits.stride(0), CHUNK=_ARGMAX_CHUNK,
                                                    num_warps=8, **triton_pdl.kwargs(logits.device))
-        _argmax_reduce_kernel[(n_rows,)](values, indices, out, num_chunks, n_cols,
-                                         CHUNKS_PAD=triton.next_power_of_2(num_chunks),
-                                         num_warps=1, **triton_pdl.kwargs(logits.device))
+        argmax_of_chunks(values, indices, out, n_cols)
     return out
+
+
+def argmax_of_chunks(values: torch.Tensor, indices: torch.Tensor, out: torch.Tensor,
+                     n_cols: int) -> None:
+    """Pass 2 alone: out [n] = per row the first index among its chunks' (maximum [n, chunks]
+    float32, first index [n, chunks] int32) that hold the largest maximum."""
+    n_rows, num_chunks = values.shape
+    _argmax_reduce_kernel[(n_rows,)](values, indices, out, num_chunks, n_cols,
+                                     CHUNKS_PAD=triton.next_power_of_2(num_chunks),
+                                     num_warps=1 if num_chunks <= 256 else 4,
+                                     **triton_pdl.kwargs(values.device))
 
 
 def _warps(n_cols: int) -> int:

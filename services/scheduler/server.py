@@ -171,8 +171,8 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         reader = asyncio.create_task(self._read_many(request_iterator, outbox, live))
         try:
             while True:
-                if outputs := await outbox.take():
-                    yield pb.SubmitManyResponse(outputs=outputs)
+                if (news := await outbox.take()) is not None:
+                    yield news
                 if reader.done() and not reader.cancelled() and reader.exception() is not None:
                     raise reader.exception()
                 # The gateway half-closed, or this replica drained: end once its requests have.
@@ -215,7 +215,13 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
             self._by_request[seq.request_id] = seq.seq_id
 
     def _to_outbox(self, outbox: _Outbox, live: dict, stream_id: int, out: Output) -> None:
-        if out.finish_reason is not None:
+        if out.finish_reason is None:
+            if stream_id in outbox.started:  # the common case: a step's new ids, in columns
+                outbox.put_ids(stream_id, out.token_ids)
+                return
+            outbox.started.add(stream_id)  # its first ids go with the prefix-cache count
+        else:
+            outbox.started.discard(stream_id)
             seq = live.pop(stream_id, None)
             if seq is not None:
                 self._by_request.pop(seq.request_id, None)
@@ -279,28 +285,49 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
 
 
 class _Outbox:
-    """Outputs waiting for the next SubmitMany message; take() waits until there are some."""
+    """News waiting for the next SubmitMany message; take() waits until there is some. A
+    request's plain new ids go in columns (put_ids), its first and last outputs and failures as
+    RequestOutputs (put): the reader takes the outputs that end nothing, then the columns, then
+    the rest, which is the order they were put in for any one request."""
 
     def __init__(self) -> None:
-        self._outputs: list[pb.RequestOutput] = []
+        self.started: set[int] = set()  # stream ids whose first output has gone
         self._ready = asyncio.Event()
+        self._clear()
+
+    def _clear(self) -> None:
+        self._outputs: list[pb.RequestOutput] = []
+        self._stream_ids: list[int] = []
+        self._counts: list[int] = []
+        self._ids: list[int] = []
 
     def put(self, output: pb.RequestOutput) -> None:
         self._outputs.append(output)
+        self._ready.set()
+
+    def put_ids(self, stream_id: int, token_ids: list[int]) -> None:
+        self._stream_ids.append(stream_id)
+        self._counts.append(len(token_ids))
+        self._ids += token_ids
         self._ready.set()
 
     def wake(self) -> None:
         self._ready.set()
 
     def empty(self) -> bool:
-        return not self._outputs
+        return not self._outputs and not self._stream_ids
 
-    async def take(self) -> list[pb.RequestOutput]:
-        """Everything queued, once there is something or wake() was called."""
+    async def take(self) -> pb.SubmitManyResponse | None:
+        """Everything queued as one message, once there is something (None: woken for
+        nothing)."""
         await self._ready.wait()
         self._ready.clear()
-        outputs, self._outputs = self._outputs, []
-        return outputs
+        if self.empty():
+            return None
+        news = pb.SubmitManyResponse(outputs=self._outputs, stream_ids=self._stream_ids,
+                                     num_token_ids=self._counts, token_ids=self._ids)
+        self._clear()
+        return news
 
 
 def build_engine(settings: SchedulerSettings, shape: ReplicaShape, workers: WorkerGroup) -> Engine:

@@ -1,4 +1,5 @@
-"""The scheduler's side of the worker API: one long-lived Execute stream per worker.
+"""The scheduler's side of the worker API: Describe over gRPC, then one long-lived step
+stream per worker (services/step/link.py).
 
 Every worker of the replica (all TP ranks of all PP stages) receives every plan; only the
 sampling worker (TP rank 0 of the last stage) streams results back. A worker that fails
@@ -16,7 +17,7 @@ import grpc
 from meshserve.internal.v1 import worker_pb2 as pb
 from meshserve.internal.v1 import worker_pb2_grpc as pb_grpc
 from services.grpc_standard import CLIENT_KEEPALIVE_OPTIONS
-from services.step import StepPlan, StepResult
+from services.step import StepPlan, StepResult, link
 
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20),
                    ("grpc.max_receive_message_length", 64 << 20),
@@ -48,9 +49,9 @@ class WorkerGroup:
         self.epoch = random.getrandbits(63) or 1  # tells this scheduler's activations apart
         self._channels = [grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS) for a in addresses]
         self._stubs = [pb_grpc.WorkerStub(c) for c in self._channels]
-        self._calls: list[grpc.aio.StreamStreamCall] = []
-        self._queues: list[asyncio.Queue] = []
-        self._results: asyncio.Queue[pb.StepResult] = asyncio.Queue()
+        self._writers: list[asyncio.StreamWriter] = []
+        # serialized StepResults, and the replica's failure (a WorkerGroupError) should it fail
+        self._results: asyncio.Queue[bytes | WorkerGroupError] = asyncio.Queue()
         self._watchers: list[asyncio.Task] = []
         self._failure: asyncio.Future | None = None
 
@@ -59,7 +60,7 @@ class WorkerGroup:
         infos = await asyncio.gather(*(self._describe_one(s, timeout_s) for s in self._stubs))
         shape = _check_shape(infos)
         await self._connect_stages(infos)
-        self._open_streams(infos)
+        await self._open_streams(infos)
         return shape
 
     async def _describe_one(self, stub, timeout_s: float) -> pb.DescribeResponse:
@@ -76,40 +77,53 @@ class WorkerGroup:
                 calls.append(by_place[(info.pp_rank, info.tp_rank)].ConnectStage(req, timeout=60))
         await asyncio.gather(*calls)
 
-    def _open_streams(self, infos: list[pb.DescribeResponse]) -> None:
+    async def _open_streams(self, infos: list[pb.DescribeResponse]) -> None:
         self._failure = asyncio.get_running_loop().create_future()
-        for info, stub, addr in zip(infos, self._stubs, self.addresses):
-            queue: asyncio.Queue[pb.StepPlan] = asyncio.Queue()
-            call = stub.Execute(_drain(queue))
-            self._queues.append(queue)
-            self._calls.append(call)
+        for info, addr in zip(infos, self.addresses):
+            host = addr.rsplit(":", 1)[0].strip("[]")  # the host Describe reached
+            try:
+                reader, writer = await link.connect(host, info.step_port)
+            except (OSError, asyncio.TimeoutError) as exc:
+                raise WorkerGroupError(f"worker {addr}: no step stream on port "
+                                       f"{info.step_port}: {exc}") from exc
+            self._writers.append(writer)
             is_sampler = info.pp_rank == info.pp_size - 1 and info.tp_rank == 0
-            self._watchers.append(asyncio.create_task(self._watch(call, addr, is_sampler)))
+            self._watchers.append(asyncio.create_task(self._watch(reader, addr, is_sampler)))
 
-    async def _watch(self, call, addr: str, is_sampler: bool) -> None:
+    async def _watch(self, reader: asyncio.StreamReader, addr: str, is_sampler: bool) -> None:
         """Reads a worker's stream: the sampler's results, or (from any worker) its failure.
         Every stream is watched all the time, so a worker that dies while the replica is idle
         is noticed at once, not at the next step."""
         try:
-            async for msg in call:
+            while True:
+                kind, payload = await link.read_frame(reader)
+                if kind == link.ERROR:
+                    message = payload.decode(errors="replace")
+                    err = WorkerGroupError(f"worker {addr} failed: {message}")
+                    break
                 if is_sampler:
-                    self._results.put_nowait(msg)
-            err = WorkerGroupError(f"worker {addr} closed its step stream")
-        except grpc.aio.AioRpcError as exc:
-            err = WorkerGroupError(f"worker {addr} failed: {exc.code().name} {exc.details()}")
+                    self._results.put_nowait(payload)
+        except link.StepLinkClosed as exc:
+            err = WorkerGroupError(f"worker {addr} failed: {exc}")
         if not self._failure.done():
             self._failure.set_exception(err)
+            self._results.put_nowait(err)  # a step loop waiting for a result sees it too
 
     def send(self, plan: StepPlan) -> None:
-        """Queues plan for every worker; grpc writes each stream in order, off this call."""
+        """Queues plan for every worker; each connection sends it off this call, in order."""
         msg = plan.to_pb()
         msg.epoch = self.epoch
-        for queue in self._queues:
-            queue.put_nowait(msg)
+        payload = msg.SerializeToString()
+        for writer in self._writers:
+            link.write_frame(writer, link.PLAN, payload)
 
     async def next_result(self) -> StepResult:
         """The sampling worker's next result, in plan order."""
-        return StepResult.from_pb(await self._unless_failed(self._results.get()))
+        payload = await self._results.get()  # no task per step: a failure comes this way too
+        if isinstance(payload, WorkerGroupError):
+            self._results.put_nowait(payload)  # and stays for every later call
+            raise payload
+        return StepResult.from_pb(pb.StepResult.FromString(payload))
 
     async def wait(self, event: asyncio.Event) -> None:
         """Waits for event, or raises WorkerGroupError if a worker fails first."""
@@ -126,15 +140,10 @@ class WorkerGroup:
     async def close(self) -> None:
         for task in self._watchers:
             task.cancel()
-        for call in self._calls:
-            call.cancel()
+        for writer in self._writers:
+            writer.close()
         for channel in self._channels:
             await channel.close()
-
-
-async def _drain(queue: asyncio.Queue):
-    while True:
-        yield await queue.get()
 
 
 def _check_shape(infos: list[pb.DescribeResponse]) -> ReplicaShape:

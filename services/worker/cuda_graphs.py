@@ -37,7 +37,6 @@ import torch
 
 from services.model import comm
 from services.model.attention import AttentionMetadata
-from services.model.sampler import argmax_ids
 from services.worker.input_batch import HostStep
 
 MAX_VERIFY_TOKENS = 512  # verification buckets hold at most this many tokens (B x Q)
@@ -174,8 +173,7 @@ class DecodeGraphs:
         hidden = runner.forward(ids, positions, meta, hidden_in)
         if not runner.is_last_stage:
             return hidden, None
-        logits = runner.model.compute_logits(hidden)
-        greedy = argmax_ids(logits)  # padding rows write the scratch row
+        logits, greedy = runner.model.compute_logits_and_greedy(hidden)
         if q == 1:  # a verifying sequence's next input comes from the host
             batch.last_sampled.index_copy_(0, rows, greedy)
         return logits, greedy

@@ -3,8 +3,10 @@
     meshserve worker --model DIR --tp-rank R --tp-size T --pp-rank S --pp-size P \
                      --dist-init tcp://HOST:PORT --port N
 
-Plans arrive on the Execute stream; the model step runs on its own thread so the event loop
-keeps receiving plans and moving activations over the stage link while a step computes.
+Plans arrive on the step stream (services/step/link.py: frames on one TCP connection from
+the scheduler, at the port Describe names); on a GPU, and at every pipeline stage, the model
+step runs on its own thread so the event loop keeps receiving plans and moving activations over
+the stage link while a step computes; on a CPU without stages it runs on the loop.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from services.grpc_standard import SERVER_KEEPALIVE_OPTIONS, add_health, set_hea
 from services.metrics import serve_metrics
 from services.process import announce, run_service
 from services.progress import Progress
-from services.step import StepPlan, StepResult
+from services.step import StepPlan, StepResult, link
 from services.worker.settings import WorkerSettings
 from services.worker.runner import PendingStep
 from services.worker.shard import WorkerShard
@@ -38,15 +40,27 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     def __init__(self, shard: WorkerShard):
         self.shard = shard
         # The model thread: every step and collective, in plan order. The current CUDA
-        # device is per thread, so it is set there once.
+        # device is per thread, so it is set there once. On a CPU the device is the CPU this
+        # event loop runs on: a model thread buys no overlap there (the GIL serializes the
+        # step's Python with the loop's) and costs a GIL handoff and a wake-up per step, so the
+        # model's work runs on the loop itself (None; bench/RESULTS.md, 2026-12-07). Pipeline
+        # stages keep the thread: their stage links move activations while a step computes.
         init = (torch.cuda.set_device, (shard.device,)) if shard.device.type == "cuda" else (
             None, ())
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model",
-                                          initializer=init[0], initargs=init[1])
+        self._thread = None if shard.device.type == "cpu" and shard.ctx.pp_size == 1 else (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="model",
+                               initializer=init[0], initargs=init[1]))
         # Waits for launched steps' ids to reach the host, in order, off the model thread.
         self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="results")
         self._busy = asyncio.Lock()
         self.metrics = WorkerMetrics(shard)
+        self.step_port = 0  # where serve_steps listens, once it does
+
+    async def serve_steps(self, host: str, port: int) -> asyncio.Server:
+        """Listens for the scheduler's step stream on host:port (0: any free port)."""
+        server = await asyncio.start_server(self._step_stream, host, port)
+        self.step_port = server.sockets[0].getsockname()[1]
+        return server
 
     async def wait_idle(self, timeout_s: float) -> None:
         """Until no scheduler's step stream is open (a draining scheduler closes it when its
@@ -56,42 +70,78 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             await asyncio.sleep(0.05)
 
     async def on_model_thread(self, fn, *args):
+        """fn(*args) where the model's work runs, one call at a time, in call order."""
+        if self._thread is None:
+            return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     async def Describe(self, request, context) -> pb.DescribeResponse:
-        return self.shard.describe()
+        described = self.shard.describe()
+        described.step_port = self.step_port
+        return described
 
     async def ConnectStage(self, request, context) -> pb.ConnectStageResponse:
         await self.shard.connect_next_stage(request.next_stage_address)
         return pb.ConnectStageResponse()
 
-    async def Execute(self, request_iterator, context):
-        if self._busy.locked():
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                "this worker already serves a scheduler's step stream")
-        async with self._busy:
-            # A new stream is a new scheduler: nothing of the last one's sequences holds.
-            await self.on_model_thread(self.shard.runner.reset)
-            if self.shard.proposer is not None:
-                await self.on_model_thread(self.shard.proposer.reset)
-            plans: asyncio.Queue = asyncio.Queue()
-            reader = asyncio.create_task(_read_into(request_iterator, plans))
+    async def _step_stream(self, reader: asyncio.StreamReader,
+                           writer: asyncio.StreamWriter) -> None:
+        """One scheduler's step stream: its plans in, in order; this worker's results out (the
+        sampling worker's), or the error that ended it. The stream's end is the scheduler's:
+        a scheduler closes it only when it leaves, so whatever it still has in flight here is
+        dropped then (a step waiting on a stage that is gone too), and the next one is served."""
+        link.tune(writer)
+        try:
             try:
-                async for result in self._steps(plans):
-                    yield result.to_pb()
-            finally:
-                reader.cancel()
+                await link.accept(reader)
+            except link.NotAStepStream as exc:  # a probe, a stray client: it takes nothing here
+                log.warning("step port: refused %s: %s", writer.get_extra_info("peername"), exc)
+                link.write_frame(writer, link.ERROR, str(exc).encode())
+                return
+            except link.StepLinkClosed:
+                return  # connected and left (a TCP probe)
+            if self._busy.locked():
+                link.write_frame(writer, link.ERROR,
+                                 b"this worker already serves a scheduler's step stream")
+                return
+            async with self._busy:
+                # A new stream is a new scheduler: nothing of the last one's sequences holds.
+                await self.on_model_thread(self.shard.runner.reset)
+                if self.shard.proposer is not None:
+                    await self.on_model_thread(self.shard.proposer.reset)
+                plans: asyncio.Queue = asyncio.Queue()
+                stepper = asyncio.create_task(self._answer(plans, writer))
+                try:
+                    await _read_plans(reader, plans)  # until the scheduler goes
+                finally:
+                    stepper.cancel()
+                    await asyncio.gather(stepper, return_exceptions=True)
+        finally:
+            writer.close()
+
+    async def _answer(self, plans: asyncio.Queue, writer: asyncio.StreamWriter) -> None:
+        """Runs the stream's plans and writes their results; a failed step's error ends it."""
+        try:
+            async for result in self._steps(plans):
+                link.write_frame(writer, link.RESULT, result.to_pb().SerializeToString())
+                await writer.drain()  # at once, unless the scheduler stopped reading
+        except ConnectionError:
+            pass  # the scheduler went away: nothing to tell it
+        except Exception as exc:  # a failed step: the scheduler fails its replica with this
+            log.exception("step failed")
+            link.write_frame(writer, link.ERROR, str(exc).encode())
+            writer.close()
 
     async def _steps(self, plans: asyncio.Queue):
         """Launches each plan as soon as it comes and streams the results in plan order. The
         launches and the waits for results run apart, so a plan that arrives while the device
         still computes the step before is queued behind it at once: the device does not idle
         on the host, and a result is not held up by the next plan's launch."""
-        finished: asyncio.Queue = asyncio.Queue()  # result futures in plan order, then the end
+        finished: asyncio.Queue = asyncio.Queue()  # result futures in plan order
         launcher = asyncio.create_task(self._launch_all(plans, finished))
         try:
-            while (item := await finished.get()) is not _END:
-                if isinstance(item, BaseException):
+            while True:
+                if isinstance(item := await finished.get(), BaseException):
                     raise item
                 if (result := await item) is not None:
                     yield result
@@ -100,11 +150,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     async def _launch_all(self, plans: asyncio.Queue, finished: asyncio.Queue) -> None:
         try:
-            while (msg := await plans.get()) is not None:
-                plan = StepPlan.from_pb(msg)
+            while True:
+                plan = StepPlan.from_pb(await plans.get())
                 launched = await self._launch(plan)
                 finished.put_nowait(asyncio.ensure_future(self._finish(plan, launched)))
-            finished.put_nowait(_END)
         except Exception as exc:  # the result stream fails with it
             finished.put_nowait(exc)
 
@@ -136,9 +185,6 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             self.shard.proposer.propose, plan, result.tokens_by_seq())
         return dataclasses.replace(result, proposal_ids=tuple(proposals),
                                    num_proposal_ids=tuple(num_proposals))
-
-
-_END = object()
 
 
 class WorkerMetrics:
@@ -197,12 +243,14 @@ class WorkerMetrics:
             yield m.counter(what, doc, self.labels, value)
 
 
-async def _read_into(request_iterator, queue: asyncio.Queue) -> None:
+async def _read_plans(reader: asyncio.StreamReader, queue: asyncio.Queue) -> None:
+    """The stream's plans into queue, until the stream ends (or brings what is not a plan)."""
     try:
-        async for msg in request_iterator:
-            queue.put_nowait(msg)
-    finally:
-        queue.put_nowait(None)
+        while (frame := await link.read_frame(reader))[0] == link.PLAN:
+            queue.put_nowait(pb.StepPlan.FromString(frame[1]))
+        log.warning("a step frame of kind %d where plans come: closing the step stream", frame[0])
+    except link.StepLinkClosed:
+        pass
 
 
 async def serve(settings: WorkerSettings, stop: asyncio.Event | None = None) -> None:
@@ -219,10 +267,11 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event | None = None) -> 
     service_names = [pb.DESCRIPTOR.services_by_name["Worker"].full_name]
     health = await add_health(server, service_names)  # the model is loaded: it serves
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    steps = await servicer.serve_steps(settings.host, settings.step_port)
     await server.start()
-    log.info("worker tp=%d/%d pp=%d/%d on %s:%d (%s, %d KV blocks)", settings.tp_rank,
-             settings.tp_size, settings.pp_rank, settings.pp_size, settings.host, port,
-             shard.device, shard.num_kv_blocks)
+    log.info("worker tp=%d/%d pp=%d/%d on %s:%d, steps on port %d (%s, %d KV blocks)",
+             settings.tp_rank, settings.tp_size, settings.pp_rank, settings.pp_size,
+             settings.host, port, servicer.step_port, shard.device, shard.num_kv_blocks)
     if settings.metrics_port >= 0:
         metrics_port = serve_metrics(settings.metrics_port, settings.host)
         announce(settings.ready_file and settings.ready_file + ".metrics", settings.host,
@@ -233,6 +282,7 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event | None = None) -> 
     await set_health(health, ["", *service_names], False)  # leaving, once its scheduler has
     await servicer.wait_idle(settings.drain_timeout_s)
     await health.enter_graceful_shutdown()
+    steps.close()
     await server.stop(grace=1.0)
     await shard.close()
 

@@ -18,6 +18,7 @@ class WorkerSettings:
     dist_init: str = ""  # torch.distributed init method of this stage's TP group (tcp://h:p)
     host: str = "127.0.0.1"
     port: int = 0
+    step_port: int = 0  # the scheduler's step stream (services/step/link.py); 0 = any free port
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on GPU
     block_size: int = 16
@@ -49,6 +50,9 @@ class WorkerSettings:
                        help="init method of this stage's TP group, e.g. tcp://10.0.0.1:29500")
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=PORT, default=0)
+        p.add_argument("--step-port", type=PORT, default=0,
+                       help="port of the scheduler's step stream (0 = any free one; Describe "
+                            "tells the scheduler which)")
         p.add_argument("--device", default="auto")
         p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
         p.add_argument("--block-size", type=POSITIVE, default=16)
@@ -81,7 +85,7 @@ class WorkerSettings:
         a = p.parse_args(argv)
         split = tuple(int(x) for x in a.layer_split.split(",") if x)
         settings = cls(a.model, a.tp_rank, a.tp_size, a.pp_rank, a.pp_size, a.dist_init, a.host,
-                       a.port, a.device, a.dtype, a.block_size, a.num_kv_blocks,
+                       a.port, a.step_port, a.device, a.dtype, a.block_size, a.num_kv_blocks,
                        a.kv_cache_memory_gb, split, a.max_model_len, a.num_threads,
                        a.ready_file, a.max_num_seqs, a.attention_backend, a.enforce_eager,
                        a.gpu_memory_utilization, a.drain_timeout, a.metrics_port,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
 import grpc
@@ -9,7 +10,7 @@ import pytest
 import redis
 
 from deploy.launcher import LocalMesh, MeshSpec
-from meshserve.internal.v1 import scheduler_pb2, scheduler_pb2_grpc
+from meshserve.internal.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from meshserve.v1 import generation_pb2 as pb
 from meshserve.v1 import generation_pb2_grpc as pb_grpc
 from tests.integration.conftest import generate, hf_greedy, replica_addresses, scheduler_stats
@@ -86,22 +87,30 @@ def test_clean_shutdown_deregisters_at_once(default_model_dir):
 
 
 def test_a_restarted_scheduler_takes_over_its_running_workers(two_replicas, default_model_dir):
+    """...even while a stray connection (a port probe that stays open) sits on the worker's
+    step port: only a scheduler's HELLO takes the worker."""
     mesh = two_replicas
     victim = next(rid for rid in ("replica-0", "replica-1")
                   if rid not in replica_addresses(mesh.redis_url))  # killed by the test above
-    mesh.start_scheduler(victim)
-    deadline = time.monotonic() + 60
-    while victim not in replica_addresses(mesh.redis_url):
-        assert time.monotonic() < deadline, f"{victim} did not come back"
-        time.sleep(0.2)
-    address = replica_addresses(mesh.redis_url)[victim]
-    prompt = [1, 70, 71, 72]
-    with grpc.insecure_channel(address) as channel:
-        stub = scheduler_pb2_grpc.SchedulerStub(channel)
-        ids = [t for m in stub.Submit(scheduler_pb2.SubmitRequest(
-            request_id="after-restart", prompt_token_ids=prompt,
-            sampling=pb.SamplingParams(max_tokens=16, ignore_eos=True))) for t in m.token_ids]
-    assert ids == hf_greedy(default_model_dir, prompt, 16, stop_at_eos=False)
+    worker = mesh.worker_addresses[victim][0]
+    with grpc.insecure_channel(worker) as channel:
+        step_port = worker_pb2_grpc.WorkerStub(channel).Describe(
+            worker_pb2.DescribeRequest()).step_port
+    with socket.create_connection((worker.rsplit(":", 1)[0], step_port)):  # the stray
+        mesh.start_scheduler(victim)
+        deadline = time.monotonic() + 60
+        while victim not in replica_addresses(mesh.redis_url):
+            assert time.monotonic() < deadline, f"{victim} did not come back"
+            time.sleep(0.2)
+        address = replica_addresses(mesh.redis_url)[victim]
+        prompt = [1, 70, 71, 72]
+        with grpc.insecure_channel(address) as channel:
+            stub = scheduler_pb2_grpc.SchedulerStub(channel)
+            ids = [t for m in stub.Submit(scheduler_pb2.SubmitRequest(
+                request_id="after-restart", prompt_token_ids=prompt,
+                sampling=pb.SamplingParams(max_tokens=16, ignore_eos=True)), timeout=60)
+                for t in m.token_ids]
+        assert ids == hf_greedy(default_model_dir, prompt, 16, stop_at_eos=False)
 
 
 def test_a_dead_worker_takes_its_idle_replica_out_at_once(default_model_dir):
@@ -169,36 +178,44 @@ def test_fifty_streams_survive_kill_9_of_a_worker_then_of_a_scheduler(default_mo
                                    **({"temperature": 0.8, "seed": i} if i % 2 else {})))
         for i in range(50)]
 
-    def run_all(stub, on_first_tokens=None) -> list[list[int]]:
-        streams = [stub.Generate(r, timeout=120) for r in requests]
-        outs = [list(next(s).token_ids) for s in streams]
-        if on_first_tokens:
-            on_first_tokens()
-        for out, s in zip(outs, streams):
-            for msg in s:
-                out += msg.token_ids
-        return outs
+    def run_all(stub, while_running=None) -> list[list[int]]:
+        streams = [stub.Generate(r, timeout=120) for r in requests]  # all start at once
+        if while_running:
+            while_running()  # the client buffers what arrives meanwhile
+        return [[t for msg in s for t in msg.token_ids] for s in streams]
 
     with LocalMesh(spec) as mesh, grpc.insecure_channel(mesh.gateway_address) as channel:
         stub = pb_grpc.GenerationStub(channel)
         quiet = run_all(stub)
+        replicas = ["replica-0", "replica-1", "replica-2"]
+        gateway = next(c for c in mesh.children if c.name == "gateway")
+        victims, running_at_fault = [], []
 
-        victims = []
+        def running_on(among):
+            running = {r: scheduler_stats(mesh, r).num_running for r in among}
+            running_at_fault.append(running)
+            return running
 
-        def busiest(among):
-            return max(among, key=lambda r: scheduler_stats(mesh, r).num_running)
-
-        def faults():  # each time on the replica running the most streams
-            victims.append(busiest(["replica-0", "replica-1", "replica-2"]))
+        def faults():
+            # Fault on the mesh's state, not on the client's reading: the first as soon as every
+            # replica runs streams, the second as soon as the gateway has resumed the first
+            # victim's, each time on the replica running the most.
+            deadline = time.monotonic() + 30
+            while not all((running := running_on(replicas)).values()):
+                assert time.monotonic() < deadline, running_at_fault[-1]
+            victims.append(max(replicas, key=running.get))
             worker = next(c for c in mesh.children if c.name == f"{victims[0]}-worker-pp0-tp0")
             mesh.kill(worker)  # its scheduler sees the step stream break and leaves
-            time.sleep(0.3)
-            victims.append(busiest([r for r in ("replica-0", "replica-1", "replica-2")
-                                    if r != victims[0]]))
+            while f"replica {victims[0]} failed" not in gateway.log.read_text():
+                assert time.monotonic() < deadline, "the gateway never saw the first fault"
+                time.sleep(0.01)
+            survivors = [r for r in replicas if r != victims[0]]
+            running = running_on(survivors)
+            victims.append(max(survivors, key=running.get))
             mesh.kill(scheduler_of(mesh, victims[1]))
 
         faulted = run_all(stub, faults)
-        gateway_log = next(c for c in mesh.children if c.name == "gateway").log.read_text()
+        gateway_log = gateway.log.read_text()
     assert all(len(out) == NUM_TOKENS for out in quiet + faulted)
     greedy = range(0, len(requests), 2)
     assert [faulted[i] for i in greedy] == [quiet[i] for i in greedy]
@@ -208,4 +225,4 @@ def test_fifty_streams_survive_kill_9_of_a_worker_then_of_a_scheduler(default_mo
     seeded = [i for i in range(1, len(requests), 2) if faulted[i] != quiet[i]]
     assert len(seeded) <= 2, seeded
     for victim in victims:  # both faults really hit streams, which resumed elsewhere
-        assert f"replica {victim} failed" in gateway_log
+        assert f"replica {victim} failed" in gateway_log, (victims, running_at_fault)

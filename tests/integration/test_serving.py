@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -232,3 +233,49 @@ def test_a_request_id_runs_once_at_a_time(stub):
             assert exc.code() == grpc.StatusCode.ALREADY_EXISTS and time.monotonic() < deadline
             time.sleep(0.05)
     assert len(ids) == 3 and last.request_id == "job-7"
+
+
+def test_a_second_step_stream_to_a_busy_worker_is_refused_and_the_first_serves_on(stub, mesh):
+    """A worker serves one scheduler's step stream at a time: a second connection to its step
+    port (a stray scheduler) gets an error frame saying so and is closed, and the replica's own
+    stream is untouched."""
+    import asyncio
+
+    from meshserve.internal.v1 import worker_pb2, worker_pb2_grpc
+    from services.step import link
+
+    address = mesh.worker_addresses["replica-0"][0]
+    with grpc.insecure_channel(address) as channel:
+        described = worker_pb2_grpc.WorkerStub(channel).Describe(worker_pb2.DescribeRequest())
+    assert described.step_port
+
+    async def intrude():
+        reader, writer = await link.connect(address.rsplit(":", 1)[0], described.step_port)
+        frame = await link.read_frame(reader)
+        with pytest.raises(link.StepLinkClosed):
+            await link.read_frame(reader)
+        writer.close()
+        return frame
+
+    assert asyncio.run(intrude()) == (link.ERROR,
+                                      b"this worker already serves a scheduler's step stream")
+    ids, _, _ = generate(stub, max_tokens=8, prompt=PROMPT)
+    assert len(ids) == 8
+
+
+def test_a_cpu_mesh_runs_its_worker_on_cpus_of_its_own_when_it_can(mesh):
+    """MeshSpec.cpu_bind="auto" (the default): on a machine with a CPU to spare, every thread of
+    the worker runs on the worker's CPUs and every thread of the gateway and the scheduler on
+    the others (deploy/cpu_binding.py)."""
+    from deploy.cpu_binding import workers_on_cpu
+
+    plan = mesh.cpu_plan
+    if len(os.sched_getaffinity(0)) < 2 or not workers_on_cpu(mesh.spec.worker_args):
+        assert plan is None
+        pytest.skip("one CPU, or GPU workers: nothing to bind")
+    assert plan is not None
+    for child in mesh.children:
+        threads = os.listdir(f"/proc/{child.proc.pid}/task")
+        expected = plan.workers[0] if "worker" in child.name else plan.rest
+        assert {frozenset(os.sched_getaffinity(int(t))) for t in threads} == {expected}, (
+            child.name)

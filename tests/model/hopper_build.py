@@ -60,15 +60,16 @@ def bf16(*shape):
     return torch.randn(*shape).bfloat16()
 
 
-def _decode_attention(splits, prefetch_kv=False):
+def _decode_attention(splits, prefetch_kv=False, rotary=False):
     cache = bf16(2, 9, 16, 8, 64)
     tables = torch.zeros(4, 4, dtype=torch.int32)
 
     def call():
+        q = bf16(4, 48 * 64)[:, :32 * 64].view(4, 32, 64) if rotary else bf16(4, 32, 64)
         with mock.patch.object(triton_pdl, "PREFETCH_KV", prefetch_kv):
             triton_attention.paged_decode_attention(
-                bf16(4, 32, 64), cache, tables, torch.full((4,), 40, dtype=torch.int32), 0.125,
-                splits)
+                q, cache, tables, torch.full((4,), 40, dtype=torch.int32), 0.125, splits,
+                rotary=(bf16(4, 64), bf16(4, 64), torch.arange(4)) if rotary else None)
     return call
 
 
@@ -81,6 +82,14 @@ CASES = {
                                               "silu_mul"),
     "skinny": lambda: triton_linear.skinny_matmul(bf16(64, 2048), bf16(256, 2048),
                                                   Tile(128, 64, 1, 4), torch.float32),
+    "skinny-argmax": lambda: triton_linear.skinny_matmul_argmax(bf16(64, 2048), bf16(1000, 2048),
+                                                                Tile(128, 64, 1, 4), 990),
+    "skinny-norm": lambda: triton_linear.norm_skinny_matmul(
+        bf16(64, 2048), triton_linear.Norm(bf16(64, 2048), bf16(2048), 1e-5), bf16(256, 2048),
+        Tile(32, 256, 1, 3)),
+    "gate_up_silu-norm": lambda: triton_linear.norm_gate_up_silu(
+        bf16(64, 2048), triton_linear.Norm(bf16(64, 2048), bf16(2048), 1e-5), bf16(512, 2048),
+        Tile(32, 128, 1, 3)),
     "skinny-split": lambda: triton_linear.skinny_matmul(bf16(16, 2048), bf16(256, 2048),
                                                         Tile(32, 128, 4)),
     "gate_up_silu": lambda: triton_linear.gate_up_silu(bf16(64, 2048), bf16(512, 2048),
@@ -98,6 +107,8 @@ CASES = {
     "decode-attention": _decode_attention(1),
     "decode-attention-split": _decode_attention(4),
     "decode-attention-prefetch": _decode_attention(1, prefetch_kv=True),
+    "decode-attention-rotary": _decode_attention(1, rotary=True),
+    "decode-attention-rotary-split": _decode_attention(4, rotary=True),
     "prefill-attention": lambda: triton_attention.paged_prefill_attention(
         bf16(8, 32, 64), bf16(2, 9, 16, 8, 64), torch.zeros(2, 4, dtype=torch.int32),
         torch.tensor([5, 3], dtype=torch.int32), torch.tensor([0, 5, 8], dtype=torch.int32), 5,

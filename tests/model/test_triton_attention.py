@@ -188,3 +188,46 @@ def test_bf16_matches_float32_reference() -> None:
     out = decode(q16[last].contiguous(), cache16, decode_meta, num_splits=2)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected[last], atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, None])
+@pytest.mark.parametrize("shape", [GQA, GROUP_OF_3], ids=["gqa", "group_of_3"])
+def test_decode_with_the_rotary_equals_rotary_and_cache_then_decode(shape, num_splits) -> None:
+    """rotary=(cos, sin, slots): q of unrotated qkv rows; the kernel rotates q and k and writes
+    this step's k and v itself, before it reads them (their slots start as NaN)."""
+    from services.model.attention import write_kv
+    from services.model.layers import split_qkv_rotated
+
+    heads, kv_heads, d = shape["heads"], shape["kv_heads"], shape["head_dim"]
+    q, cache, meta = paged_case([1] * 5, [1, 16, 17, 100, 500], width=40, **shape)
+    qkv = torch.randn(5, (heads + 2 * kv_heads) * d)
+    angles = torch.randn(5, d // 2) * 3
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    q_rot, k_rot, v = split_qkv_rotated(qkv, cos, sin, heads, kv_heads, d)
+    expected_cache = cache.clone()
+    write_kv(expected_cache, k_rot, v, meta.slot_mapping)
+    expected = _decode_attention(q_rot, expected_cache, meta, d**-0.5)
+
+    cache_in = poisoned(cache, meta)
+    cache_in.view(2, -1, kv_heads, d)[:, meta.slot_mapping] = float("nan")  # not yet written
+    cache_dev = cache_in.to(DEVICE)
+    qkv_dev = qkv.to(DEVICE)
+    out = triton_attention.paged_decode_attention(
+        qkv_dev[:, : heads * d].view(5, heads, d), cache_dev, meta.block_tables.int().to(DEVICE),
+        meta.seq_lens_tensor.int().to(DEVICE), d**-0.5, num_splits,
+        rotary=(cos.to(DEVICE), sin.to(DEVICE), meta.slot_mapping.to(DEVICE))).cpu()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    slots = meta.slot_mapping
+    written = cache_dev.cpu().view(2, -1, kv_heads, d)[:, slots]
+    torch.testing.assert_close(written, expected_cache.view(2, -1, kv_heads, d)[:, slots],
+                               atol=1e-6, rtol=1e-6)
+    assert torch.equal(qkv_dev.cpu(), qkv), "the qkv rows are read, not rotated in place"
+
+
+def test_decode_with_the_rotary_refuses_q_that_is_not_of_fused_rows() -> None:
+    q, cache, meta = paged_case([1] * 2, [3, 9], width=4, **GQA)
+    cos = sin = torch.ones(2, GQA["head_dim"])
+    with pytest.raises(ValueError, match="fused qkv rows"):
+        triton_attention.paged_decode_attention(
+            q.transpose(0, 1).contiguous().transpose(0, 1), cache, meta.block_tables.int(),
+            meta.seq_lens_tensor.int(), 0.1, rotary=(cos, sin, meta.slot_mapping))

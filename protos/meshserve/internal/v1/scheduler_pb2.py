@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from meshserve.v1 import generation_pb2 as meshserve_dot_v1_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%meshserve/internal/v1/scheduler.proto\x12\x15meshserve.internal.v1\x1a\x1dmeshserve/v1/generation.proto\"\x81\x01\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.meshserve.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\"x\n\x0eSubmitResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x31\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1a.meshserve.v1.FinishReason\x12 \n\x18num_cached_prompt_tokens\x18\x03 \x01(\r\"l\n\x11SubmitManyRequest\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x34\n\x06submit\x18\x02 \x01(\x0b\x32$.meshserve.internal.v1.SubmitRequest\x12\x0e\n\x06\x63\x61ncel\x18\x03 \x01(\x08\"\x86\x01\n\rRequestOutput\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x37\n\x08response\x18\x02 \x01(\x0b\x32%.meshserve.internal.v1.SubmitResponse\x12\x12\n\nerror_code\x18\x03 \x01(\r\x12\x15\n\rerror_message\x18\x04 \x01(\t\"K\n\x12SubmitManyResponse\x12\x35\n\x07outputs\x18\x01 \x03(\x0b\x32$.meshserve.internal.v1.RequestOutput\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1f\n\x0e\x43\x61ncelResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x11\n\x0fGetStatsRequest\"\xfb\x01\n\x0cReplicaStats\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x04 \x01(\r\x12\x1a\n\x12num_free_kv_blocks\x18\x05 \x01(\r\x12\x1b\n\x13max_batch_size_seen\x18\x06 \x01(\r\x12\x11\n\tnum_steps\x18\x07 \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\x08 \x01(\x04\x12\x12\n\nblock_size\x18\t \x01(\r\x12\x1d\n\x15num_prefix_hit_tokens\x18\n \x01(\x04\x32\xfb\x02\n\tScheduler\x12W\n\x06Submit\x12$.meshserve.internal.v1.SubmitRequest\x1a%.meshserve.internal.v1.SubmitResponse0\x01\x12\x65\n\nSubmitMany\x12(.meshserve.internal.v1.SubmitManyRequest\x1a).meshserve.internal.v1.SubmitManyResponse(\x01\x30\x01\x12U\n\x06\x43\x61ncel\x12$.meshserve.internal.v1.CancelRequest\x1a%.meshserve.internal.v1.CancelResponse\x12W\n\x08GetStats\x12&.meshserve.internal.v1.GetStatsRequest\x1a#.meshserve.internal.v1.ReplicaStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%meshserve/internal/v1/scheduler.proto\x12\x15meshserve.internal.v1\x1a\x1dmeshserve/v1/generation.proto\"\x81\x01\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.meshserve.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\"x\n\x0eSubmitResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x31\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1a.meshserve.v1.FinishReason\x12 \n\x18num_cached_prompt_tokens\x18\x03 \x01(\r\"l\n\x11SubmitManyRequest\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x34\n\x06submit\x18\x02 \x01(\x0b\x32$.meshserve.internal.v1.SubmitRequest\x12\x0e\n\x06\x63\x61ncel\x18\x03 \x01(\x08\"\x86\x01\n\rRequestOutput\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x37\n\x08response\x18\x02 \x01(\x0b\x32%.meshserve.internal.v1.SubmitResponse\x12\x12\n\nerror_code\x18\x03 \x01(\r\x12\x15\n\rerror_message\x18\x04 \x01(\t\"\x89\x01\n\x12SubmitManyResponse\x12\x35\n\x07outputs\x18\x01 \x03(\x0b\x32$.meshserve.internal.v1.RequestOutput\x12\x12\n\nstream_ids\x18\x02 \x03(\x04\x12\x15\n\rnum_token_ids\x18\x03 \x03(\r\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1f\n\x0e\x43\x61ncelResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x11\n\x0fGetStatsRequest\"\xfb\x01\n\x0cReplicaStats\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x04 \x01(\r\x12\x1a\n\x12num_free_kv_blocks\x18\x05 \x01(\r\x12\x1b\n\x13max_batch_size_seen\x18\x06 \x01(\r\x12\x11\n\tnum_steps\x18\x07 \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\x08 \x01(\x04\x12\x12\n\nblock_size\x18\t \x01(\r\x12\x1d\n\x15num_prefix_hit_tokens\x18\n \x01(\x04\x32\xfb\x02\n\tScheduler\x12W\n\x06Submit\x12$.meshserve.internal.v1.SubmitRequest\x1a%.meshserve.internal.v1.SubmitResponse0\x01\x12\x65\n\nSubmitMany\x12(.meshserve.internal.v1.SubmitManyRequest\x1a).meshserve.internal.v1.SubmitManyResponse(\x01\x30\x01\x12U\n\x06\x43\x61ncel\x12$.meshserve.internal.v1.CancelRequest\x1a%.meshserve.internal.v1.CancelResponse\x12W\n\x08GetStats\x12&.meshserve.internal.v1.GetStatsRequest\x1a#.meshserve.internal.v1.ReplicaStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,16 +40,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITMANYREQUEST']._serialized_end=457
   _globals['_REQUESTOUTPUT']._serialized_start=460
   _globals['_REQUESTOUTPUT']._serialized_end=594
-  _globals['_SUBMITMANYRESPONSE']._serialized_start=596
-  _globals['_SUBMITMANYRESPONSE']._serialized_end=671
-  _globals['_CANCELREQUEST']._serialized_start=673
-  _globals['_CANCELREQUEST']._serialized_end=708
-  _globals['_CANCELRESPONSE']._serialized_start=710
-  _globals['_CANCELRESPONSE']._serialized_end=741
-  _globals['_GETSTATSREQUEST']._serialized_start=743
-  _globals['_GETSTATSREQUEST']._serialized_end=760
-  _globals['_REPLICASTATS']._serialized_start=763
-  _globals['_REPLICASTATS']._serialized_end=1014
-  _globals['_SCHEDULER']._serialized_start=1017
-  _globals['_SCHEDULER']._serialized_end=1396
+  _globals['_SUBMITMANYRESPONSE']._serialized_start=597
+  _globals['_SUBMITMANYRESPONSE']._serialized_end=734
+  _globals['_CANCELREQUEST']._serialized_start=736
+  _globals['_CANCELREQUEST']._serialized_end=771
+  _globals['_CANCELRESPONSE']._serialized_start=773
+  _globals['_CANCELRESPONSE']._serialized_end=804
+  _globals['_GETSTATSREQUEST']._serialized_start=806
+  _globals['_GETSTATSREQUEST']._serialized_end=823
+  _globals['_REPLICASTATS']._serialized_start=826
+  _globals['_REPLICASTATS']._serialized_end=1077
+  _globals['_SCHEDULER']._serialized_start=1080
+  _globals['_SCHEDULER']._serialized_end=1459
 # @@protoc_insertion_point(module_scope)

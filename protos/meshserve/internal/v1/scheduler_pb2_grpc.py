@@ -71,8 +71,8 @@ class SchedulerServicer:
 
     def SubmitMany(self, request_iterator, context):
         """/ Many requests of one gateway on one long-lived stream: requests and cancels go in, and
-        / every request's new tokens come out together, one message per step at most, instead of
-        / one message per request per token. Closing the call cancels every request on it.
+        / every request's new tokens come out together, one message per step at most (in columns),
+        / instead of one message per request per token. Closing the call cancels every request on it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"meshserve/internal/v1/worker.proto\x12\x15meshserve.internal.v1\"\x11\n\x0f\x44\x65scribeRequest\"\x84\x02\n\x10\x44\x65scribeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07tp_rank\x18\x02 \x01(\r\x12\x0f\n\x07tp_size\x18\x03 \x01(\r\x12\x0f\n\x07pp_rank\x18\x04 \x01(\r\x12\x0f\n\x07pp_size\x18\x05 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x06 \x01(\r\x12\x12\n\nblock_size\x18\x07 \x01(\r\x12\x15\n\rmax_model_len\x18\x08 \x01(\r\x12\x15\n\reos_token_ids\x18\t \x03(\r\x12\x1a\n\x12stage_link_address\x18\n \x01(\x0c\x12\x12\n\nvocab_size\x18\x0b \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x0c \x01(\r\"1\n\x13\x43onnectStageRequest\x12\x1a\n\x12next_stage_address\x18\x01 \x01(\x0c\"\x16\n\x14\x43onnectStageResponse\"`\n\x0fSamplingOptions\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"f\n\x08SeqStart\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x38\n\x08sampling\x18\x02 \x01(\x0b\x32&.meshserve.internal.v1.SamplingOptions\x12\r\n\x05index\x18\x03 \x01(\r\"\xb0\x03\n\x08StepPlan\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x13\n\x0bmicro_batch\x18\x02 \x01(\r\x12\x18\n\x10\x66inished_seq_ids\x18\x04 \x03(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x19\n\x11preempted_seq_ids\x18\x06 \x03(\x04\x12\x0f\n\x07seq_ids\x18\x07 \x03(\x04\x12\x1b\n\x13num_computed_tokens\x18\x08 \x03(\r\x12\x16\n\x0enum_new_tokens\x18\t \x03(\r\x12\x0e\n\x06sample\x18\n \x03(\x08\x12\x1b\n\x13\x61ppend_last_sampled\x18\x0b \x03(\x08\x12\x19\n\x11num_new_block_ids\x18\x0c \x03(\r\x12\x15\n\rnew_block_ids\x18\r \x03(\r\x12\x15\n\rnum_token_ids\x18\x0e \x03(\r\x12\x11\n\ttoken_ids\x18\x0f \x03(\r\x12/\n\x06starts\x18\x10 \x03(\x0b\x32\x1f.meshserve.internal.v1.SeqStart\x12\x1b\n\x13num_draft_token_ids\x18\x11 \x03(\r\x12\x17\n\x0f\x64raft_token_ids\x18\x12 \x03(\rJ\x04\x08\x03\x10\x04\"\xb3\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x13\n\x0bmicro_batch\x18\x02 \x01(\r\x12\x0f\n\x07seq_ids\x18\x03 \x03(\x04\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x15\n\rnum_token_ids\x18\x05 \x03(\r\x12\x14\n\x0cstep_time_us\x18\x06 \x01(\x04\x12\x14\n\x0cproposal_ids\x18\x07 \x03(\r\x12\x18\n\x10num_proposal_ids\x18\x08 \x03(\r2\xa1\x02\n\x06Worker\x12[\n\x08\x44\x65scribe\x12&.meshserve.internal.v1.DescribeRequest\x1a\'.meshserve.internal.v1.DescribeResponse\x12g\n\x0c\x43onnectStage\x12*.meshserve.internal.v1.ConnectStageRequest\x1a+.meshserve.internal.v1.ConnectStageResponse\x12Q\n\x07\x45xecute\x12\x1f.meshserve.internal.v1.StepPlan\x1a!.meshserve.internal.v1.StepResult(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"meshserve/internal/v1/worker.proto\x12\x15meshserve.internal.v1\"\x11\n\x0f\x44\x65scribeRequest\"\x97\x02\n\x10\x44\x65scribeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07tp_rank\x18\x02 \x01(\r\x12\x0f\n\x07tp_size\x18\x03 \x01(\r\x12\x0f\n\x07pp_rank\x18\x04 \x01(\r\x12\x0f\n\x07pp_size\x18\x05 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x06 \x01(\r\x12\x12\n\nblock_size\x18\x07 \x01(\r\x12\x15\n\rmax_model_len\x18\x08 \x01(\r\x12\x15\n\reos_token_ids\x18\t \x03(\r\x12\x1a\n\x12stage_link_address\x18\n \x01(\x0c\x12\x12\n\nvocab_size\x18\x0b \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x0c \x01(\r\x12\x11\n\tstep_port\x18\r \x01(\r\"1\n\x13\x43onnectStageRequest\x12\x1a\n\x12next_stage_address\x18\x01 \x01(\x0c\"\x16\n\x14\x43onnectStageResponse\"`\n\x0fSamplingOptions\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"f\n\x08SeqStart\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x38\n\x08sampling\x18\x02 \x01(\x0b\x32&.meshserve.internal.v1.SamplingOptions\x12\r\n\x05index\x18\x03 \x01(\r\"\xb0\x03\n\x08StepPlan\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x13\n\x0bmicro_batch\x18\x02 \x01(\r\x12\x18\n\x10\x66inished_seq_ids\x18\x04 \x03(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x19\n\x11preempted_seq_ids\x18\x06 \x03(\x04\x12\x0f\n\x07seq_ids\x18\x07 \x03(\x04\x12\x1b\n\x13num_computed_tokens\x18\x08 \x03(\r\x12\x16\n\x0enum_new_tokens\x18\t \x03(\r\x12\x0e\n\x06sample\x18\n \x03(\x08\x12\x1b\n\x13\x61ppend_last_sampled\x18\x0b \x03(\x08\x12\x19\n\x11num_new_block_ids\x18\x0c \x03(\r\x12\x15\n\rnew_block_ids\x18\r \x03(\r\x12\x15\n\rnum_token_ids\x18\x0e \x03(\r\x12\x11\n\ttoken_ids\x18\x0f \x03(\r\x12/\n\x06starts\x18\x10 \x03(\x0b\x32\x1f.meshserve.internal.v1.SeqStart\x12\x1b\n\x13num_draft_token_ids\x18\x11 \x03(\r\x12\x17\n\x0f\x64raft_token_ids\x18\x12 \x03(\rJ\x04\x08\x03\x10\x04\"\xb3\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x13\n\x0bmicro_batch\x18\x02 \x01(\r\x12\x0f\n\x07seq_ids\x18\x03 \x03(\x04\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x15\n\rnum_token_ids\x18\x05 \x03(\r\x12\x14\n\x0cstep_time_us\x18\x06 \x01(\x04\x12\x14\n\x0cproposal_ids\x18\x07 \x03(\r\x12\x18\n\x10num_proposal_ids\x18\x08 \x03(\r2\xce\x01\n\x06Worker\x12[\n\x08\x44\x65scribe\x12&.meshserve.internal.v1.DescribeRequest\x1a\'.meshserve.internal.v1.DescribeResponse\x12g\n\x0c\x43onnectStage\x12*.meshserve.internal.v1.ConnectStageRequest\x1a+.meshserve.internal.v1.ConnectStageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,19 +34,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DESCRIBEREQUEST']._serialized_start=61
   _globals['_DESCRIBEREQUEST']._serialized_end=78
   _globals['_DESCRIBERESPONSE']._serialized_start=81
-  _globals['_DESCRIBERESPONSE']._serialized_end=341
-  _globals['_CONNECTSTAGEREQUEST']._serialized_start=343
-  _globals['_CONNECTSTAGEREQUEST']._serialized_end=392
-  _globals['_CONNECTSTAGERESPONSE']._serialized_start=394
-  _globals['_CONNECTSTAGERESPONSE']._serialized_end=416
-  _globals['_SAMPLINGOPTIONS']._serialized_start=418
-  _globals['_SAMPLINGOPTIONS']._serialized_end=514
-  _globals['_SEQSTART']._serialized_start=516
-  _globals['_SEQSTART']._serialized_end=618
-  _globals['_STEPPLAN']._serialized_start=621
-  _globals['_STEPPLAN']._serialized_end=1053
-  _globals['_STEPRESULT']._serialized_start=1056
-  _globals['_STEPRESULT']._serialized_end=1235
-  _globals['_WORKER']._serialized_start=1238
-  _globals['_WORKER']._serialized_end=1527
+  _globals['_DESCRIBERESPONSE']._serialized_end=360
+  _globals['_CONNECTSTAGEREQUEST']._serialized_start=362
+  _globals['_CONNECTSTAGEREQUEST']._serialized_end=411
+  _globals['_CONNECTSTAGERESPONSE']._serialized_start=413
+  _globals['_CONNECTSTAGERESPONSE']._serialized_end=435
+  _globals['_SAMPLINGOPTIONS']._serialized_start=437
+  _globals['_SAMPLINGOPTIONS']._serialized_end=533
+  _globals['_SEQSTART']._serialized_start=535
+  _globals['_SEQSTART']._serialized_end=637
+  _globals['_STEPPLAN']._serialized_start=640
+  _globals['_STEPPLAN']._serialized_end=1072
+  _globals['_STEPRESULT']._serialized_start=1075
+  _globals['_STEPRESULT']._serialized_end=1254
+  _globals['_WORKER']._serialized_start=1257
+  _globals['_WORKER']._serialized_end=1463
 # @@protoc_insertion_point(module_scope)

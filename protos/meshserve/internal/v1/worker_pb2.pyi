@@ -11,7 +11,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("model", "tp_rank", "tp_size", "pp_rank", "pp_size", "num_kv_blocks", "block_size", "max_model_len", "eos_token_ids", "stage_link_address", "vocab_size", "max_num_seqs")
+    __slots__ = ("model", "tp_rank", "tp_size", "pp_rank", "pp_size", "num_kv_blocks", "block_size", "max_model_len", "eos_token_ids", "stage_link_address", "vocab_size", "max_num_seqs", "step_port")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TP_RANK_FIELD_NUMBER: _ClassVar[int]
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class DescribeResponse(_message.Message):
     STAGE_LINK_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    STEP_PORT_FIELD_NUMBER: _ClassVar[int]
     model: str
     tp_rank: int
     tp_size: int
@@ -36,7 +37,8 @@ class DescribeResponse(_message.Message):
     stage_link_address: bytes
     vocab_size: int
     max_num_seqs: int
-    def __init__(self, model: _Optional[str] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., pp_rank: _Optional[int] = ..., pp_size: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., stage_link_address: _Optional[bytes] = ..., vocab_size: _Optional[int] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
+    step_port: int
+    def __init__(self, model: _Optional[str] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., pp_rank: _Optional[int] = ..., pp_size: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., stage_link_address: _Optional[bytes] = ..., vocab_size: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., step_port: _Optional[int] = ...) -> None: ...
 
 class ConnectStageRequest(_message.Message):
     __slots__ = ("next_stage_address",)

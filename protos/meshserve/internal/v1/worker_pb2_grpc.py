@@ -45,11 +45,6 @@ class WorkerStub:
                 request_serializer=meshserve_dot_internal_dot_v1_dot_worker__pb2.ConnectStageRequest.SerializeToString,
                 response_deserializer=meshserve_dot_internal_dot_v1_dot_worker__pb2.ConnectStageResponse.FromString,
                 _registered_method=True)
-        self.Execute = channel.stream_stream(
-                '/meshserve.internal.v1.Worker/Execute',
-                request_serializer=meshserve_dot_internal_dot_v1_dot_worker__pb2.StepPlan.SerializeToString,
-                response_deserializer=meshserve_dot_internal_dot_v1_dot_worker__pb2.StepResult.FromString,
-                _registered_method=True)
 
 
 class WorkerServicer:
@@ -70,14 +65,6 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Execute(self, request_iterator, context):
-        """/ The step loop: plans go in, in order; results come out. Only the sampling worker
-        / (TP rank 0 of the last stage) sends results; the others answer only with errors.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -90,11 +77,6 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.ConnectStage,
                     request_deserializer=meshserve_dot_internal_dot_v1_dot_worker__pb2.ConnectStageRequest.FromString,
                     response_serializer=meshserve_dot_internal_dot_v1_dot_worker__pb2.ConnectStageResponse.SerializeToString,
-            ),
-            'Execute': grpc.stream_stream_rpc_method_handler(
-                    servicer.Execute,
-                    request_deserializer=meshserve_dot_internal_dot_v1_dot_worker__pb2.StepPlan.FromString,
-                    response_serializer=meshserve_dot_internal_dot_v1_dot_worker__pb2.StepResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -152,33 +134,6 @@ class Worker:
             '/meshserve.internal.v1.Worker/ConnectStage',
             meshserve_dot_internal_dot_v1_dot_worker__pb2.ConnectStageRequest.SerializeToString,
             meshserve_dot_internal_dot_v1_dot_worker__pb2.ConnectStageResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Execute(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
-            target,
-            '/meshserve.internal.v1.Worker/Execute',
-            meshserve_dot_internal_dot_v1_dot_worker__pb2.StepPlan.SerializeToString,
-            meshserve_dot_internal_dot_v1_dot_worker__pb2.StepResult.FromString,
             options,
             channel_credentials,
             insecure,
