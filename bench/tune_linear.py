@@ -328,6 +328,9 @@ def table_text(table: dict) -> str:
     """The table as JSON with one line per entry (reviewable diffs)."""
     devices = []
     for device, entries in table.items():
+        if isinstance(entries, str):  # another GPU's tiles (an alias)
+            devices.append(f" {json.dumps(device)}: {json.dumps(entries)}")
+            continue
         rows = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in entries.items())
         devices.append(f" {json.dumps(device)}: {{\n{rows}\n }}")
     return "{\n" + ",\n".join(devices) + "\n}\n"
@@ -376,7 +379,8 @@ def main() -> None:
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     path = Path(a.write)
     table = json.loads(path.read_text()) if path.exists() else {}
-    entries = table.setdefault(device, {})
+    entries = table.get(device)
+    entries = entries if isinstance(entries, dict) else {}  # a measured table replaces an alias
     print(f"\n### Skinny matmuls vs cuBLAS on {device} (bf16, {timing}, median us)\n")
     print("| shape | product | N x K | rows | cuBLAS us | Triton us | tile (n, k, split, stages) "
           "| cuBLAS TB/s | Triton TB/s | chosen |")

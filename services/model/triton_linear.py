@@ -8,7 +8,9 @@ kernel wins depends on the GPU and the shape, so the choice is data: `linear_con
 a device name and (rows class, N, K) to a tile, and holds only the shapes where the Triton tile
 measured faster than cuBLAS (`bench/tune_linear.py` measures and writes it). A shape it does not
 hold runs on cuBLAS; a given GPU and checkpoint therefore always run the same kernels, so a
-replica that takes over a stream computes what the first one did.
+replica that takes over a stream computes what the first one did. A device may name another
+device instead of holding tiles: the H100 SXM runs the H200's (the same GH100 chip, 132 SMs and
+50 MB of L2; only its memory is slower) until a table measured on an H100 takes their place.
 
     grid (cdiv(N, BLOCK_N), SPLIT_K): one program computes Y[:, n-tile] over K / SPLIT_K of K;
     BLOCK_M (16, 32 or 64) covers every row of X (tl.dot needs 16 at least; padding rows are 0).
@@ -470,7 +472,11 @@ def _tiles_of(device_name: str, config_file: Path | None = None) -> dict[str, Ti
 def _read_tiles(device_name: str, config_file: Path) -> dict[str, Tile]:
     if not config_file.exists():
         return {}
-    entries = json.loads(config_file.read_text()).get(device_name, {})
+    table = json.loads(config_file.read_text())
+    entries = table.get(device_name, {})
+    if isinstance(entries, str):  # a GPU of the same chip: it runs the named GPU's tiles
+        entries = table.get(entries, {})
+        assert isinstance(entries, dict), f"{device_name} names a GPU that names another"
     return {key: Tile(*value) for key, value in entries.items()}
 
 

@@ -263,6 +263,10 @@ def test_tile_lookup_reads_the_table_and_falls_back_to_cublas(tmp_path):
     tiles = triton_linear._tiles_of("GPU X", table)
     assert tiles == {"16,80,128,float32": Tile(16, 32, 2, 3, 4)}
     assert triton_linear._tiles_of("GPU Y", table) == {}
+    # A GPU of the same chip may run another GPU's tiles: its entry names that GPU.
+    table.write_text(json.dumps({"GPU X": {"16,80,128,float32": [16, 32, 2, 3, 4]},
+                                 "GPU X lite": "GPU X"}))
+    assert triton_linear._tiles_of("GPU X lite", table) == tiles
     # On CPU tensors there is no GPU to look up: cuBLAS's place is torch's own linear.
     assert triton_linear.tile_for(torch.randn(4, 128), torch.randn(80, 128)) is None
 
@@ -270,6 +274,9 @@ def test_tile_lookup_reads_the_table_and_falls_back_to_cublas(tmp_path):
 def test_the_shipped_table_holds_valid_tiles():
     table = json.loads(triton_linear.SHIPPED_CONFIG_FILE.read_text())
     for device, entries in table.items():
+        if isinstance(entries, str):  # runs that GPU's tiles
+            assert isinstance(table.get(entries), dict), (device, entries)
+            continue
         for key, value in entries.items():
             rows, n, k, dtype = key.split(",")
             assert dtype in ("bfloat16", "float16"), (device, key)
