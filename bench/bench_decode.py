@@ -33,7 +33,6 @@ import torch  # noqa: E402
 
 from bench.common import machine  # noqa: E402
 from services.model.config import ModelConfig  # noqa: E402
-from services.model.layers import FUSED_NORM_PRODUCTS  # noqa: E402
 from services.model.triton_pdl import PREFETCH_KV  # noqa: E402
 
 CONTEXT = 128  # prompt tokens per sequence
@@ -53,7 +52,6 @@ class Mode(NamedTuple):
     qkv_rope: bool = True  # qkv with the rotary and the cache write in its epilogue at 2-64 rows
     rotary_in_attention: bool = True  # decode attention rotates q, k and writes the cache itself
     argmax_epilogue: bool = True  # the LM head takes the greedy ids in its epilogue
-    norm_in_products: bool = False  # at 2-64 rows qkv and gate/up read x through the norm
 
 
 EAGER = dict(enforce_eager=True)
@@ -75,16 +73,12 @@ MODES = {
                                                           argmax_epilogue=False),
     "CUDA graphs, triton, rotary apart": Mode(TRITON | GRAPHS, True, True,
                                               rotary_in_attention=False),
-    "CUDA graphs, triton, norms in the products": Mode(TRITON | GRAPHS, True, True,
-                                                       norm_in_products=True),
-    "CUDA graphs, triton, --linear-table, norms in the products": Mode(
-        TRITON | GRAPHS, True, True, other_table=True, norm_in_products=True),
     "CUDA graphs, triton": Mode(TRITON | GRAPHS, True, True),
 }
 MODE_KEYS = dict(zip(["torch", "triton", "graphs-unfused", "graphs-cublas", "graphs-nopdl",
                       "graphs-nosilu", "graphs-kvprefetch", "graphs-table",
                       "graphs-table-norope", "graphs-apart", "graphs-rotary-apart",
-                      "graphs-norm", "graphs-table-norm", "graphs"],
+                      "graphs"],
                      MODES))
 LINEAR_TABLE = None  # --linear-table: a measured table of product tiles for graphs-table
 
@@ -212,7 +206,6 @@ def runner_rows(model_dir: Path, batches: list[int], profile: str, modes: list[s
         triton_pdl.PREFETCH_KV, layers.FUSED_QKV_ROPE = m.prefetch_kv, m.qkv_rope
         attention.ROTARY_IN_DECODE, layers.FUSED_LM_HEAD_ARGMAX = (m.rotary_in_attention,
                                                                    m.argmax_epilogue)
-        layers.FUSED_NORM_PRODUCTS = m.norm_in_products
         triton_linear.CONFIG_FILE = LINEAR_TABLE if m.other_table else shipped_table
         # the cuBLAS modes run every product on cuBLAS: no skinny tiles, no fused GEMVs
         layers.FUSED_KERNELS, layers.SKINNY_MATMULS, layers.FUSED_GEMVS = m.fused, m.skinny, m.skinny
@@ -231,7 +224,6 @@ def runner_rows(model_dir: Path, batches: list[int], profile: str, modes: list[s
     layers.FUSED_GATE_UP_SILU = layers.FUSED_QKV_ROPE = True
     triton_pdl.PREFETCH_KV = PREFETCH_KV
     attention.ROTARY_IN_DECODE = layers.FUSED_LM_HEAD_ARGMAX = True
-    layers.FUSED_NORM_PRODUCTS = FUSED_NORM_PRODUCTS
     triton_linear.CONFIG_FILE = shipped_table
     return out
 

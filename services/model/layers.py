@@ -243,10 +243,6 @@ FUSED_GEMVS = True  # False: batch-1 products unfused, the norm and SiLU x mul k
 FUSED_GATE_UP_SILU = True  # False: at 2-64 rows gate/up and the SiLU x mul kernel apart
 FUSED_QKV_ROPE = True  # False: at 2-64 rows the qkv product and the rotary + cache kernel apart
 FUSED_LM_HEAD_ARGMAX = True  # False: the greedy ids by a kernel of their own, after the LM head
-# True: at 2-64 rows qkv (its norm- table tile) and gate/up with SiLU read x through the add +
-# RMSNorm instead of a norm kernel before them. Off: not yet measured on a GPU
-# (bench_decode.py --modes graphs,graphs-norm).
-FUSED_NORM_PRODUCTS = False
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -278,13 +274,6 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
     prologue = "rms_norm" if residual is None else "add_rms_norm"
     tile = _gemv_tile(x, proj.weight, prologue)
     if tile is None:
-        norm_tile = _norm_product_tile(x, residual, proj.weight, "norm")
-        if norm_tile is not None:  # 2-64 rows: the product reads x through the norm
-            from services.model import triton_linear
-
-            y, stream = triton_linear.norm_skinny_matmul(
-                x, triton_linear.Norm(residual, norm.weight, norm.eps), proj.weight, norm_tile)
-            return (y if proj.bias is None else y + proj.bias), stream
         x, residual = norm(x, residual)
         return proj(x), residual
     from services.model import triton_gemv
@@ -335,10 +324,6 @@ def gated_mlp(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
     if tile is not None:
         from services.model import triton_linear
 
-        if _norm_product_tile(x, residual, gate_up.weight, "silu") is not None:
-            y, residual = triton_linear.norm_gate_up_silu(
-                x, triton_linear.Norm(residual, norm.weight, norm.eps), gate_up.weight, tile)
-            return down(y), residual
         h, residual = norm(x, residual)
         return down(triton_linear.gate_up_silu(h, gate_up.weight, tile)), residual
     gate_up_out, residual = norm_linear(x, residual, norm, gate_up)
@@ -364,22 +349,6 @@ def _qkv_rope_tile(x: torch.Tensor, proj: QKVParallelLinear, kv_cache: torch.Ten
 
     return triton_linear.qkv_rope_tile_for(x, proj.weight, kv_cache, proj.num_heads_per_rank,
                                            proj.num_kv_heads_per_rank, proj.head_dim)
-
-
-def _norm_product_tile(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                       kind: str):
-    """The measured tile of a 2-64-row product that reads x through its add + RMSNorm, or None:
-    kind "norm" a plain product (table key norm-<rows>,N,K), "silu" gate/up with SiLU x up (its
-    silu- tile)."""
-    if not (SKINNY_MATMULS and FUSED_NORM_PRODUCTS and x.dim() == 2 and 1 < x.shape[0]
-            and x.is_contiguous() and (residual is None or residual.is_contiguous())
-            and uses_triton(x)):
-        return None
-    from services.model import triton_linear
-
-    tile = (triton_linear.norm_tile_for(x, weight) if kind == "norm"
-            else triton_linear.gate_up_silu_tile_for(x, weight))
-    return tile if tile is not None and tile.split_k == 1 else None
 
 
 def _lm_head_argmax_tile(x: torch.Tensor, head: ParallelLMHead):

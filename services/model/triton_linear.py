@@ -82,38 +82,18 @@ def block_m(num_rows: int) -> int:
 
 
 @triton.jit
-def _normed_tile(x, squares, res_ptr, norm_w_ptr, res_out_ptr, offsets, cols, row_ok, writes,
-                 NORM: tl.constexpr):
-    """One [BLOCK_M, BLOCK_K] tile of X read through RMSNorm (NORM 2: of h = X + residual,
-    rounded as a torch add, and stored to the residual stream where `writes`): returns
-    (h w_n in X's dtype, squares + the rows' sums of h²). The 1 / rms is a scalar per row, so
-    the product applies it to its sums (as triton_gemv does at batch 1); h w_n is rounded to
-    the dtype for the tensor cores where the unfused path rounds h / rms and then its product
-    with w_n: the two differ by that rounding, within the dtype's error."""
-    if NORM == 2:
-        r = tl.load(res_ptr + offsets, mask=row_ok, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
-        tl.store(res_out_ptr + offsets, x, mask=row_ok & writes)
-    xf = x.to(tl.float32)
-    squares += tl.sum(xf * xf, 1)
-    normed = xf * tl.load(norm_w_ptr + cols).to(tl.float32)[None, :]
-    return normed.to(x.dtype), squares
-
-
-@triton.jit
 def _skinny_kernel(x_ptr, w_ptr, y_ptr, partial_ptr, tickets_ptr, M, N, K, stride_xm, stride_wn,
-                   stride_ym, max_ptr, argmax_ptr, num_valid, res_ptr, norm_w_ptr, res_out_ptr, eps,
+                   stride_ym, max_ptr, argmax_ptr, num_valid,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, ARGMAX: tl.constexpr,
-                   NORM: tl.constexpr, PDL: tl.constexpr):
+                   PDL: tl.constexpr):
     """Y[:, n-tile] = X W[n-tile]ᵀ; K is a multiple of BLOCK_K · SPLIT_K. SPLIT_K > 1: program
     (n-tile, split) writes X[:, k-range] W[n-tile, k-range]ᵀ to partial [SPLIT_K, M, N] (float32),
     and the split of the n-tile that finishes last (a ticket per n-tile, as the split decode
     attention takes them) sums the partials in split order and writes Y.
     ARGMAX (one split): also each row's maximum over the tile's first num_valid columns and the
     first column holding it, to max / argmax [M, tiles] (NaN counts as the largest, as in
-    torch.argmax). NORM (one split; 1 rms_norm, 2 add_rms_norm): X is read through the norm
-    (_normed_tile), Y = (X w_n) Wᵀ / rms, and program 0 writes the residual stream."""
+    torch.argmax)."""
     pdl_begin(PDL)
     pid_n, split = tl.program_id(0), tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -123,18 +103,12 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, partial_ptr, tickets_ptr, M, N, K, strid
     w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]  # [BLOCK_N, BLOCK_K]
     row_ok, col_ok = rm[:, None] < M, rn[:, None] < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    squares = tl.zeros((BLOCK_M,), tl.float32)
-    for k0 in range(0, K, BLOCK_K * SPLIT_K):
+    for _ in range(0, K, BLOCK_K * SPLIT_K):
         x = tl.load(x_ptr + x_offsets, mask=row_ok, other=0.0)
-        if NORM != 0:
-            x, squares = _normed_tile(x, squares, res_ptr, norm_w_ptr, res_out_ptr, x_offsets,
-                                      k0 + rk, row_ok, pid_n == 0, NORM)
         w = tl.load(w_ptrs, mask=col_ok, other=0.0)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
         x_offsets += BLOCK_K * SPLIT_K
         w_ptrs += BLOCK_K * SPLIT_K
-    if NORM != 0:
-        acc = acc * tl.rsqrt(squares / K + eps)[:, None]
     out_ok = row_ok & (rn[None, :] < N)
     tile = rm[:, None] * N + rn[None, :]  # [BLOCK_M, BLOCK_N] in an [M, N] partial
     if SPLIT_K == 1:
@@ -165,11 +139,9 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, partial_ptr, tickets_ptr, M, N, K, strid
 
 @triton.jit
 def _gate_up_silu_kernel(x_ptr, w_ptr, y_ptr, M, I, K, stride_xm, stride_wn, stride_ym,
-                         res_ptr, norm_w_ptr, res_out_ptr, eps,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr):
-    """Y[:, n-tile] = silu(X W[n-tile]ᵀ) ⊙ (X W[I + n-tile]ᵀ) for W [2I, K] = [gate | up]; NORM as
-    in _skinny_kernel (X read through the norm, program 0 writes the residual stream)."""
+                         DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+    """Y[:, n-tile] = silu(X W[n-tile]ᵀ) ⊙ (X W[I + n-tile]ᵀ) for W [2I, K] = [gate | up]."""
     pdl_begin(PDL)
     pid_n = tl.program_id(0)
     rm = tl.arange(0, BLOCK_M)
@@ -181,12 +153,8 @@ def _gate_up_silu_kernel(x_ptr, w_ptr, y_ptr, M, I, K, stride_xm, stride_wn, str
     row_ok, col_ok = rm[:, None] < M, rn[:, None] < I
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    squares = tl.zeros((BLOCK_M,), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for _ in range(0, K, BLOCK_K):
         x = tl.load(x_ptr + x_offsets, mask=row_ok, other=0.0)
-        if NORM != 0:
-            x, squares = _normed_tile(x, squares, res_ptr, norm_w_ptr, res_out_ptr, x_offsets,
-                                      k0 + rk, row_ok, pid_n == 0, NORM)
         acc_gate = tl.dot(x, tl.trans(tl.load(gate_ptrs, mask=col_ok, other=0.0)), acc_gate,
                           input_precision=DOT_PRECISION)
         acc_up = tl.dot(x, tl.trans(tl.load(up_ptrs, mask=col_ok, other=0.0)), acc_up,
@@ -194,9 +162,6 @@ def _gate_up_silu_kernel(x_ptr, w_ptr, y_ptr, M, I, K, stride_xm, stride_wn, str
         x_offsets += BLOCK_K
         gate_ptrs += BLOCK_K
         up_ptrs += BLOCK_K
-    if NORM != 0:
-        inv_rms = tl.rsqrt(squares / K + eps)[:, None]
-        acc_gate, acc_up = acc_gate * inv_rms, acc_up * inv_rms
     dtype = y_ptr.dtype.element_ty
     gate = acc_gate.to(dtype).to(tl.float32)
     silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
@@ -290,40 +255,7 @@ def fits(x: torch.Tensor, weight: torch.Tensor, tile: Tile) -> bool:
 def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, tile: Tile,
                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [M, K], weight [N, K] (M <= 64) -> x weightᵀ [M, N] in out_dtype (default x's)."""
-    y, _ = _skinny(x, weight, tile, out_dtype, None)
-    return y
-
-
-def norm_skinny_matmul(x: torch.Tensor, norm: Norm, weight: torch.Tensor, tile: Tile
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(norm(x + residual) weightᵀ [M, N], x + residual [M, K]) in one kernel (a tile of one
-    split): the add + RMSNorm of layers.RMSNorm read into the product (see _normed_tile)."""
-    if tile.split_k != 1:
-        raise ValueError(f"norm_skinny_matmul: tile {tile} splits K; the norm needs whole rows")
-    return _skinny(x, weight, tile, None, norm)
-
-
-class Norm(NamedTuple):
-    """An RMSNorm to read a product's input through: residual (None: x is the stream itself),
-    its weight [K] and eps."""
-
-    residual: torch.Tensor | None
-    weight: torch.Tensor
-    eps: float
-
-
-def _norm_launch_args(x: torch.Tensor, norm: Norm | None) -> tuple[list, int, torch.Tensor]:
-    """(the kernels' res_ptr, norm_w_ptr, res_out_ptr, eps arguments, NORM, the stream)."""
-    if norm is None:
-        return [x, x, x, 0.0], 0, x
-    if norm.residual is None:
-        return [x, norm.weight, x, norm.eps], 1, x
-    residual = norm.residual
-    if residual.shape != x.shape or residual.stride() != x.stride() or not x.is_contiguous():
-        raise ValueError(f"a norm's residual {tuple(residual.shape)} must be laid out as x "
-                         f"{tuple(x.shape)}, contiguous")
-    stream = torch.empty_like(x)
-    return [residual, norm.weight, stream, norm.eps], 2, stream
+    return _skinny(x, weight, tile, out_dtype)
 
 
 class _Argmax(NamedTuple):
@@ -335,8 +267,8 @@ class _Argmax(NamedTuple):
     num_valid: int
 
 
-def _skinny(x, weight, tile, out_dtype, norm: Norm | None, argmax: _Argmax | None = None):
-    """(Y, the residual stream: norm's x + residual, else x) of one _skinny_kernel launch."""
+def _skinny(x, weight, tile, out_dtype, argmax: _Argmax | None = None) -> torch.Tensor:
+    """Y of one _skinny_kernel launch."""
     if not fits(x, weight, tile):
         raise ValueError(f"skinny_matmul: x {tuple(x.shape)}, weight {tuple(weight.shape)} do not "
                          f"fit tile {tile}")
@@ -344,9 +276,8 @@ def _skinny(x, weight, tile, out_dtype, norm: Norm | None, argmax: _Argmax | Non
     n = weight.shape[0]
     out_dtype = out_dtype or x.dtype
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
-    norm_args, norm_kind, stream = _norm_launch_args(x, norm)
     if m == 0:
-        return y, stream
+        return y
     grid = (triton.cdiv(n, tile.block_n), tile.split_k)
     partial = y if tile.split_k == 1 else torch.empty((tile.split_k, m, n), dtype=torch.float32,
                                                        device=x.device)
@@ -354,11 +285,11 @@ def _skinny(x, weight, tile, out_dtype, norm: Norm | None, argmax: _Argmax | Non
     argmax_args = (y, y, 0) if argmax is None else argmax
     _skinny_kernel[grid](
         x, weight, y, partial, tickets, m, n, k, x.stride(0), weight.stride(0), n, *argmax_args,
-        *norm_args, BLOCK_M=block_m(m), BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+        BLOCK_M=block_m(m), BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         SPLIT_K=tile.split_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        ARGMAX=argmax is not None, NORM=norm_kind,
+        ARGMAX=argmax is not None,
         num_stages=tile.num_stages, num_warps=tile.num_warps, **triton_pdl.kwargs(x.device))
-    return y, stream
+    return y
 
 
 def skinny_matmul_argmax(x: torch.Tensor, weight: torch.Tensor, tile: Tile, num_valid: int
@@ -377,7 +308,7 @@ def skinny_matmul_argmax(x: torch.Tensor, weight: torch.Tensor, tile: Tile, num_
     num_tiles = triton.cdiv(weight.shape[0], tile.block_n)
     argmax = _Argmax(torch.empty((m, num_tiles), dtype=torch.float32, device=x.device),
                      torch.empty((m, num_tiles), dtype=torch.int32, device=x.device), num_valid)
-    y, _ = _skinny(x, weight, tile, torch.float32, None, argmax)
+    y = _skinny(x, weight, tile, torch.float32, argmax)
     if m:
         argmax_of_chunks(argmax.maxima, argmax.firsts, ids, num_valid)
     return y, ids
@@ -385,31 +316,19 @@ def skinny_matmul_argmax(x: torch.Tensor, weight: torch.Tensor, tile: Tile, num_
 
 def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, tile: Tile) -> torch.Tensor:
     """x [M, K], weight [2I, K] = [gate | up] (M <= 64) -> silu(x gateᵀ) ⊙ (x upᵀ) [M, I]."""
-    y, _ = _gate_up_silu(x, weight, tile, None)
-    return y
-
-
-def norm_gate_up_silu(x: torch.Tensor, norm: Norm, weight: torch.Tensor, tile: Tile
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gate_up_silu of norm(x + residual), x + residual) in one kernel (see _normed_tile)."""
-    return _gate_up_silu(x, weight, tile, norm)
-
-
-def _gate_up_silu(x, weight, tile, norm: Norm | None):
     if not fits_gate_up_silu(x, weight, tile):
         raise ValueError(f"gate_up_silu: x {tuple(x.shape)}, weight {tuple(weight.shape)} do not "
                          f"fit tile {tile}")
     m, k = x.shape
     inter = weight.shape[0] // 2
     y = torch.empty((m, inter), dtype=x.dtype, device=x.device)
-    norm_args, norm_kind, stream = _norm_launch_args(x, norm)
     if m:
         _gate_up_silu_kernel[(triton.cdiv(inter, tile.block_n),)](
-            x, weight, y, m, inter, k, x.stride(0), weight.stride(0), inter, *norm_args,
+            x, weight, y, m, inter, k, x.stride(0), weight.stride(0), inter,
             BLOCK_M=block_m(m), BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", NORM=norm_kind,
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             num_stages=tile.num_stages, num_warps=tile.num_warps, **triton_pdl.kwargs(x.device))
-    return y, stream
+    return y
 
 
 def qkv_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -497,16 +416,6 @@ def tile_for(x: torch.Tensor, weight: torch.Tensor) -> Tile | None:
     """The measured tile for this product on x's GPU, or None: cuBLAS then."""
     tile = _lookup(x, weight, table_key)
     return tile if tile is not None and fits(x, weight, tile) else None
-
-
-def norm_table_key(num_rows: int, n: int, k: int, dtype: torch.dtype) -> str:
-    return f"norm-{table_key(num_rows, n, k, dtype)}"
-
-
-def norm_tile_for(x: torch.Tensor, weight: torch.Tensor) -> Tile | None:
-    """The measured tile of the product read through its norm (norm_skinny_matmul), or None."""
-    tile = _lookup(x, weight, norm_table_key)
-    return tile if tile is not None and tile.split_k == 1 and fits(x, weight, tile) else None
 
 
 def gate_up_silu_tile_for(x: torch.Tensor, weight: torch.Tensor) -> Tile | None:

@@ -84,12 +84,6 @@ CASES = {
                                                   Tile(128, 64, 1, 4), torch.float32),
     "skinny-argmax": lambda: triton_linear.skinny_matmul_argmax(bf16(64, 2048), bf16(1000, 2048),
                                                                 Tile(128, 64, 1, 4), 990),
-    "skinny-norm": lambda: triton_linear.norm_skinny_matmul(
-        bf16(64, 2048), triton_linear.Norm(bf16(64, 2048), bf16(2048), 1e-5), bf16(256, 2048),
-        Tile(32, 256, 1, 3)),
-    "gate_up_silu-norm": lambda: triton_linear.norm_gate_up_silu(
-        bf16(64, 2048), triton_linear.Norm(bf16(64, 2048), bf16(2048), 1e-5), bf16(512, 2048),
-        Tile(32, 128, 1, 3)),
     "skinny-split": lambda: triton_linear.skinny_matmul(bf16(16, 2048), bf16(256, 2048),
                                                         Tile(32, 128, 4)),
     "gate_up_silu": lambda: triton_linear.gate_up_silu(bf16(64, 2048), bf16(512, 2048),

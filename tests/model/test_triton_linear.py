@@ -102,47 +102,6 @@ def test_the_lm_head_takes_its_greedy_ids_in_its_epilogue_as_apart():
     assert torch.equal(ids, logits.argmax(-1))
 
 
-def rms_normed(x, residual, weight, eps=1e-5):
-    """(norm(x + residual), x + residual) as layers.RMSNorm computes them in float32."""
-    h = x if residual is None else x + residual
-    return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)), h
-
-
-@pytest.mark.parametrize("rows", [2, 33])
-@pytest.mark.parametrize("with_residual", [True, False])
-def test_a_product_reads_its_input_through_the_norm(rows, with_residual):
-    x, w = randn(rows, 128, seed=41), randn(80, 128, seed=42) / 8
-    residual = randn(rows, 128, seed=43) if with_residual else None
-    norm_w = 1 + randn(128, seed=44) / 10
-    normed, stream = rms_normed(x, residual, norm_w)
-    y, out_stream = triton_linear.norm_skinny_matmul(
-        x, triton_linear.Norm(residual, norm_w, 1e-5), w, Tile(16, 32))
-    torch.testing.assert_close(y, F.linear(normed, w), rtol=1e-5, atol=1e-5)
-    assert torch.equal(out_stream, stream), "the residual stream, x + residual, written once"
-    silu, silu_stream = triton_linear.norm_gate_up_silu(
-        x, triton_linear.Norm(residual, norm_w, 1e-5), torch.cat([w, w.flip(0)]), Tile(16, 32))
-    torch.testing.assert_close(silu, silu_mul_of(normed, torch.cat([w, w.flip(0)])),
-                               rtol=1e-5, atol=1e-5)
-    assert torch.equal(silu_stream, stream)
-
-
-def test_a_product_through_the_norm_in_bf16_within_its_rounding_and_needs_whole_rows():
-    x, w = randn(4, 64, seed=45).bfloat16(), (randn(48, 64, seed=46) / 8).bfloat16()
-    residual, norm_w = randn(4, 64, seed=47).bfloat16(), (1 + randn(64, seed=48) / 10).bfloat16()
-    h = (x.float() + residual.float()).bfloat16()
-    normed = (norm_w.float() * (h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True)
-                                                        + 1e-5)).bfloat16().float()).bfloat16()
-    expected = F.linear(normed.float(), w.float())
-    y, stream = triton_linear.norm_skinny_matmul(x, triton_linear.Norm(residual, norm_w, 1e-5), w,
-                                                 Tile(16, 32))
-    # one bf16 rounding of the add (the interpreter rounds toward zero where a GPU rounds to even)
-    torch.testing.assert_close(stream.float(), h.float(), rtol=2**-7, atol=0)
-    torch.testing.assert_close(y.float(), expected, rtol=2**-6, atol=2**-6)
-    with pytest.raises(ValueError, match="whole rows"):
-        triton_linear.norm_skinny_matmul(x, triton_linear.Norm(residual, norm_w, 1e-5), w,
-                                         Tile(16, 16, 2))
-
-
 def silu_mul_of(x, w):
     """The unfused pair as the model runs it: [gate | up] in x's dtype, then SiLU x up."""
     gate, up = F.linear(x, w).chunk(2, dim=-1)
@@ -327,35 +286,3 @@ def test_the_layer_runs_qkv_with_the_rotary_fused_as_it_runs_them_apart():
     assert torch.equal(stream_fused, stream) and torch.equal(stream, x + residual)
     torch.testing.assert_close(cache_fused, cache, rtol=1e-5, atol=1e-5)
     assert cache.abs().sum() > 0
-
-
-def test_the_layers_read_qkv_and_gate_up_through_the_norm_as_they_run_them_apart():
-    """layers.norm_linear and layers.gated_mlp with the norm read into the product (table tiles
-    for both) against the same layers with the norm's kernel apart, every kernel Triton's."""
-    from unittest import mock
-
-    from services.model import layers
-    from services.model.parallel import ParallelContext
-
-    ctx = ParallelContext()
-    qkv, norm = layers.QKVParallelLinear(64, 16, 4, 2, ctx), layers.RMSNorm(64, 1e-5)
-    gate_up = layers.MergedColumnParallelLinear(64, [96, 96], ctx)
-    down = layers.RowParallelLinear(96, 64, ctx)
-    with torch.no_grad():
-        for i, module in enumerate((qkv, gate_up, down)):
-            module.weight.copy_(randn(*module.weight.shape, seed=50 + i) / 4)
-        norm.weight.copy_(1 + randn(64, seed=53) / 10)
-    qkv, norm, gate_up, down = (m.to(DEVICE) for m in (qkv, norm, gate_up, down))
-    x, residual = randn(5, 64, seed=54), randn(5, 64, seed=55)
-    out = {}
-    for fused in (False, True):
-        with mock.patch.object(layers, "uses_triton", lambda t: True), \
-                mock.patch.object(layers, "FUSED_NORM_PRODUCTS", fused), \
-                mock.patch.object(triton_linear, "norm_tile_for", lambda *a: Tile(16, 32)), \
-                mock.patch.object(triton_linear, "gate_up_silu_tile_for", lambda *a: Tile(16, 32)):
-            out[fused] = (layers.norm_linear(x, residual, norm, qkv),
-                          layers.norm_linear(x, None, norm, qkv),
-                          layers.gated_mlp(x, residual, norm, gate_up, down))
-    for (y_apart, stream_apart), (y_fused, stream_fused) in zip(out[False], out[True]):
-        torch.testing.assert_close(y_fused, y_apart, rtol=1e-5, atol=1e-5)
-        assert torch.equal(stream_fused, stream_apart)
