@@ -451,8 +451,11 @@ async def _client_streams(address: str, prompts, max_tokens: int, start_at: floa
     from meshserve.v1 import generation_pb2 as pb
     from meshserve.v1 import generation_pb2_grpc as pb_grpc
 
-    # Several connections: with --api-server-count the kernel spreads them over the gateways.
-    channels = [grpc.aio.insecure_channel(address) for _ in range(4)]
+    from bench.common import OWN_CONNECTION
+
+    # A connection per stream, as the HTTP clients open one per request: with --api-server-count
+    # the kernel spreads connections over the gateways.
+    channels = [grpc.aio.insecure_channel(address, options=OWN_CONNECTION) for _ in prompts]
     stubs = [pb_grpc.GenerationStub(c) for c in channels]
 
     async def one(stub, ids):
@@ -464,10 +467,9 @@ async def _client_streams(address: str, prompts, max_tokens: int, start_at: floa
             stamps.append((time.time(), n))
         return _stream_figures(stamps, sent)
 
-    for stub in stubs:
-        await one(stub, prompts[0][:16])  # warm up every connection
+    await asyncio.gather(*(one(stub, prompts[0][:16]) for stub in stubs))  # every one warm
     await asyncio.sleep(max(0.0, start_at - time.time()))
-    results = await asyncio.gather(*(one(stubs[i % len(stubs)], p) for i, p in enumerate(prompts)))
+    results = await asyncio.gather(*(one(stub, p) for stub, p in zip(stubs, prompts)))
     for channel in channels:
         await channel.close()
     return results

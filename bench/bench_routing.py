@@ -33,7 +33,7 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from bench.common import figure, machine, save_figure  # noqa: E402
+from bench.common import OWN_CONNECTION, figure, machine, save_figure  # noqa: E402
 from deploy.launcher import LocalMesh, MeshSpec  # noqa: E402
 from meshserve.v1 import generation_pb2 as pb  # noqa: E402
 from meshserve.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
@@ -97,8 +97,7 @@ async def run_rate(address: str, prompts, rate: float, max_tokens: int,
     """Poisson arrivals of prompts at rate, over num_connections TCP connections (gateways
     sharing the port get connections, not requests, from the kernel)."""
     result = Result()
-    options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own each
-    channels = [grpc.aio.insecure_channel(address, options=options)
+    channels = [grpc.aio.insecure_channel(address, options=OWN_CONNECTION)
                 for _ in range(num_connections)]
     stubs = [pb_grpc.GenerationStub(c) for c in channels]
     try:

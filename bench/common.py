@@ -41,6 +41,12 @@ def bind_threads(cpus: set[int]) -> set[int]:
     return before
 
 
+# gRPC channel options for a TCP connection of the channel's own: channels to one address share
+# one connection otherwise (grpc's global subchannel pool), and gateway processes sharing a port
+# get connections, not streams, from the kernel.
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+
+
 def served_model(http_address: str) -> str:
     """The model id a gateway's OpenAI HTTP door (host:port) serves."""
     import json
