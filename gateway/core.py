@@ -72,6 +72,23 @@ class HeldBack:
         return ready
 
 
+def through_stops(ids: list[int], detok: IncrementalDetokenizer, stops: StopMatcher
+                  ) -> tuple[list[int], str, bool]:
+    """(ids up to the one whose text reaches a stop string, the text to emit, whether one did).
+    A response can hold several steps' ids (the gateway read the stream late): with stop strings
+    each id is read on its own, so where the stop falls does not depend on how steps merged."""
+    if not stops.stops or len(ids) <= 1:
+        text, hit = stops.push(detok.push(ids))
+        return ids, text, hit
+    pieces = []
+    for i, token in enumerate(ids):
+        piece, hit = stops.push(detok.push([token]))
+        pieces.append(piece)
+        if hit:
+            return ids[:i + 1], "".join(pieces), True
+    return ids, "".join(pieces), False
+
+
 class GatewayCore:
     """One request's whole way through the gateway, whichever door it came in by: admit
     (validate, tokenize), claim its client-chosen id, route, stream, fail over, detokenize,
@@ -121,7 +138,10 @@ class GatewayCore:
             stops = StopMatcher(list(request.sampling.stop))
             held = HeldBack(self.settings.stream_interval)
             async for ids, finish in self._token_stream(request, state):
-                text, hit = stops.push(detok.push(ids))
+                kept, text, hit = through_stops(ids, detok, stops)
+                if len(kept) < len(ids):  # ids past the stop's: neither sent nor counted
+                    del state.output_ids[len(kept) - len(ids):]
+                    ids = kept
                 if finish and not hit:  # the end: release what was held back
                     tail, hit = stops.push(detok.flush())
                     text += tail if hit else tail + stops.flush()

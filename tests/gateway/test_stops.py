@@ -40,3 +40,31 @@ def test_no_stop_emits_everything_in_the_end():
 
 def test_no_stops_holds_nothing_back():
     assert StopMatcher([]).push("abc") == ("abc", False)
+
+
+def test_a_response_of_several_steps_ends_at_the_id_that_reaches_the_stop():
+    """through_stops: the ids after the one whose text completes the stop string are cut, however
+    many steps' ids the response holds; without stop strings every id goes."""
+    from tokenizers import Tokenizer, decoders, models
+
+    from gateway.core import through_stops
+    from gateway.detokenizer import IncrementalDetokenizer
+
+    words = ["<unk>", "▁one", "▁two", "▁EN", "D", "▁three", "▁four"]
+    tokenizer = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)},
+                                           unk_token="<unk>"))
+    tokenizer.decoder = decoders.Metaspace()
+    ids = [1, 2, 3, 4, 5, 6]  # one two END three four
+
+    def cut(chunks, stops):
+        detok, matcher, sent, text = IncrementalDetokenizer(tokenizer), StopMatcher(stops), [], ""
+        for chunk in chunks:
+            kept, piece, hit = through_stops(chunk, detok, matcher)
+            sent, text = sent + kept, text + piece
+            if hit:
+                return sent, text, True
+        return sent, text, False
+
+    for chunks in ([ids], [ids[:2], ids[2:]], [[i] for i in ids], [ids[:3], ids[3:]]):
+        assert cut(chunks, ["END"]) == ([1, 2, 3, 4], "one two ", True), chunks
+    assert cut([ids], []) == (ids, "one two END three four", False)
