@@ -407,6 +407,18 @@ def _stream_figures(stamps: list[tuple[float, int]], sent: float):
     return (t1 - t0) / max(1, n1 - n0), n, sent, t1, gaps
 
 
+WARM_UP_TOKENS = 4  # a short stream on each connection before the measured ones
+
+
+async def _wait_until(start_at: float) -> None:
+    """Sleeps until the streams' common start; a client that is late says so (its streams start
+    after the others', which lowers the tokens/s of the run, not its latencies)."""
+    late = time.time() - start_at
+    if late > 0:
+        print(f"  a client process was ready {late:.2f} s after the common start", flush=True)
+    await asyncio.sleep(max(0.0, -late))
+
+
 async def _http_client_streams(address: str, prompts, max_tokens: int, start_at: float):
     import json as json_lib
 
@@ -416,9 +428,9 @@ async def _http_client_streams(address: str, prompts, max_tokens: int, start_at:
 
     model = served_model(address)
 
-    async def one(session, ids):
+    async def one(session, ids, num_tokens=max_tokens):
         sent, stamps, n = time.time(), [], 0
-        body = streamed_completion(model, ids, max_tokens)
+        body = streamed_completion(model, ids, num_tokens)
         async with session.post("/v1/completions", json=body) as response:
             response.raise_for_status()
             async for line in response.content:
@@ -434,10 +446,10 @@ async def _http_client_streams(address: str, prompts, max_tokens: int, start_at:
 
     # Several connections' worth of sessions, as the gRPC clients open several channels.
     sessions = [aiohttp.ClientSession(f"http://{address}") for _ in range(4)]
-    try:
-        for session in sessions:
-            await one(session, prompts[0][:16])  # warm up every session
-        await asyncio.sleep(max(0.0, start_at - time.time()))
+    try:  # as many connections warm as there will be streams
+        await asyncio.gather(*(one(sessions[i % len(sessions)], prompts[0][:16], WARM_UP_TOKENS)
+                               for i in range(len(prompts))))
+        await _wait_until(start_at)
         return await asyncio.gather(*(one(sessions[i % len(sessions)], p)
                                       for i, p in enumerate(prompts)))
     finally:
@@ -458,17 +470,17 @@ async def _client_streams(address: str, prompts, max_tokens: int, start_at: floa
     channels = [grpc.aio.insecure_channel(address, options=OWN_CONNECTION) for _ in prompts]
     stubs = [pb_grpc.GenerationStub(c) for c in channels]
 
-    async def one(stub, ids):
+    async def one(stub, ids, num_tokens=max_tokens):
         sent, stamps, n = time.time(), [], 0
         call = stub.Generate(pb.GenerateRequest(prompt_token_ids=ids, sampling=pb.SamplingParams(
-            max_tokens=max_tokens, ignore_eos=True)))
+            max_tokens=num_tokens, ignore_eos=True)))
         async for msg in call:
             n += len(msg.token_ids)
             stamps.append((time.time(), n))
         return _stream_figures(stamps, sent)
 
-    await asyncio.gather(*(one(stub, prompts[0][:16]) for stub in stubs))  # every one warm
-    await asyncio.sleep(max(0.0, start_at - time.time()))
+    await asyncio.gather(*(one(stub, prompts[0][:16], WARM_UP_TOKENS) for stub in stubs))
+    await _wait_until(start_at)
     results = await asyncio.gather(*(one(stub, p) for stub, p in zip(stubs, prompts)))
     for channel in channels:
         await channel.close()
