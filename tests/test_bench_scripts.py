@@ -33,8 +33,11 @@ def test_the_mesh_bench_runs_the_real_mesh_at_its_paced_workers_pace():
     (row,) = [line for line in done.stdout.splitlines() if line.startswith("| 2.0 | 1 | 2 |")]
     cells = [c.strip() for c in row.strip("|").split("|")]
     tpot_ms, tokens_per_s = float(cells[5]), float(cells[6])
-    assert 1.95 < tpot_ms < 20, row  # the device's pace, plus what the mesh adds on 2 cores
-    assert tokens_per_s > 0
+    # The device's pace, plus what the mesh adds on 2 cores: a stream's first token can arrive
+    # late and its last on time, so its own TPOT can fall a little under the step...
+    assert 1.5 < tpot_ms < 20, row
+    # ...but the run's tokens never come faster than 2 streams at one token per 2 ms step.
+    assert 0 < tokens_per_s <= 2 * 1000 / 2.0, row
     (alone,) = [line for line in done.stdout.splitlines() if "step loop alone" in line]
     wall_ms = float(alone.rsplit("per round: ", 1)[1].split(" ms per step")[0])
     assert 1.95 < wall_ms < 20, alone  # the scheduler alone keeps the device's pace too
