@@ -23,7 +23,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,13 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.common import machine  # noqa: E402
+from bench.common import drive, machine  # noqa: E402
 from services.model.config import ModelConfig  # noqa: E402
 from services.model.triton_pdl import PREFETCH_KV  # noqa: E402
 
 CONTEXT = 128  # prompt tokens per sequence
 STEPS = 128  # decode steps timed (transformers: generate 128 vs 8 tokens)
-INFLIGHT = 3  # plans in flight in the in-process loop, as the scheduler keeps at PP = 1
 
 
 class Mode(NamedTuple):
@@ -151,34 +149,6 @@ def load_shard(model_dir: Path, max_num_seqs: int, **flags):
     shard = WorkerShard.load(settings)
     shard.runner.capture_graphs()
     return shard
-
-
-def drive(runner, num_blocks: int, prompts: list[list[int]], max_tokens: int,
-          sampling=None) -> tuple[list[float], dict[int, list[int]]]:
-    """Serves prompts to the end with the real scheduler, INFLIGHT plans in flight as the
-    worker runs them; returns the host time of every result and the ids each sequence got."""
-    from services.scheduler.block_manager import BlockManager
-    from services.scheduler.scheduler import Scheduler, SchedulerConfig
-    from services.scheduler.sequence import RequestParams, Sequence
-    from services.step import SamplingOptions
-
-    runner.reset()
-    sched = Scheduler(SchedulerConfig(max_num_seqs=len(prompts), max_num_batched_tokens=8192),
-                      BlockManager(num_blocks, runner.block_size))
-    params = RequestParams(max_tokens, sampling or SamplingOptions(), ignore_eos=True)
-    for i, p in enumerate(prompts):
-        sched.add(Sequence(i, str(i), list(p), params))
-    outputs = {i: [] for i in range(len(prompts))}
-    times, inflight = [], deque()
-    while sched.has_work or inflight:
-        while len(inflight) < INFLIGHT and (plan := sched.schedule()) is not None:
-            inflight.append((plan, runner.launch(plan)))
-        plan, pending = inflight.popleft()
-        ids = pending.token_ids()
-        times.append(time.perf_counter())
-        for update in sched.on_result(plan, {s: [t] for s, t in zip(pending.seq_ids, ids)}):
-            outputs[update.seq.seq_id] += update.new_token_ids
-    return times, outputs
 
 
 def step_ms(times: list[float], skip: int = 8) -> float:
@@ -420,28 +390,21 @@ async def _wait_until(start_at: float) -> None:
 
 
 async def _http_client_streams(address: str, prompts, max_tokens: int, start_at: float):
-    import json as json_lib
-
     import aiohttp
 
-    from bench.common import served_model, streamed_completion
+    from bench.common import completion_events, served_model
 
     model = served_model(address)
 
     async def one(session, ids, num_tokens=max_tokens):
         sent, stamps, n = time.time(), [], 0
-        body = streamed_completion(model, ids, num_tokens)
-        async with session.post("/v1/completions", json=body) as response:
-            response.raise_for_status()
-            async for line in response.content:
-                if line.startswith(b"data: {"):
-                    event = json_lib.loads(line[6:])
-                    if event["choices"]:
-                        n += 1
-                        stamps.append((time.time(), n))
-                    elif event.get("usage"):  # the last one: every token counted
-                        tokens = event["usage"]["completion_tokens"]
-                        stamps[-1] = (stamps[-1][0], max(n, tokens))
+        async for event in completion_events(session, model, ids, num_tokens):
+            if event["choices"]:
+                n += 1
+                stamps.append((time.time(), n))
+            elif event.get("usage"):  # the last one: every token counted
+                tokens = event["usage"]["completion_tokens"]
+                stamps[-1] = (stamps[-1][0], max(n, tokens))
         return _stream_figures(stamps, sent)
 
     # Several connections' worth of sessions, as the gRPC clients open several channels.

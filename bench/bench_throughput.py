@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import random
 import statistics
@@ -38,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpc  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import (bind_threads, cpu_seconds, machine, served_model,  # noqa: E402
-                          streamed_completion)
+from bench.common import (bind_threads, completion_events, cpu_seconds, drive,  # noqa: E402
+                          machine, served_model)
 from deploy.launcher import LocalMesh, MeshSpec  # noqa: E402
 from meshserve.v1 import generation_pb2 as pb  # noqa: E402
 from meshserve.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
@@ -92,32 +91,14 @@ def runner_tokens_per_s(model_dir: Path, prompts, max_tokens: int) -> float:
     """A worker's model runner in this process, driven by a replica's scheduler as the engine
     drives it (plans through the wire format, three in flight) with no gRPC, gateway or client:
     what the model's steps alone give on this machine, the mesh's ceiling here."""
-    from collections import deque
-
-    from services.scheduler.block_manager import BlockManager
-    from services.scheduler.scheduler import Scheduler, SchedulerConfig
-    from services.scheduler.sequence import RequestParams, Sequence
-    from services.step import SamplingOptions, StepPlan
     from services.worker.settings import WorkerSettings
     from services.worker.shard import WorkerShard
 
     shard = WorkerShard.load(WorkerSettings(model=str(model_dir), max_num_seqs=len(prompts)))
-    runner = shard.runner
-    sched = Scheduler(SchedulerConfig(max_num_seqs=len(prompts), max_num_batched_tokens=2048),
-                      BlockManager(shard.num_kv_blocks, shard.settings.block_size))
-    params = RequestParams(max_tokens, SamplingOptions(), ignore_eos=True)
-    for i, ids in enumerate(prompts):
-        sched.add(Sequence(i, f"r{i}", list(ids), params))
-    total, inflight, start = 0, deque(), time.perf_counter()
-    while sched.has_work or inflight:
-        while len(inflight) < 3 and (plan := sched.schedule()) is not None:
-            plan = StepPlan.from_pb(plan.to_pb())
-            inflight.append((plan, runner.launch(plan)))
-        plan, pending = inflight.popleft()
-        ids, _ = pending.results()
-        updates = sched.on_result(plan, {s: [t] for s, t in zip(pending.seq_ids, ids)})
-        total += sum(len(u.new_token_ids) for u in updates)
-    return total / (time.perf_counter() - start)
+    start = time.perf_counter()
+    _, outputs = drive(shard.runner, shard.num_kv_blocks, prompts, max_tokens,
+                       max_num_batched_tokens=2048, through_wire=True)
+    return sum(len(ids) for ids in outputs.values()) / (time.perf_counter() - start)
 
 
 def grpc_tokens(address: str, prompts, max_tokens: int, concurrency: int) -> int:
@@ -158,15 +139,11 @@ def http_tokens(address: str, model: str, prompts, max_tokens: int, concurrency:
             slots = asyncio.Semaphore(concurrency)
 
             async def one(ids) -> int:
-                body = streamed_completion(model, ids, max_tokens)
-                async with slots, session.post("/v1/completions", json=body) as response:
-                    response.raise_for_status()
-                    n = 0
-                    async for line in response.content:
-                        if line.startswith(b"data: {"):
-                            event = json.loads(line[6:])
-                            n = (event.get("usage") or {}).get("completion_tokens", n)
-                    return n
+                n = 0
+                async with slots:
+                    async for event in completion_events(session, model, ids, max_tokens):
+                        n = (event.get("usage") or {}).get("completion_tokens", n)
+                return n
 
             return sum(await asyncio.gather(*(one(ids) for ids in prompts)))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import time
 from pathlib import Path
 
 
@@ -56,11 +57,58 @@ def served_model(http_address: str) -> str:
         return json.load(models)["data"][0]["id"]
 
 
-def streamed_completion(model: str, prompt_ids: list[int], max_tokens: int) -> dict:
-    """The body of a streamed /v1/completions request of exactly max_tokens greedy tokens, its
-    usage in a last chunk: what the benchmarks' HTTP clients send."""
-    return {"model": model, "prompt": prompt_ids, "max_tokens": max_tokens, "stream": True,
+async def completion_events(session, model: str, prompt_ids: list[int], max_tokens: int):
+    """The server-sent events (parsed) of a streamed /v1/completions request of exactly
+    max_tokens greedy tokens, its usage in a last chunk, on an aiohttp session: what the
+    benchmarks' HTTP clients send and read."""
+    import json
+
+    body = {"model": model, "prompt": prompt_ids, "max_tokens": max_tokens, "stream": True,
             "ignore_eos": True, "temperature": 0, "stream_options": {"include_usage": True}}
+    async with session.post("/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.content:
+            if line.startswith(b"data: {"):
+                yield json.loads(line[6:])
+
+
+INFLIGHT = 3  # plans in flight in the in-process loop, as the scheduler keeps at PP = 1
+
+
+def drive(runner, num_blocks: int, prompts: list[list[int]], max_tokens: int,
+          sampling=None, max_num_batched_tokens: int = 8192, through_wire: bool = False
+          ) -> tuple[list[float], dict[int, list[int]]]:
+    """Serves prompts to the end on a worker's model runner in this process, with the real
+    scheduler, INFLIGHT plans in flight as the worker runs them (through_wire: each plan
+    through its protobuf form, as a worker receives it); returns the host time of every
+    result and the ids each sequence got."""
+    from collections import deque
+
+    from services.scheduler.block_manager import BlockManager
+    from services.scheduler.scheduler import Scheduler, SchedulerConfig
+    from services.scheduler.sequence import RequestParams, Sequence
+    from services.step import SamplingOptions, StepPlan
+
+    runner.reset()
+    sched = Scheduler(SchedulerConfig(max_num_seqs=len(prompts),
+                                      max_num_batched_tokens=max_num_batched_tokens),
+                      BlockManager(num_blocks, runner.block_size))
+    params = RequestParams(max_tokens, sampling or SamplingOptions(), ignore_eos=True)
+    for i, p in enumerate(prompts):
+        sched.add(Sequence(i, str(i), list(p), params))
+    outputs = {i: [] for i in range(len(prompts))}
+    times, inflight = [], deque()
+    while sched.has_work or inflight:
+        while len(inflight) < INFLIGHT and (plan := sched.schedule()) is not None:
+            if through_wire:
+                plan = StepPlan.from_pb(plan.to_pb())
+            inflight.append((plan, runner.launch(plan)))
+        plan, pending = inflight.popleft()
+        ids = pending.token_ids()
+        times.append(time.perf_counter())
+        for update in sched.on_result(plan, {s: [t] for s, t in zip(pending.seq_ids, ids)}):
+            outputs[update.seq.seq_id] += update.new_token_ids
+    return times, outputs
 
 
 def add_stream_flags(p: argparse.ArgumentParser) -> None:

@@ -66,16 +66,20 @@ def plan_cpus(num_workers: int, threads_per_worker: int, available: set[int]) ->
 def workers_on_cpu(worker_args: tuple[str, ...]) -> bool:
     """Whether the workers will compute on the CPU: --device cpu, or auto on a machine with no
     NVIDIA driver loaded (without importing torch, which the launcher does not need)."""
-    args = list(worker_args)
-    device = args[args.index("--device") + 1] if "--device" in args[:-1] else "auto"
+    device = _flag(worker_args, "--device", "auto")
     if device != "auto":
         return device == "cpu"
     return not Path("/proc/driver/nvidia").exists()
 
 
 def threads_per_worker(worker_args: tuple[str, ...]) -> int:
-    args = list(worker_args)
-    return int(args[args.index("--num-threads") + 1]) if "--num-threads" in args[:-1] else 1
+    return int(_flag(worker_args, "--num-threads", "1"))
+
+
+def _flag(args: tuple[str, ...], name: str, default: str) -> str:
+    """The value after flag `name` in args, or default."""
+    args = list(args)
+    return args[args.index(name) + 1] if name in args[:-1] else default
 
 
 def bind_from_env() -> None:
